@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs diffusekit with its test extras into ./.venv (from nothing) and runs the test suite.
+# Usage: bash scripts/test.sh [pytest args...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+# torch first and pinned: on this machine 2.13.0 is a local CPU wheel; a bare `torch` would pull CUDA.
+python -m pip install -q "torch==2.13.0" 2>&1 | grep -v '^WARNING: Location' || true
+python -m pip install -q -e ".[test]" 2>&1 | grep -v '^WARNING: Location' || true
+# open_clip ships CLIP's BPE vocabulary file; we only read that file, never import the package,
+# so its heavy dependencies (torchvision, timm) are not needed.
+python -m pip install -q --no-deps "open_clip_torch>=2.24" 2>&1 | grep -v '^WARNING: Location' || true
+python -c "import diffusekit, torch; print('diffusekit ready, torch', torch.__version__)"
+set +e
+python -m pytest "$@"
+rc=$?
+set -e
+# pytest exits 5 when a selection matched no test; treat that as failure too, loudly.
+if [ $rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi
+exit $rc
