@@ -1,0 +1,30 @@
+import numpy as np
+from PIL import Image
+
+from diffusekit.evaluation.shapes_detector import detect, score
+from diffusekit.training.datasets.shapes import Scene, ShapeObject, ShapesDataset, render
+
+
+def test_detector_reads_every_attribute_of_dataset_images():
+    ds = ShapesDataset(seed=11)
+    results = [score(detect(ds[i]["image"]), ds[i]["scene"]) for i in range(300)]
+    for key in ("background", "shape_color", "position"):
+        assert np.mean([r[key] for r in results]) >= 0.99, key
+    singles = [r for i, r in enumerate(results) if len(ds.scene(i).objects) == 1]
+    assert np.mean([r["size"] for r in singles]) >= 0.99
+
+
+def test_detector_rejects_wrong_prompts_and_noise():
+    scene = Scene("blue", (ShapeObject("star", "yellow", "large", "left"),))
+    img = render(scene)
+    assert all(score(detect(img), scene).values())
+    wrong = Scene("blue", (ShapeObject("circle", "yellow", "large", "left"),))
+    assert not score(detect(img), wrong)["shape_color"]
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    assert not score(detect(noise), scene)["shape_color"]
+
+
+def test_detector_works_at_other_sizes():
+    scene = Scene("white", (ShapeObject("triangle", "red", "small", "top"), ShapeObject("square", "blue", "small", "bottom")))
+    d = detect(render(scene, size=128))
+    assert score(d, scene)["position"]
