@@ -1,0 +1,1 @@
+"""Pictures and videos of what the pipelines make: labelled grids, denoising videos and GIFs."""
