@@ -1,0 +1,197 @@
+"""Parameterization wrappers: a network `model(x_in, t, **cond)` becomes a denoiser D(x, sigma) -> x0.
+
+Section 5 and Table 1 of Karras et al. 2022 ("Elucidating the Design Space..."):
+
+    D(x, sigma) = c_skip(sigma) * x + c_out(sigma) * F(c_in(sigma) * x, c_noise(sigma))
+
+with x = x0 + sigma * eps (variance-exploding view) for every wrapper except `FlowDenoiser`, whose
+x = (1 - sigma) x0 + sigma eps with sigma in [0, 1] (rectified flow, SD3). The samplers only ever
+see D, so they never branch on the prediction type.
+
+A discrete 1000-step model (`schedule` given) is fed c_noise = its fractional timestep, found by
+log-sigma interpolation (k-diffusion's DiscreteEpsDDPMDenoiser / DiscreteVDDPMDenoiser). Without a
+schedule the eps / v / x0 wrappers are continuous with c_noise = log(sigma) / 4 (EDM; k-diffusion's
+Denoiser, diffusers' `timestep_type="continuous"`).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .schedules import DiscreteSchedule, FlowSchedule
+
+# default range of continuous (schedule-less) models: EDM's (Karras et al. 2022, Table 1)
+EDM_SIGMA_MIN, EDM_SIGMA_MAX = 0.002, 80.0
+
+
+def _batch_sigma(sigma, x: torch.Tensor) -> torch.Tensor:
+    """sigma as a (B,) float tensor on x's device: a scalar or a 1-element tensor is broadcast."""
+    sigma = torch.as_tensor(sigma, device=x.device)
+    if not sigma.is_floating_point():
+        sigma = sigma.float()
+    if sigma.numel() == 1:
+        return sigma.reshape(1).expand(x.shape[0])
+    if sigma.shape != (x.shape[0],):
+        raise ValueError(f"sigma must be a scalar or have shape ({x.shape[0]},) for a batch of "
+                         f"{x.shape[0]}, got {tuple(sigma.shape)}")
+    return sigma
+
+
+def _expand(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(B,) -> (B, 1, ..., 1) in x's dtype."""
+    return c.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+
+
+class Denoiser(torch.nn.Module):
+    """Base wrapper: subclasses give `scalings(sigma) -> (c_skip, c_out, c_in)` and `c_noise(sigma)`."""
+
+    prediction: str = ""
+
+    def __init__(self, model, schedule: DiscreteSchedule | None = None, *,
+                 sigma_min: float | None = None, sigma_max: float | None = None):
+        super().__init__()
+        self.inner_model = model
+        self.schedule = schedule
+        self._sigma_min = sigma_min
+        self._sigma_max = sigma_max
+
+    @property
+    def sigma_min(self) -> float:
+        if self._sigma_min is not None:
+            return float(self._sigma_min)
+        return self.schedule.sigma_min if self.schedule is not None else EDM_SIGMA_MIN
+
+    @property
+    def sigma_max(self) -> float:
+        if self._sigma_max is not None:
+            return float(self._sigma_max)
+        return self.schedule.sigma_max if self.schedule is not None else EDM_SIGMA_MAX
+
+    def scalings(self, sigma: torch.Tensor):
+        raise NotImplementedError
+
+    def sigma_to_t(self, sigma) -> torch.Tensor:
+        """The network's time input c_noise for sigma."""
+        sigma = torch.as_tensor(sigma)
+        if self.schedule is not None:
+            return self.schedule.sigma_to_t(sigma)
+        return sigma.log() / 4
+
+    def t_to_sigma(self, t) -> torch.Tensor:
+        t = torch.as_tensor(t)
+        if self.schedule is not None:
+            return self.schedule.t_to_sigma(t)
+        return (4 * t).exp()
+
+    def noise_scaling(self, sigma, noise: torch.Tensor, latent: torch.Tensor | None = None) -> torch.Tensor:
+        """The noisy input at level sigma for this parameterization: latent + sigma * noise."""
+        sigma = _expand(_batch_sigma(sigma, noise), noise)
+        return sigma * noise if latent is None else latent + sigma * noise
+
+    def forward(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
+        sigma = _batch_sigma(sigma, x)                                   # (B,)
+        c_skip, c_out, c_in = (_expand(c, x) for c in self.scalings(sigma))
+        out = self.inner_model(x * c_in, self.sigma_to_t(sigma), **cond)
+        return c_skip * x + c_out * out
+
+    def extra_repr(self) -> str:
+        kind = "discrete" if self.schedule is not None else "continuous"
+        return f"prediction={self.prediction!r}, {kind}, sigma_min={self.sigma_min:.4g}, sigma_max={self.sigma_max:.4g}"
+
+
+class EpsDenoiser(Denoiser):
+    """The network predicts the noise eps from x_t = x / sqrt(sigma^2 + 1) (DDPM, SD 1.x/2-base/XL).
+
+    c_skip = 1, c_out = -sigma, c_in = 1 / sqrt(sigma^2 + 1).
+    """
+
+    prediction = "eps"
+
+    def scalings(self, sigma):
+        return torch.ones_like(sigma), -sigma, (sigma ** 2 + 1).rsqrt()
+
+
+class VDenoiser(Denoiser):
+    """The network predicts v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022; SD 2.x 768-v).
+
+    c_skip = 1 / (sigma^2 + 1), c_out = -sigma / sqrt(sigma^2 + 1), c_in = 1 / sqrt(sigma^2 + 1)
+    (Karras et al. Table 1 with sigma_data = 1).
+    """
+
+    prediction = "v"
+
+    def scalings(self, sigma):
+        s2 = sigma ** 2 + 1
+        return 1 / s2, -sigma * s2.rsqrt(), s2.rsqrt()
+
+
+class X0Denoiser(Denoiser):
+    """The network predicts x0 directly from x_t = x / sqrt(sigma^2 + 1): c_skip = 0, c_out = 1."""
+
+    prediction = "x0"
+
+    def scalings(self, sigma):
+        return torch.zeros_like(sigma), torch.ones_like(sigma), (sigma ** 2 + 1).rsqrt()
+
+
+class EDMDenoiser(Denoiser):
+    """Karras et al. 2022 preconditioning (Table 1, "Ours"), continuous, c_noise = log(sigma) / 4.
+
+    c_skip = sd^2 / (sigma^2 + sd^2), c_out = sigma sd / sqrt(sigma^2 + sd^2), c_in = 1 / sqrt(sigma^2 + sd^2).
+    """
+
+    prediction = "edm"
+
+    def __init__(self, model, sigma_data: float = 0.5, *, sigma_min: float = EDM_SIGMA_MIN,
+                 sigma_max: float = EDM_SIGMA_MAX):
+        super().__init__(model, None, sigma_min=sigma_min, sigma_max=sigma_max)
+        self.sigma_data = float(sigma_data)
+
+    def scalings(self, sigma):
+        sd2 = self.sigma_data ** 2
+        total = sigma ** 2 + sd2
+        return sd2 / total, sigma * self.sigma_data * total.rsqrt(), total.rsqrt()
+
+
+class FlowDenoiser(Denoiser):
+    """Rectified flow (SD3, Esser et al. 2024): x = (1 - s) x0 + s eps, the network predicts v = eps - x0.
+
+    D(x, s) = x - s * v: c_skip = 1, c_out = -s, c_in = 1, c_noise = s * multiplier. The sigmas of a
+    flow model live in [0, 1] and already carry the time shift (see `flow_sigmas`); txt2img starts from
+    pure noise at s = 1 and img2img from `noise_scaling(s, noise, latent)` = (1 - s) latent + s noise.
+    """
+
+    prediction = "flow"
+
+    def __init__(self, model, shift: float = 1.0, multiplier: float = 1000.0, timesteps: int = 1000):
+        super().__init__(model, FlowSchedule(shift, timesteps, multiplier))
+        self.shift, self.multiplier = float(shift), float(multiplier)
+
+    def scalings(self, sigma):
+        return torch.ones_like(sigma), -sigma, torch.ones_like(sigma)
+
+    def sigma_to_t(self, sigma) -> torch.Tensor:
+        return torch.as_tensor(sigma) * self.multiplier
+
+    def t_to_sigma(self, t) -> torch.Tensor:
+        return torch.as_tensor(t) / self.multiplier
+
+    def noise_scaling(self, sigma, noise, latent=None):
+        sigma = _expand(_batch_sigma(sigma, noise), noise)
+        return sigma * noise if latent is None else (1 - sigma) * latent + sigma * noise
+
+
+def flow_sigmas(steps: int, shift: float = 1.0, *, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+    """The rectified-flow schedule: s_i = shift * u / (1 + (shift - 1) u) at u = 1 - i/steps, i = 0..steps.
+
+    Descending from 1 to 0; equal to ComfyUI's "simple" schedule on a flow model when steps divides
+    1000. diffusers' FlowMatchEulerDiscreteScheduler differs: it spaces `steps` points evenly from 1
+    down to shift(1/1000), shifts them (again), then appends 0.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if shift <= 0 or not math.isfinite(shift):
+        raise ValueError(f"shift must be a positive number, got {shift}")
+    u = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
+    return (shift * u / (1 + (shift - 1) * u)).to(dtype=dtype, device=device)
