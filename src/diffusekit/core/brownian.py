@@ -3,7 +3,7 @@
 An SDE sampler needs the Brownian increments W(t_next) - W(t) between its noise levels. Drawing them
 as fresh Gaussians ties the result to the step grid: at 50 and 100 steps the same seed gives unrelated
 images. A *virtual Brownian tree* (Li et al. 2020, "Scalable Gradients for Stochastic Differential
-Equations", Sec. 4 / Algorithm 4; torchsde's BrownianTree, used by k-diffusion's
+Equations"; torchsde's BrownianTree, used by k-diffusion's
 BrownianTreeNoiseSampler) instead fixes one Brownian path per seed and answers any query time from it:
 
     W(t0) = 0,  W(t1) = sqrt(t1 - t0) * Z_root

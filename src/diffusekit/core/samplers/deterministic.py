@@ -12,7 +12,8 @@ float64 from the schedule; `x` keeps its dtype and device. Input checks live in 
 (`diffusekit.core.samplers.SAMPLERS`), so each function here is one loop.
 
 Convergence orders measured on the exact Gaussian-mixture world (tests/core/test_samplers_deterministic.py):
-euler, ddim, euler_flow 1; heun, dpm_2, dpmpp_2m 2; lms (order 4) and uni_pc / uni_pc_bh2 (order 3) above 2.
+euler, ddim, euler_flow 1.0; heun, dpm_2, dpmpp_2m 2.0; lms (order 4) 3.4; uni_pc / uni_pc_bh2 (order 3,
+UniC adds one) 3.9. Every sampler except lms ends with x = D(x, sigma_last) when the schedule ends in 0.
 """
 from __future__ import annotations
 

@@ -91,7 +91,8 @@ def sample_euler_ancestral(denoiser, x, sigmas, *, extra_args=None, callback=Non
     """
     _check_eta(eta, s_noise)
     extra_args, sig, batch = _setup(x, sigmas, extra_args)
-    noise_sampler = noise_sampler or _fresh_noise(x, generator)
+    if noise_sampler is None:
+        noise_sampler = _fresh_noise(x, generator)
     for i in range(len(sig) - 1):
         s, s_next = sig[i], sig[i + 1]
         denoised = denoiser(x, batch(s), **extra_args)
@@ -106,14 +107,15 @@ def sample_euler_ancestral(denoiser, x, sigmas, *, extra_args=None, callback=Non
 @torch.no_grad()
 def sample_dpm_2_ancestral(denoiser, x, sigmas, *, extra_args=None, callback=None, generator=None,
                            eta: float = 1.0, s_noise: float = 1.0, noise_sampler=None):
-    """DPM2 ancestral ("DPM2 a"): the DPM-Solver-2 midpoint step (Lu et al. 2022, Algorithm 1, as the
-    Heun-like variant in Karras et al. 2022 Algorithm 2's notation) from sigma to sigma_down, with the
-    midpoint at the geometric mean sqrt(sigma * sigma_down), then noise of std sigma_up
-    (k-diffusion sample_dpm_2_ancestral). The last step (sigma_down = 0) is an Euler step.
+    """DPM2 ancestral ("DPM2 a"): k-diffusion's sample_dpm_2_ancestral, inspired by DPM-Solver-2 (Lu et al.
+    2022) and Algorithm 2 of Karras et al. 2022: a midpoint step from sigma to sigma_down, the midpoint
+    at the geometric mean sqrt(sigma * sigma_down), then noise of std sigma_up. The last step
+    (sigma_down = 0) is an Euler step.
     """
     _check_eta(eta, s_noise)
     extra_args, sig, batch = _setup(x, sigmas, extra_args)
-    noise_sampler = noise_sampler or _fresh_noise(x, generator)
+    if noise_sampler is None:
+        noise_sampler = _fresh_noise(x, generator)
     for i in range(len(sig) - 1):
         s, s_next = sig[i], sig[i + 1]
         denoised = denoiser(x, batch(s), **extra_args)
@@ -140,7 +142,8 @@ def sample_dpmpp_2s_ancestral(denoiser, x, sigmas, *, extra_args=None, callback=
     """
     _check_eta(eta, s_noise)
     extra_args, sig, batch = _setup(x, sigmas, extra_args)
-    noise_sampler = noise_sampler or _fresh_noise(x, generator)
+    if noise_sampler is None:
+        noise_sampler = _fresh_noise(x, generator)
     for i in range(len(sig) - 1):
         s, s_next = sig[i], sig[i + 1]
         denoised = denoiser(x, batch(s), **extra_args)
@@ -175,7 +178,8 @@ def sample_dpmpp_sde(denoiser, x, sigmas, *, extra_args=None, callback=None, gen
     if not 0 < r <= 1:
         raise ValueError(f"r (the intermediate point's fraction of the step in log sigma) must be in (0, 1], got {r}")
     extra_args, sig, batch = _setup(x, sigmas, extra_args)
-    noise_sampler = noise_sampler or _brownian_noise(x, sig, generator)
+    if noise_sampler is None:
+        noise_sampler = _brownian_noise(x, sig, generator)
     fac = 1 / (2 * r)
     for i in range(len(sig) - 1):
         s, s_next = sig[i], sig[i + 1]
@@ -200,7 +204,7 @@ def sample_dpmpp_sde(denoiser, x, sigmas, *, extra_args=None, callback=None, gen
 @torch.no_grad()
 def sample_dpmpp_2m_sde(denoiser, x, sigmas, *, extra_args=None, callback=None, generator=None,
                         eta: float = 1.0, s_noise: float = 1.0, solver_type: str = "midpoint", noise_sampler=None):
-    """DPM++ 2M SDE: the second-order multistep SDE-DPM-Solver++ (Lu et al. 2022b, Sec. 5 / Appendix; k-diffusion
+    """DPM++ 2M SDE: the second-order multistep SDE-DPM-Solver++ (Lu et al. 2022b, "DPM-Solver++"; k-diffusion
     sample_dpmpp_2m_sde, diffusers algorithm_type="sde-dpmsolver++"). With h = log(sigma / sigma_next):
 
         x' = (sigma_next / sigma) e^{-eta h} x + (1 - e^{-(1+eta) h}) D + c * (D - D_prev) / r
@@ -213,7 +217,8 @@ def sample_dpmpp_2m_sde(denoiser, x, sigmas, *, extra_args=None, callback=None, 
     if solver_type not in ("midpoint", "heun"):
         raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
     extra_args, sig, batch = _setup(x, sigmas, extra_args)
-    noise_sampler = noise_sampler or _brownian_noise(x, sig, generator)
+    if noise_sampler is None:
+        noise_sampler = _brownian_noise(x, sig, generator)
     old_denoised, h_last = None, None
     for i in range(len(sig) - 1):
         s, s_next = sig[i], sig[i + 1]
@@ -243,7 +248,7 @@ def sample_dpmpp_2m_sde(denoiser, x, sigmas, *, extra_args=None, callback=None, 
 @torch.no_grad()
 def sample_dpmpp_3m_sde(denoiser, x, sigmas, *, extra_args=None, callback=None, generator=None,
                         eta: float = 1.0, s_noise: float = 1.0, noise_sampler=None):
-    """DPM++ 3M SDE: the third-order multistep SDE-DPM-Solver++ (Lu et al. 2022b; k-diffusion
+    """DPM++ 3M SDE: k-diffusion's third-order multistep extension of SDE-DPM-Solver++ (Lu et al. 2022b;
     sample_dpmpp_3m_sde). With h_eta = (1 + eta) h it adds phi_2 D1 - phi_3 D2 to the first-order step,
     phi_2 = expm1(-h_eta) / h_eta + 1, phi_3 = phi_2 / h_eta - 1/2, D1 / D2 the first / second divided
     differences of the last three data estimates in lambda = -log sigma. Orders 1, 2, 3 on the first
@@ -251,7 +256,8 @@ def sample_dpmpp_3m_sde(denoiser, x, sigmas, *, extra_args=None, callback=None, 
     """
     _check_eta(eta, s_noise)
     extra_args, sig, batch = _setup(x, sigmas, extra_args)
-    noise_sampler = noise_sampler or _brownian_noise(x, sig, generator)
+    if noise_sampler is None:
+        noise_sampler = _brownian_noise(x, sig, generator)
     denoised_1 = denoised_2 = None
     h_1 = h_2 = None
     for i in range(len(sig) - 1):
@@ -301,7 +307,8 @@ def sample_ddpm(denoiser, x, sigmas, *, extra_args=None, callback=None, generato
     (mean (s/t)^2 x + (1 - (s/t)^2) D, variance s^2 (t^2 - s^2) / t^2): the test checks the two agree.
     """
     extra_args, sig, batch = _setup(x, sigmas, extra_args)
-    noise_sampler = noise_sampler or _fresh_noise(x, generator)
+    if noise_sampler is None:
+        noise_sampler = _fresh_noise(x, generator)
     for i in range(len(sig) - 1):
         s, s_next = sig[i], sig[i + 1]
         denoised = denoiser(x, batch(s), **extra_args)
@@ -321,13 +328,15 @@ def sample_ddpm(denoiser, x, sigmas, *, extra_args=None, callback=None, generato
 
 @torch.no_grad()
 def sample_lcm(denoiser, x, sigmas, *, extra_args=None, callback=None, generator=None, noise_sampler=None):
-    """LCM multistep sampling (Luo et al. 2023, "Latent Consistency Models", Algorithm 3 / Song et al. 2023
-    Algorithm 1): jump to the consistency model's x0 estimate, then re-noise it to the next sigma,
-    x = D + sigma_next z (k-diffusion/ComfyUI sample_lcm, diffusers LCMScheduler). The boundary-condition
-    scalings c_skip / c_out of an LCM belong to its denoiser wrapper, not here.
+    """Multistep consistency sampling (Song et al. 2023, "Consistency Models", Algorithm 1), as used by
+    Latent Consistency Models (Luo et al. 2023): jump to the model's x0 estimate, then re-noise it to the
+    next sigma, x = D + sigma_next z (ComfyUI sample_lcm, diffusers LCMScheduler). Exact at any step
+    count when D is a consistency function (the ODE's endpoint map); with a posterior-mean denoiser it
+    loses variance at every step. An LCM's boundary scalings c_skip / c_out belong to its denoiser.
     """
     extra_args, sig, batch = _setup(x, sigmas, extra_args)
-    noise_sampler = noise_sampler or _fresh_noise(x, generator)
+    if noise_sampler is None:
+        noise_sampler = _fresh_noise(x, generator)
     for i in range(len(sig) - 1):
         s, s_next = sig[i], sig[i + 1]
         denoised = denoiser(x, batch(s), **extra_args)
@@ -346,7 +355,7 @@ def _restart_plan(sig: list[float], restart_list) -> list[tuple[float, float]]:
     restart_steps - 1 Karras steps, restart_times times. Default (None): for >= 20 steps the schedule
     is rebuilt as Karras with steps - restart_steps * restart_times steps (9 restart steps once, or
     steps // 4 twice from 36 steps) and {0.1: [restart_steps + 1, restart_times, 2]}, so the step count
-    stays `steps`; below 20 steps no restarts (plain Heun).
+    stays `steps`; below 20 steps, or for a schedule not ending in 0, no restarts (plain Heun).
     """
     steps = len(sig) - 1
     if restart_list is None:
@@ -379,7 +388,7 @@ def _restart_plan(sig: list[float], restart_list) -> list[tuple[float, float]]:
 @torch.no_grad()
 def sample_restart(denoiser, x, sigmas, *, extra_args=None, callback=None, generator=None,
                    s_noise: float = 1.0, restart_list: dict | None = None, noise_sampler=None):
-    """Restart sampling (Xu et al. 2023, "Restart Sampling for Improving Generative Processes", Alg. 1):
+    """Restart sampling (Xu et al. 2023, "Restart Sampling for Improving Generative Processes"):
     Heun (ODE) steps, and in a restart interval [t_min, t_max] repeatedly add forward noise of std
     sqrt(t_max^2 - t_min^2) (s_noise times) and solve the ODE back down. The step plan and its
     defaults follow A1111/ComfyUI's restart sampler (see `_restart_plan`); `restart_list` =
@@ -388,7 +397,8 @@ def sample_restart(denoiser, x, sigmas, *, extra_args=None, callback=None, gener
     if s_noise < 0:
         raise ValueError(f"s_noise must be >= 0, got {s_noise}")
     extra_args, sig, batch = _setup(x, sigmas, extra_args)
-    noise_sampler = noise_sampler or _fresh_noise(x, generator)
+    if noise_sampler is None:
+        noise_sampler = _fresh_noise(x, generator)
     plan = _restart_plan(sig, restart_list)
     last = None
     for step, (s, s_next) in enumerate(plan):

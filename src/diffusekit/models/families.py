@@ -1,0 +1,330 @@
+"""Model families: what a pipeline must know about a checkpoint beyond its weights.
+
+A Stable Diffusion checkpoint is a UNet, a VAE and one or two CLIP text encoders, plus
+conventions that the weights do not state: the prediction target (eps or v, Salimans & Ho
+2022), the latent scale (Rombach et al. 2022, Sec. 4.3.2: 0.18215 for SD 1/2, 0.13025 for
+SDXL), which hidden layer of which text encoder is the context (SD 2 and SDXL use the
+penultimate layer; Podell et al. 2023, Sec. 2.1), the pad token, the default image size and
+the training beta schedule. `ModelFamily` holds all of it; `FAMILIES` has the published
+families, `tiny_family` the same layouts at toy size for tests, and `detect_family` tells
+a family from a single-file checkpoint's key names and shapes.
+
+Key layouts (LDM / SGM single files, as A1111, ComfyUI and sgm read them):
+  UNet `model.diffusion_model.`, VAE `first_stage_model.`;
+  SD 1.x  CLIP ViT-L in the transformers layout at `cond_stage_model.transformer.`;
+  SD 2.x  OpenCLIP ViT-H in the open_clip layout at `cond_stage_model.model.`;
+  SDXL    CLIP ViT-L at `conditioner.embedders.0.transformer.` and OpenCLIP bigG at
+          `conditioner.embedders.1.model.`; the refiner has only bigG, at `conditioner.embedders.0.model.`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+from typing import Any
+
+from . import clip, unet, vae
+from .clip import CLIPTextConfig
+from .unet import UNetConfig
+from .vae import VAEConfig
+
+__all__ = [
+    "CheckpointError",
+    "BetaSchedule",
+    "TextEncoderSpec",
+    "ModelFamily",
+    "FAMILIES",
+    "FAMILY_NAMES",
+    "get_family",
+    "tiny_family",
+    "detect_family",
+]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as asked; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class BetaSchedule:
+    """The training noise schedule beta_1..beta_T (Ho et al. 2020). SD trains with
+    "scaled_linear": beta = linspace(sqrt(0.00085), sqrt(0.012), 1000)^2."""
+
+    kind: str = "scaled_linear"  # "scaled_linear" | "linear" (diffusers' beta_schedule names)
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    num_timesteps: int = 1000
+
+
+@dataclass(frozen=True)
+class TextEncoderSpec:
+    """One text encoder of a family and how the pipeline reads it.
+
+    kind          "clip": `clip.CLIPTextModel` (transformers layout); "openclip": `OpenCLIPTextModel`
+    prefix        where its weights live in a single-file checkpoint
+    layer         hidden layer fed to the UNet, python-style over the transformer layers (-1 last,
+                  -2 penultimate); A1111 "Clip skip N" moves it to -N
+    final_norm    apply the final LayerNorm to that layer (SD1, SD2: yes; SDXL: no)
+    pad_id        id after EOS: 49407 (EOS) for CLIP-L tokenizers, 0 for open_clip tokenizers
+    pooled        the pooled, projected EOS state is used (SDXL bigG -> the UNet's `y`)
+    """
+
+    kind: str
+    config: CLIPTextConfig
+    prefix: str
+    layer: int = -1
+    final_norm: bool = True
+    pad_id: int = 49407
+    pooled: bool = False
+    max_length: int = 77
+
+    def __post_init__(self):
+        if self.kind not in ("clip", "openclip"):
+            raise ValueError(f"TextEncoderSpec kind={self.kind!r}; valid: 'clip', 'openclip'")
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """Everything a pipeline needs per checkpoint family besides the weights.
+
+    adm_inputs: the parts of SDXL's `y` vector in order; "pooled" is the bigG pooled text, every
+    other entry is a pair of numbers each embedded sinusoidally to `size_embed_dim` features
+    (original_size (h, w), crop_coords (top, left), target_size (h, w); the refiner's
+    aesthetic_score is one number). Empty for SD 1/2.
+    vae_force_upcast: the VAE overflows in fp16 (the SDXL VAE): decode it in fp32.
+    """
+
+    name: str
+    unet: UNetConfig
+    vae: VAEConfig
+    text_encoders: tuple[TextEncoderSpec, ...]
+    prediction_type: str = "eps"  # "eps" | "v"
+    latent_scale: float = 0.18215
+    default_size: int = 512
+    beta_schedule: BetaSchedule = field(default_factory=BetaSchedule)
+    zero_terminal_snr: bool = False
+    adm_inputs: tuple[str, ...] = ()
+    size_embed_dim: int = 256
+    vae_force_upcast: bool = False
+
+    def __post_init__(self):
+        if self.prediction_type not in ("eps", "v"):
+            raise ValueError(f"prediction_type={self.prediction_type!r}; valid: 'eps', 'v'")
+
+    @property
+    def is_inpaint(self) -> bool:
+        """The UNet takes latent (4) + mask (1) + masked-image latent (4) = 9 channels."""
+        return self.unet.in_channels == 9
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able description (stored in checkpoints that `save_checkpoint` writes)."""
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelFamily:
+        """Inverse of `to_dict`; unknown fields are an error naming the valid ones."""
+        data = dict(data)
+        data["unet"] = _config(UNetConfig, data.get("unet", {}))
+        data["vae"] = _config(VAEConfig, data.get("vae", {}))
+        data["beta_schedule"] = _config(BetaSchedule, data.get("beta_schedule", {}))
+        data["text_encoders"] = tuple(
+            _config(TextEncoderSpec, {**spec, "config": _config(CLIPTextConfig, spec.get("config", {}))})
+            for spec in data.get("text_encoders", ()))
+        return _config(cls, data)
+
+
+def _tuples(value):
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def _config(cls, data: Mapping[str, Any]):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise CheckpointError(f"unknown {cls.__name__} fields {unknown} in the model description; "
+                              f"valid: {sorted(names)}")
+    try:
+        return cls(**{k: _tuples(v) for k, v in data.items()})
+    except TypeError as e:  # a required field is missing
+        raise CheckpointError(f"incomplete {cls.__name__} description: {e}") from None
+
+
+# ---------------------------------------------------------------------------------- the families
+SD_PREFIX_CLIP = "cond_stage_model.transformer."
+SD_PREFIX_OPENCLIP = "cond_stage_model.model."
+SDXL_PREFIX_CLIP = "conditioner.embedders.0.transformer."
+SDXL_PREFIX_BIGG = "conditioner.embedders.1.model."
+REFINER_PREFIX_BIGG = "conditioner.embedders.0.model."
+SDXL_ADM = ("pooled", "original_size", "crop_coords", "target_size")
+REFINER_ADM = ("pooled", "original_size", "crop_coords", "aesthetic_score")
+
+
+def _sd1(u: UNetConfig, v: VAEConfig, te: CLIPTextConfig, name: str = "sd1") -> ModelFamily:
+    # CLIP-L last layer with its final norm; the tokenizer pads with EOS.
+    return ModelFamily(name, u, v, (TextEncoderSpec("clip", te, SD_PREFIX_CLIP),))
+
+
+def _sd2(u: UNetConfig, v: VAEConfig, te: CLIPTextConfig, name: str) -> ModelFamily:
+    # OpenCLIP-H penultimate layer through ln_final (FrozenOpenCLIPEmbedder layer="penultimate");
+    # open_clip's tokenizer pads with 0.
+    spec = TextEncoderSpec("openclip", te, SD_PREFIX_OPENCLIP, layer=-2, final_norm=True, pad_id=0)
+    v_pred = name == "sd2-v"
+    return ModelFamily(name, u, v, (spec,), prediction_type="v" if v_pred else "eps",
+                       default_size=768 if v_pred else 512)
+
+
+def _sdxl(u: UNetConfig, v: VAEConfig, te_l: CLIPTextConfig, te_g: CLIPTextConfig, name: str) -> ModelFamily:
+    # Both encoders' penultimate layer without final norm, concatenated (768 + 1280 = 2048);
+    # bigG's pooled output goes into y. sgm's CLIP-L tokenizer pads with EOS, open_clip's with 0.
+    specs = (TextEncoderSpec("clip", te_l, SDXL_PREFIX_CLIP, layer=-2, final_norm=False),
+             TextEncoderSpec("openclip", te_g, SDXL_PREFIX_BIGG, layer=-2, final_norm=False,
+                             pad_id=0, pooled=True))
+    return ModelFamily(name, u, v, specs, latent_scale=0.13025, default_size=1024,
+                       adm_inputs=SDXL_ADM, vae_force_upcast=True)
+
+
+def _refiner(u: UNetConfig, v: VAEConfig, te_g: CLIPTextConfig) -> ModelFamily:
+    spec = TextEncoderSpec("openclip", te_g, REFINER_PREFIX_BIGG, layer=-2, final_norm=False,
+                           pad_id=0, pooled=True)
+    return ModelFamily("sdxl-refiner", u, v, (spec,), latent_scale=0.13025, default_size=1024,
+                       adm_inputs=REFINER_ADM, vae_force_upcast=True)
+
+
+def _build(name: str, u: Mapping[str, UNetConfig], v: VAEConfig, t: Mapping[str, CLIPTextConfig]) -> ModelFamily:
+    if name in ("sd1", "sd1-inpaint"):
+        return _sd1(u[name], v, t["clip_l"], name)
+    if name in ("sd2", "sd2-v", "sd2-inpaint"):
+        return _sd2(u[name], v, t["openclip_h"], name)
+    if name in ("sdxl", "sdxl-inpaint"):
+        return _sdxl(u[name], v, t["clip_l_sdxl"], t["bigg"], name)
+    return _refiner(u["sdxl-refiner"], v, t["bigg"])
+
+
+FAMILY_NAMES = ("sd1", "sd1-inpaint", "sd2", "sd2-v", "sd2-inpaint", "sdxl", "sdxl-inpaint",
+                "sdxl-refiner", "custom")
+
+_REAL_UNETS = {"sd1": unet.SD15, "sd1-inpaint": unet.SD15_INPAINT, "sd2": unet.SD2, "sd2-v": unet.SD2,
+               "sd2-inpaint": replace(unet.SD2, in_channels=9), "sdxl": unet.SDXL,
+               "sdxl-inpaint": replace(unet.SDXL, in_channels=9), "sdxl-refiner": unet.SDXL_REFINER}
+_REAL_TEXT = {"clip_l": clip.CLIP_L, "clip_l_sdxl": clip.CLIP_L_SDXL, "openclip_h": clip.OPENCLIP_H,
+              "bigg": clip.OPENCLIP_BIGG}
+
+#: The published families (read-only). "custom" is not here: its configs travel in the checkpoint.
+FAMILIES: Mapping[str, ModelFamily] = MappingProxyType(
+    {n: _build(n, _REAL_UNETS, VAEConfig(), _REAL_TEXT) for n in FAMILY_NAMES if n != "custom"})
+
+
+def get_family(name: str) -> ModelFamily:
+    """The published family `name` (see FAMILY_NAMES)."""
+    if name == "custom":
+        raise CheckpointError("family 'custom' has no fixed shape: its configs come from the metadata "
+                              "that save_checkpoint writes into the file, or build a ModelFamily yourself")
+    if name not in FAMILIES:
+        raise CheckpointError(f"unknown model family {name!r}; valid: {', '.join(FAMILY_NAMES)}")
+    return FAMILIES[name]
+
+
+def tiny_family(name: str) -> ModelFamily:
+    """Family `name` with its real layout (projection kind, heads rule, encoders, adm vector,
+    conventions) at toy size, for tests: UNet/VAE/CLIP TINY presets, 9 input channels for the
+    inpainting families; CLIP-L tiny is 32 wide, bigG tiny 48 wide with a 24-dim projection."""
+    if name == "custom":
+        return replace(tiny_family("sd1"), name="custom")
+    get_family(name)  # validates the name
+    small_l = replace(clip.TINY, projection_dim=None)
+    small_h = replace(clip.TINY, act="gelu")
+    small_g = replace(clip.TINY, width=48, mlp_dim=96, act="gelu", projection_dim=24)
+    base = unet.TINY
+    sd2 = replace(base, num_head_channels=16, use_linear_in_transformer=True, context_dim=small_h.width)
+    sdxl = replace(base, transformer_depth=(0, 2), transformer_depth_middle=2, num_head_channels=16,
+                   use_linear_in_transformer=True, context_dim=small_l.width + small_g.width,
+                   num_classes="sequential", adm_in_channels=small_g.projection_dim + 6 * 256)
+    refiner = replace(base, model_channels=48, transformer_depth=(0, 1), num_head_channels=16,
+                      use_linear_in_transformer=True, context_dim=small_g.width,
+                      num_classes="sequential", adm_in_channels=small_g.projection_dim + 5 * 256)
+    unets = {"sd1": replace(base, context_dim=small_l.width), "sd2": sd2, "sd2-v": sd2, "sdxl": sdxl,
+             "sdxl-refiner": refiner}
+    for n in ("sd1", "sd2", "sdxl"):
+        unets[f"{n}-inpaint"] = replace(unets[n], in_channels=9)
+    texts = {"clip_l": small_l, "clip_l_sdxl": small_l, "openclip_h": small_h, "bigg": small_g}
+    return _build(name, unets, VAEConfig.tiny(), texts)
+
+
+# ---------------------------------------------------------------------------------- detection
+_UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"
+_UNSUPPORTED_MARKERS = {
+    "cond_stage_model.roberta.": "AltDiffusion (XLM-RoBERTa text encoder)",
+    "depth_model.": "SD 2 depth-to-image (MiDaS)",
+    "edm_vpred.sigma_max": "an EDM v-prediction model (CosXL)",
+}
+
+
+def detect_family(keys_and_shapes: Mapping[str, Sequence[int]]) -> str:
+    """Family name of a single-file (LDM / SGM layout) checkpoint from its key names and shapes.
+
+    Rules (those of A1111 `guess_model_config_from_state_dict` and ComfyUI `model_detection`):
+    - `conditioner.embedders.1.*` (CLIP-L + OpenCLIP bigG): "sdxl";
+    - only `conditioner.embedders.0.model.*` (bigG) and an adm `label_emb`: "sdxl-refiner"
+      (the real refiner also has 384 model channels; that is not required, so toy refiners load);
+    - `cond_stage_model.model.*` (OpenCLIP-H): SD 2.x; `cond_stage_model.transformer.*`: SD 1.x;
+    - 9 UNet input channels: the "-inpaint" variant.
+    SD 2.x eps and v checkpoints have identical keys and shapes, so this returns "sd2-v" for a
+    4-channel SD 2 checkpoint: v is the convention of SD 2.x at 768 px (2.0-768-v, 2.1-768), the
+    SD 2 checkpoints most people use. `load_checkpoint` refines that with A1111's test of the
+    UNet's output (`predicts_v`) unless the family is given; pass family="sd2" for 512-base models.
+    Raises CheckpointError naming what the keys look like when no family fits.
+    """
+    keys = keys_and_shapes.keys()
+
+    def has(prefix: str) -> bool:
+        return any(k.startswith(prefix) for k in keys)
+
+    for marker, what in _UNSUPPORTED_MARKERS.items():
+        if has(marker):
+            raise CheckpointError(f"this checkpoint is {what}, which diffusekit does not support; "
+                                  f"supported families: {', '.join(FAMILY_NAMES)}")
+    if _UNET_IN not in keys_and_shapes:
+        raise CheckpointError(_not_a_checkpoint(keys))
+    in_ch = int(keys_and_shapes[_UNET_IN][1])
+    if in_ch not in (4, 9):
+        what = "an InstructPix2Pix model (8 channels)" if in_ch == 8 else f"a {in_ch}-channel UNet"
+        raise CheckpointError(f"the UNet takes {in_ch} input channels ({what}); supported: 4 (txt2img) "
+                              "and 9 (inpainting)")
+    suffix = "-inpaint" if in_ch == 9 else ""
+    if has("conditioner.embedders.1."):
+        return "sdxl" + suffix
+    if has(REFINER_PREFIX_BIGG) and has("model.diffusion_model.label_emb.") and not suffix:
+        return "sdxl-refiner"
+    if has(SD_PREFIX_OPENCLIP):
+        return "sd2" + suffix if suffix else "sd2-v"
+    if has(SD_PREFIX_CLIP):
+        return "sd1" + suffix
+    if has("conditioner.embedders.0."):
+        raise CheckpointError("an SGM-layout checkpoint with one text encoder at conditioner.embedders.0 "
+                              "and no SDXL adm input (sgm's SD 1/2 configs); re-save it in the LDM layout "
+                              "(cond_stage_model.*)")
+    raise CheckpointError("the checkpoint has a UNet (model.diffusion_model.*) but no text encoder "
+                          "(cond_stage_model.* or conditioner.embedders.*): a UNet-only file cannot be "
+                          "loaded as a full model")
+
+
+def _not_a_checkpoint(keys) -> str:
+    sample = sorted(keys)[:5]
+    if any(k.startswith(("lora_unet_", "lora_te", "lora_te1_")) or ".lora_" in k for k in keys):
+        what = "a LoRA, not a full checkpoint"
+    elif any(k.startswith(("encoder.", "decoder.")) for k in keys):
+        what = "a standalone VAE, not a full checkpoint"
+    elif any(k.startswith(("down_blocks.", "conv_in.", "mid_block.")) for k in keys):
+        what = "one diffusers component (diffusers key names); pass the diffusers folder instead"
+    elif any(k.startswith("model_ema.") for k in keys):
+        what = "EMA weights only"
+    else:
+        what = "not a Stable Diffusion checkpoint in the LDM/SGM layout"
+    return (f"no UNet weights (model.diffusion_model.input_blocks.0.0.weight) in the checkpoint: it looks "
+            f"like {what}. First keys: {sample}")

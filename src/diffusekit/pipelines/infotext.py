@@ -1,0 +1,255 @@
+"""A1111 infotext: the generation-parameters text that AUTOMATIC1111 stores in every image.
+
+Layout (A1111 v1.10 modules/processing.py `create_infotext`)::
+
+    <prompt, any number of lines>
+    Negative prompt: <negative prompt>          (line omitted when the negative prompt is empty)
+    Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 1, Size: 512x512, ...
+
+PNG files carry it in a text chunk named `parameters`; JPEG / WebP in the EXIF UserComment.
+Parsing follows modules/infotext_utils.py `parse_generation_parameters`. Everything here is
+plain text and Pillow; no model is involved.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, PngImagePlugin
+
+__all__ = [
+    "KNOWN_SCHEDULE_TYPES",
+    "PARAM_ORDER",
+    "format_infotext",
+    "parse_infotext",
+    "quote",
+    "read_infotext",
+    "save_png_with_infotext",
+    "split_legacy_sampler",
+    "unquote",
+]
+
+PARAM_ORDER = (
+    "Steps", "Sampler", "Schedule type", "CFG scale", "Image CFG scale", "Seed", "Face restoration",
+    "Size", "Model hash", "Model", "FP8 weight", "Cache FP16 weight for LoRA", "VAE hash", "VAE",
+    "Variation seed", "Variation seed strength", "Seed resize from", "Denoising strength",
+    "Conditional mask weight", "Clip skip", "ENSD", "Token merging ratio", "Token merging ratio hr",
+    "Init image hash", "RNG", "Tiling",
+)
+"""Keys A1111 writes first, in its order; any other key follows in the caller's order."""
+_TRAILING = ("Version", "User")  # written after the extra keys
+
+# A1111's parameter regex: `Key: value` pairs, a value either JSON-quoted or up to the next comma.
+_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+_IMAGE_SIZE = re.compile(r"^(\d+)x(\d+)$")
+_NEGATIVE = "Negative prompt:"
+_MIN_PARAMS = 3  # a last line with fewer `Key: value` pairs is still prompt text
+
+# A1111 v1.10 modules/sd_schedulers.py: (name, label, aliases). Sampler names from before v1.9
+# carried the schedule as a suffix ("DPM++ 2M Karras").
+KNOWN_SCHEDULE_TYPES = (
+    ("automatic", "Automatic", ()), ("uniform", "Uniform", ()), ("karras", "Karras", ()),
+    ("exponential", "Exponential", ()), ("polyexponential", "Polyexponential", ()),
+    ("sgm_uniform", "SGM Uniform", ("SGMUniform",)), ("kl_optimal", "KL Optimal", ()),
+    ("align_your_steps", "Align Your Steps", ()), ("simple", "Simple", ()), ("normal", "Normal", ()),
+    ("ddim", "DDIM", ()), ("beta", "Beta", ()),
+)
+
+# EXIF: the Exif sub-IFD pointer and its UserComment tag; UserComment starts with an 8-byte charset.
+_EXIF_IFD = 0x8769
+_USER_COMMENT = 0x9286
+
+
+def quote(value: Any) -> Any:
+    """A value as A1111 writes it: JSON-quoted when its text holds ',', ':' or a newline (which
+    would break the `Key: value, ...` line), else unchanged."""
+    text = str(value)
+    if "," not in text and "\n" not in text and ":" not in text:
+        return value
+    return json.dumps(value, ensure_ascii=False)
+
+
+def unquote(text: str) -> str:
+    """Inverse of `quote` for one value; text that is not a valid JSON string stays as it is."""
+    if len(text) < 2 or text[0] != '"' or text[-1] != '"':
+        return text
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value if isinstance(value, str) else text
+
+
+def _dropped(key: str, value: Any) -> bool:
+    """Values A1111 leaves out of the parameters line."""
+    if value is None:
+        return True
+    if key == "Clip skip":  # only written when > 1 (1 is the default)
+        try:
+            return int(value) <= 1
+        except (TypeError, ValueError):
+            return False
+    return key == "RNG" and value == "GPU"  # the default source is not written
+
+
+def format_infotext(prompt: str, negative_prompt: str | None, params: Mapping[str, Any]) -> str:
+    """The A1111 infotext of one image.
+
+    `params` maps A1111 labels to values (`{"Steps": 20, "Sampler": "DPM++ 2M", "Size": "512x512",
+    ...}`). Known keys come first in `PARAM_ORDER`, then the other keys in the order given, then
+    "Version" and "User". None values are dropped, as are "Clip skip" <= 1 and "RNG" == "GPU";
+    a value equal to its key is written as the bare key (a flag). Values containing ',', ':' or a
+    newline are JSON-quoted; values are otherwise written with `str` (7.0 stays "7.0").
+    """
+    keys = [k for k in PARAM_ORDER if k in params]
+    keys += [k for k in params if k not in PARAM_ORDER and k not in _TRAILING]
+    keys += [k for k in _TRAILING if k in params]
+    items = []
+    for key in keys:
+        value = params[key]
+        if _dropped(key, value):
+            continue
+        items.append(key if key == value else f"{key}: {quote(value)}")
+    negative = f"\n{_NEGATIVE} {negative_prompt}" if negative_prompt else ""
+    return f"{prompt}{negative}\n{', '.join(items)}".strip()
+
+
+def split_legacy_sampler(sampler: str) -> tuple[str, str | None]:
+    """Split a pre-v1.9 sampler name with a schedule suffix: "DPM++ 2M Karras" -> ("DPM++ 2M",
+    "Karras"); a name without a known suffix gives (name, None). The longest matching label, name
+    or alias wins ("... SGM Uniform" is not read as "Uniform")."""
+    options = sorted(
+        ((option, label) for name, label, aliases in KNOWN_SCHEDULE_TYPES for option in (label, name, *aliases)),
+        key=lambda pair: -len(pair[0]),
+    )
+    for option, label in options:
+        suffix = " " + option
+        if sampler.endswith(suffix) and len(sampler) > len(suffix):
+            return sampler[: -len(suffix)], label
+    return sampler, None
+
+
+def parse_infotext(text: str) -> dict[str, Any]:
+    """Parse an A1111 infotext into `{"Prompt": ..., "Negative prompt": ..., "Steps": "20", ...}`.
+
+    As A1111 `parse_generation_parameters`: the last line counts as parameters only when the
+    parameter regex finds at least 3 `Key: value` pairs there (otherwise it is prompt text);
+    every prompt line is stripped; values are strings, JSON-unquoted; a `WxH` value is split into
+    `<Key>-1` / `<Key>-2` (`Size-1`, `Size-2`, `Hires resize-1`, ...); a key with an empty value is
+    skipped. Missing keys get A1111's defaults "Clip skip" "1", "RNG" "GPU", "Schedule type"
+    "Automatic". A legacy sampler name with a schedule suffix is split ("DPM++ 2M Karras" ->
+    Sampler "DPM++ 2M", Schedule type "Karras"; likewise "Hires sampler" -> "Hires schedule type").
+    """
+    res: dict[str, Any] = {}
+    prompt_lines: list[str] = []
+    negative_lines: list[str] = []
+
+    *lines, last = text.strip().split("\n")
+    if len(_PARAM.findall(last)) < _MIN_PARAMS:
+        lines.append(last)
+        last = ""
+
+    in_negative = False
+    for line in lines:
+        line = line.strip()
+        if line.startswith(_NEGATIVE):
+            in_negative = True
+            line = line[len(_NEGATIVE):].strip()
+        (negative_lines if in_negative else prompt_lines).append(line)
+    res["Prompt"] = "\n".join(prompt_lines)
+    res["Negative prompt"] = "\n".join(negative_lines)
+
+    for key, value in _PARAM.findall(last):
+        if not value:
+            continue  # A1111 fails on an empty value and skips the key
+        if value[0] == '"' and value[-1] == '"':
+            value = unquote(value)
+        size = _IMAGE_SIZE.match(value)
+        if size:
+            res[f"{key}-1"], res[f"{key}-2"] = size.group(1), size.group(2)
+        else:
+            res[key] = value
+
+    for key, schedule_key in (("Sampler", "Schedule type"), ("Hires sampler", "Hires schedule type")):
+        if key in res:
+            sampler, schedule = split_legacy_sampler(res[key])
+            if schedule is not None:
+                res[key], res[schedule_key] = sampler, schedule
+
+    res.setdefault("Clip skip", "1")
+    res.setdefault("RNG", "GPU")
+    res.setdefault("Schedule type", "Automatic")
+    return res
+
+
+# ------------------------------------------------------------------------------------- files
+
+
+def save_png_with_infotext(image: Image.Image, path: str | os.PathLike, infotext: str) -> Path:
+    """Write `image` as PNG with `infotext` in a text chunk named `parameters` (Pillow writes
+    tEXt, or iTXt when the text is not Latin-1), atomically: a temporary file in the same folder
+    is renamed over `path`, so a reader never sees a half-written image. Returns the path."""
+    path = Path(path)
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", infotext)
+    # a unique name next to the target (same file system, so the rename is atomic); plain open()
+    # keeps the usual umask permissions, which mkstemp's 0600 would not
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            image.save(f, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _decode_user_comment(raw: bytes | str) -> str:
+    """EXIF UserComment: an 8-byte charset prefix, then the text. A1111 (via piexif) writes
+    b"UNICODE\\0" + UTF-16 big-endian; other writers use little-endian, which the zero bytes of
+    ASCII text reveal."""
+    if isinstance(raw, str):
+        return raw
+    prefix, body = raw[:8], raw[8:]
+    if prefix == b"UNICODE\x00":
+        if body[:2] in (b"\xff\xfe", b"\xfe\xff"):
+            return body.decode("utf-16", errors="replace")
+        little = body[1::2].count(0) > body[0::2].count(0)
+        return body.decode("utf-16-le" if little else "utf-16-be", errors="replace")
+    if prefix in (b"ASCII\x00\x00\x00", b"\x00" * 8):
+        return body.decode("utf-8", errors="replace").rstrip("\x00")
+    return raw.decode("utf-8", errors="ignore").rstrip("\x00")
+
+
+def read_infotext(image_or_path: Image.Image | str | os.PathLike) -> str | None:
+    """The infotext stored in an image, or None when it holds none.
+
+    Looks, as A1111 `read_info_from_image` does, at the PNG text chunk `parameters`, then the EXIF
+    UserComment (JPEG, WebP, also PNG eXIf), then a GIF comment.
+    """
+    if isinstance(image_or_path, Image.Image):
+        return _infotext_of(image_or_path)
+    with Image.open(image_or_path) as image:
+        return _infotext_of(image)
+
+
+def _infotext_of(image: Image.Image) -> str | None:
+    text = image.info.get("parameters")
+    try:
+        comment = image.getexif().get_ifd(_EXIF_IFD).get(_USER_COMMENT)
+    except Exception:  # a malformed EXIF block is not worth failing over
+        comment = None
+    if comment:
+        decoded = _decode_user_comment(comment)
+        if decoded:
+            text = decoded
+    if text is None and isinstance(image.info.get("comment"), bytes):
+        text = image.info["comment"].decode("utf-8", errors="ignore")
+    return text

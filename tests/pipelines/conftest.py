@@ -1,0 +1,43 @@
+"""Tiny random-weight checkpoints of each family, saved to disk the way users hand them to us."""
+import pytest
+import torch
+
+from diffusekit.models.clip import CLIPTextModel, OpenCLIPTextModel
+from diffusekit.models.families import tiny_family
+from diffusekit.models.loading import save_checkpoint
+from diffusekit.models.unet import UNetModel
+from diffusekit.models.vae import AutoencoderKL
+
+
+def build_tiny_parts(family_name: str, seed: int = 0):
+    """Modules of a tiny model of `family_name` with small random weights everywhere (LDM zero-inits
+    output convolutions, which would make every prediction 0 and every test vacuous)."""
+    fam = tiny_family(family_name)
+    torch.manual_seed(seed)
+    unet = UNetModel(fam.unet)
+    vae = AutoencoderKL(fam.vae)
+    encoders = [CLIPTextModel(s.config) if s.kind == "clip" else OpenCLIPTextModel(s.config) for s in fam.text_encoders]
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in (unet, vae, *encoders):
+            for name, p in m.named_parameters():
+                if p.ndim > 1 and "norm" not in name:
+                    fan_in = p[0].numel()
+                    p.copy_(torch.randn(p.shape, generator=g) / fan_in ** 0.5)
+    return fam, {"unet": unet, "vae": vae, "text_encoders": encoders}
+
+
+def save_tiny(path, family_name: str, seed: int = 0, dtype=None):
+    fam, parts = build_tiny_parts(family_name, seed)
+    return save_checkpoint(parts, path, family=fam, dtype=dtype)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("models") / "tiny-sd1.safetensors", "sd1")
+
+
+@pytest.fixture(scope="session")
+def sd1_pipe(tiny_sd1):
+    from diffusekit import Pipeline
+    return Pipeline.from_pretrained(tiny_sd1)
