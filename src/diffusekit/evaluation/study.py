@@ -52,6 +52,7 @@ class StudyConfig:
     seed: int = 0
     tol: float = 1e-2                       # error tolerance for "steps to tolerance", in data units (RMS)
     converged_steps: int = 1000             # reference step count for SDE samplers
+    reference_steps: int = 4000             # RK4 steps of the exact ODE solution
 
 
 @dataclass
@@ -98,19 +99,19 @@ def run_study(config: StudyConfig = StudyConfig(), progress: Callable[[str], Non
 
 def _run_study(config: StudyConfig, progress: Callable[[str], None] | None) -> StudyResult:
     t0 = time.perf_counter()
+    samplers = [resolve_sampler(s) for s in (config.samplers or INFO)]
+    samplers = [s for s in samplers if s not in EXCLUDED]
+    for sched in config.schedules:
+        sigma_schedules.resolve(sched)      # fail before any work on a bad name
     table = DiscreteSchedule.from_name("scaled_linear")
     world = GaussianMixture.example(dim=config.dim)
     g = torch.Generator().manual_seed(config.seed)
     sigma_max = float(table.sigma_max)
     start = torch.randn(config.batch, config.dim, generator=g, dtype=torch.float64) * sigma_max
-    exact = reference_solution(world, start, sigma_max)
+    exact = reference_solution(world, start, sigma_max, steps=config.reference_steps)
     truth_a, _ = world.sample(config.batch, torch.Generator().manual_seed(config.seed + 1))
     truth_b, _ = world.sample(config.batch, torch.Generator().manual_seed(config.seed + 2))
     floor = _energy_distance(truth_a, truth_b)
-    samplers = [resolve_sampler(s) for s in (config.samplers or INFO)]
-    samplers = [s for s in samplers if s not in EXCLUDED]
-    for sched in config.schedules:
-        sigma_schedules.resolve(sched)      # fail before any work on a bad name
     result = StudyResult(config=config)
     for sid in samplers:
         info = INFO[sid]
