@@ -315,3 +315,11 @@ def test_apply_emphasis_unit_weights_are_identity_and_shape_checked():
     torch.testing.assert_close(apply_emphasis(hidden, torch.ones(2, 77)), hidden)
     with pytest.raises(ValueError, match="do not match"):
         apply_emphasis(hidden, torch.ones(2, 76))
+
+
+def test_schedules_survive_pathological_nesting():
+    deep = "[" * 3000 + "a" + "]" * 3000  # deeper than Python's recursion limit
+    assert get_schedules(deep, 10) == [(10, deep)]
+    # (A1111's Earley parser would still find the [x:y:2] here; ours gives up on nesting this deep)
+    assert get_schedules("([" * 1500 + "[x:y:2]", 10) == [(10, "([" * 1500 + "[x:y:2]")]
+    assert get_schedules("([" * 50 + "[x:y:2]", 10)[0] == (2, "([" * 50 + "x")

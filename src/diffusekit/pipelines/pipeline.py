@@ -327,7 +327,7 @@ class Pipeline:
             state["step"] = d["i"] + 1
             state["denoised"] = d["denoised"]
             if params.save_process:
-                log.append({"pass": pass_name, "step": d["i"], "sigma": float(d["sigma"]),
+                log.append({"job": job_no, "pass": pass_name, "step": d["i"], "sigma": float(d["sigma"]),
                             "x": d["x"].detach().cpu(), "denoised": d["denoised"].detach().cpu()})
             if callback is not None:
                 callback(StepInfo(step=d["i"], steps=steps, sigma=float(d["sigma"]), latent=d["x"],

@@ -175,6 +175,8 @@ class _ScheduleParser:
 
     def __init__(self, text: str):
         self.s = text
+        # prompt(pos) depends on pos only; caching it keeps retries after a failed bracket linear
+        self._prompt_cache: dict[int, tuple[list, int]] = {}
 
     def parse(self) -> list | None:
         s, pos, out = self.s, 0, []
@@ -192,6 +194,11 @@ class _ScheduleParser:
 
     def prompt(self, pos: int) -> tuple[list, int]:
         """Longest run of prompt elements from `pos` (possibly empty)."""
+        if pos not in self._prompt_cache:
+            self._prompt_cache[pos] = self._prompt(pos)
+        return self._prompt_cache[pos]
+
+    def _prompt(self, pos: int) -> tuple[list, int]:
         s, out = self.s, []
         while pos < len(s):
             m = _PLAIN.match(s, pos)
@@ -308,7 +315,8 @@ def get_schedules(
     fraction of the steps (`0.25`), without one a step number (`5`); the result is truncated to an
     int, clipped to `steps`, and ignored as a switch point when < 1. `[a|b|c]` alternates every
     step (step 1 -> a, 2 -> b, ...; empty options allowed). Emphasis brackets stay in the text.
-    A prompt the grammar cannot parse (e.g. a bare '|') is returned unchanged as one entry.
+    A prompt the grammar cannot parse (e.g. a bare '|', or brackets nested some 300 deep, past
+    Python's recursion limit) is returned unchanged as one entry.
 
     `hires_steps` gives the schedule of a hires-fix second pass: steps count on from the first
     pass (`when` minus `steps`, fractions minus 1.0). `use_old_scheduling` restores A1111 < 1.8
@@ -322,7 +330,10 @@ def get_schedules(
     else:
         int_offset, frac_offset, total = steps, 1.0, hires_steps
 
-    tree = _ScheduleParser(prompt).parse()
+    try:
+        tree = _ScheduleParser(prompt).parse()
+    except RecursionError:  # brackets nested hundreds deep: treat as unparsable, like a syntax error
+        tree = None
     if tree is None:
         return [(total, prompt)]
 
@@ -486,5 +497,7 @@ def apply_emphasis(hidden: torch.Tensor, weights: torch.Tensor | Sequence, *, no
     original_mean = hidden.mean()
     z = hidden * w.unsqueeze(-1)  # (B, T, C) * (B, T, 1)
     if normalize:
-        z = z * (original_mean / z.mean())
+        new_mean = z.mean()
+        if new_mean != 0:  # a zero mean (e.g. straight after a bias-free LayerNorm) has nothing to restore
+            z = z * (original_mean / new_mean)
     return z
