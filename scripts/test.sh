@@ -15,6 +15,12 @@ python -m pip install -q -e ".[test]" 2>&1 | grep -v '^WARNING: Location' || tru
 # open_clip ships CLIP's BPE vocabulary file; we only read that file, never import the package,
 # so its heavy dependencies (torchvision, timm) are not needed.
 python -m pip install -q --no-deps "open_clip_torch>=2.24" 2>&1 | grep -v '^WARNING: Location' || true
+# The web UI test drives Debian's Chromium through Playwright (never `playwright install`: it downloads
+# a browser). Installed when we are root with apt; without it that one test skips and says why.
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+    || echo "note: could not install chromium; the browser test will skip" >&2
+fi
 python -c "import diffusekit, torch; print('diffusekit ready, torch', torch.__version__)"
 set +e
 python -m pytest "$@"

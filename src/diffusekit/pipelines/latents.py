@@ -70,7 +70,8 @@ def initial_noise(shape: Sequence[int], seeds: Sequence[int], subseeds: Sequence
 
 def prepare_mask(mask: Image.Image, size: tuple[int, int], blur: int, invert: bool) -> Image.Image:
     """The repaint mask as an 'L' image of `size` (white = repaint), blurred like A1111's mask_blur."""
-    m = mask.convert("L")
+    # A1111 reads an RGBA mask's alpha channel (an eraser-painted layer); others by luminance
+    m = mask.getchannel("A") if mask.mode in ("RGBA", "LA") else mask.convert("L")
     if m.size != tuple(size):
         m = m.resize(tuple(size), Image.LANCZOS)
     if invert:

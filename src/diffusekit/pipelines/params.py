@@ -106,8 +106,12 @@ class GenerationParams:
             bad("n_iter", "must be an integer from 1 to 100")
         if not isinstance(self.clip_skip, int) or not 1 <= self.clip_skip <= 12:
             bad("clip_skip", "must be an integer from 1 to 12")
-        if not isinstance(self.seed, int) or not -1 <= self.seed < 2**63:
-            bad("seed", "must be -1 (random) or a non-negative integer")
+        for name in ("seed", "subseed"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or not -1 <= v < 2**63 - 2**16:
+                bad(name, "must be -1 (random) or a non-negative integer below 2**63")
+        if self.inpainting_fill not in (0, 1, 2, 3):
+            bad("inpainting_fill", "must be 0 (fill), 1 (original), 2 (latent noise) or 3 (latent nothing)")
         if self.mask is not None and not self.init_images:
             bad("mask", "inpainting needs init_images too")
         if self.mask_blur < 0:

@@ -1,0 +1,49 @@
+"""`diffusekit serve`: an AUTOMATIC1111-compatible HTTP API (/sdapi/v1, docs at /docs) and a web UI at /.
+
+    from diffusekit.interfaces.server import serve
+    serve(port=7860, model="shapes", models_dir="models", api_auth="me:secret", queue_size=8)
+
+Needs the `serve` extra (fastapi, uvicorn); imported lazily so the rest of diffusekit does not.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+from .schemas import Limits
+
+__all__ = ["Limits", "create_app", "serve"]
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def create_app(**kwargs):
+    """The FastAPI app (see `app.create_app` for the arguments)."""
+    from .app import create_app as _create
+    return _create(**kwargs)
+
+
+def serve(host: str = "127.0.0.1", port: int = 7860, model: str | None = "shapes",
+          models_dir: str | os.PathLike | None = None, api_auth: str | None = None, queue_size: int = 8,
+          device: str | None = None, log_level: str = "info", **limits) -> None:
+    """Run the server until interrupted.
+
+    host: 127.0.0.1 by default (this machine only); "0.0.0.0" listens on every interface (then use api_auth).
+    model: the checkpoint to load first: a name in `models_dir`, a shipped name ("shapes") or a path.
+    models_dir: the folder whose checkpoints clients may switch between (POST /sdapi/v1/options).
+    api_auth: "user:password[,user2:password2]" HTTP basic auth on every route (A1111's --api-auth).
+    queue_size: how many jobs may wait behind the running one (0: none); more answer 503 with Retry-After.
+    limits: any field of `Limits` (max_pixels, max_steps, max_batch_size, max_images, max_body_bytes, ...).
+    """
+    try:
+        import uvicorn
+    except ImportError as e:
+        raise RuntimeError("serving needs the 'serve' extra: pip install 'diffusekit[serve]'") from e
+    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO))
+    if host not in LOCAL_HOSTS and not api_auth:
+        logging.getLogger("diffusekit.server").warning(
+            "listening on %s without api_auth: anyone who can reach this port can use the server", host)
+    app = create_app(model=model, models_dir=models_dir, api_auth=api_auth, queue_size=queue_size, device=device,
+                     **limits)
+    app.state.flags.update(host=host, port=port)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -1,0 +1,304 @@
+"""Request and response bodies of the A1111-compatible API, and their translation to GenerationParams.
+
+Field names and defaults follow AUTOMATIC1111 v1.10 `modules/api/models.py` (which generates its models
+from `StableDiffusionProcessingTxt2Img/Img2Img`): every field is optional, null means "the default".
+A field A1111 has but diffusekit does not implement is accepted and, when set to something other than
+its default, named in `info["unsupported_fields"]`; it is never silently applied in some other way.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields as dc_fields
+from typing import Any, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ...pipelines.params import MAX_PROMPT_CHARS, GenerationParams
+
+
+class RequestError(ValueError):
+    """A request the server refuses: HTTP `status` with a message that names the field or limit."""
+
+    def __init__(self, message: str, status: int = 422, field: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.field = field
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for. Exceeding a limit answers 422 and names it (e.g. `max_steps=150`).
+
+    The defaults admit everything A1111's own UI sliders allow for SD 1.x / SDXL (2048 x 2048, 150 steps,
+    batch 8) while keeping one request from occupying the server for hours or exhausting memory.
+    """
+
+    max_pixels: int = 2048 * 2048          # width * height, also of the hires-fix output
+    max_steps: int = 150                   # steps and hr_second_pass_steps
+    max_batch_size: int = 8                # images denoised together (memory)
+    max_images: int = 32                   # batch_size * n_iter, and cells of a compare grid (time)
+    max_body_bytes: int = 32 * 2**20       # request body (base64 init images live here)
+    max_input_pixels: int = 4096 * 4096    # a decoded init image / mask / png-info image
+    max_prompt_chars: int = MAX_PROMPT_CHARS
+
+    def __post_init__(self):
+        for f in dc_fields(self):
+            v = getattr(self, f.name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{f.name}={v!r}: limits must be positive integers")
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dc_fields(self)}
+
+
+_MODEL = ConfigDict(extra="allow", populate_by_name=True, allow_inf_nan=False, protected_namespaces=())
+
+
+class Txt2ImgRequest(BaseModel):
+    """POST /sdapi/v1/txt2img. A1111's fields; `save_process` and `cfg_rescale` are diffusekit additions."""
+
+    model_config = _MODEL
+
+    prompt: Optional[str] = ""
+    negative_prompt: Optional[str] = ""
+    styles: Optional[list[str]] = None
+    seed: Optional[int] = Field(-1, description="-1 picks a random seed; image i of the job uses seed + i")
+    subseed: Optional[int] = -1
+    subseed_strength: Optional[float] = 0.0
+    seed_resize_from_h: Optional[int] = -1
+    seed_resize_from_w: Optional[int] = -1
+    sampler_name: Optional[str] = Field(None, description="A1111 label ('DPM++ 2M'), id ('dpmpp_2m') or legacy "
+                                                          "combined name ('DPM++ 2M Karras'); null = sampler_index")
+    scheduler: Optional[str] = Field(None, description="schedule label ('Karras') or id; null = 'Automatic'")
+    batch_size: Optional[int] = 1
+    n_iter: Optional[int] = 1
+    steps: Optional[int] = 50
+    cfg_scale: Optional[float] = 7.0
+    width: Optional[int] = Field(None, description="null = the model's native size (512 for SD 1.x)")
+    height: Optional[int] = None
+    restore_faces: Optional[bool] = None
+    tiling: Optional[bool] = None
+    do_not_save_samples: Optional[bool] = False
+    do_not_save_grid: Optional[bool] = False
+    eta: Optional[float] = None
+    denoising_strength: Optional[float] = None
+    s_min_uncond: Optional[float] = None
+    s_churn: Optional[float] = None
+    s_tmax: Optional[float] = None
+    s_tmin: Optional[float] = None
+    s_noise: Optional[float] = None
+    override_settings: Optional[dict[str, Any]] = None
+    override_settings_restore_afterwards: Optional[bool] = True
+    refiner_checkpoint: Optional[str] = None
+    refiner_switch_at: Optional[float] = None
+    disable_extra_networks: Optional[bool] = False
+    firstpass_image: Optional[str] = None
+    comments: Optional[dict[str, Any]] = None
+    enable_hr: Optional[bool] = False
+    firstphase_width: Optional[int] = 0
+    firstphase_height: Optional[int] = 0
+    hr_scale: Optional[float] = 2.0
+    hr_upscaler: Optional[str] = None
+    hr_second_pass_steps: Optional[int] = 0
+    hr_resize_x: Optional[int] = 0
+    hr_resize_y: Optional[int] = 0
+    hr_checkpoint_name: Optional[str] = None
+    hr_sampler_name: Optional[str] = None
+    hr_scheduler: Optional[str] = None
+    hr_prompt: Optional[str] = ""
+    hr_negative_prompt: Optional[str] = ""
+    force_task_id: Optional[str] = None
+    sampler_index: Optional[str] = "Euler"
+    script_name: Optional[str] = None
+    script_args: Optional[list[Any]] = Field(default_factory=list)
+    send_images: Optional[bool] = True
+    save_images: Optional[bool] = False
+    alwayson_scripts: Optional[dict[str, Any]] = Field(default_factory=dict)
+    infotext: Optional[str] = None
+    # diffusekit additions
+    save_process: Optional[bool] = Field(False, description="keep every step for GET /diffusekit/v1/video")
+    cfg_rescale: Optional[float] = Field(0.0, description="CFG rescale phi (Lin et al. 2023), 0 = off")
+
+
+class Img2ImgRequest(Txt2ImgRequest):
+    """POST /sdapi/v1/img2img: txt2img's fields plus the init image(s) and inpainting mask (base64)."""
+
+    init_images: Optional[list[str]] = Field(None, description="base64 images (a data: URL prefix is accepted)")
+    resize_mode: Optional[int] = 0
+    image_cfg_scale: Optional[float] = None
+    mask: Optional[str] = None
+    mask_blur_x: Optional[int] = 4
+    mask_blur_y: Optional[int] = 4
+    mask_blur: Optional[int] = None
+    mask_round: Optional[bool] = True
+    inpainting_fill: Optional[int] = 0
+    inpaint_full_res: Optional[bool] = True
+    inpaint_full_res_padding: Optional[int] = 0
+    inpainting_mask_invert: Optional[int] = 0
+    initial_noise_multiplier: Optional[float] = None
+    latent_mask: Optional[str] = None
+    include_init_images: Optional[bool] = False
+    denoising_strength: Optional[float] = 0.75
+
+
+class GenerationResponse(BaseModel):
+    images: list[str] = Field(description="base64 PNGs (no data: prefix), each with its infotext in the "
+                                          "`parameters` text chunk")
+    parameters: dict[str, Any] = Field(description="the request, as received, with defaults filled in")
+    info: str = Field(description="a JSON string: seed, all_seeds, infotexts, unsupported_fields, ...")
+
+
+class PngInfoRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    image: str = Field(description="a base64 image (PNG with a `parameters` chunk, or JPEG/WebP with EXIF)")
+
+
+class PngInfoResponse(BaseModel):
+    info: str
+    items: dict[str, Any]
+    parameters: dict[str, Any]
+
+
+class CompareRequest(BaseModel):
+    """POST /diffusekit/v1/compare: one prompt and seed, samplers across, a second axis down."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    prompt: str = ""
+    negative_prompt: str = ""
+    seed: int = -1
+    steps: int = 20
+    cfg_scale: float = 7.0
+    width: Optional[int] = None
+    height: Optional[int] = None
+    scheduler: str = "Automatic"
+    samplers: list[str] = Field(default_factory=lambda: ["Euler", "Euler a", "DPM++ 2M", "DDIM"],
+                                description="the X axis: sampler names")
+    y_axis: str = Field("scheduler", description="what varies down the rows: scheduler | steps | cfg_scale | seed")
+    y_values: list[Any] = Field(default_factory=lambda: ["Automatic"], description="the rows' values")
+
+
+# ---------------------------------------------------------------------------------------- translation
+# A1111 fields diffusekit does not implement -> the values that mean "not used" (None always does).
+_UNSUPPORTED_DEFAULTS: dict[str, tuple] = {
+    "styles": ([],), "seed_resize_from_h": (-1, 0), "seed_resize_from_w": (-1, 0), "restore_faces": (False,),
+    "tiling": (False,), "s_min_uncond": (0, 0.0), "firstpass_image": ("",), "firstphase_width": (0,),
+    "firstphase_height": (0,), "hr_resize_x": (0,), "hr_resize_y": (0,), "hr_checkpoint_name": ("", "Use same checkpoint"),
+    "hr_sampler_name": ("", "Use same sampler"), "hr_scheduler": ("", "Use same scheduler"), "hr_prompt": ("",),
+    "hr_negative_prompt": ("",), "script_name": ("",), "script_args": ([],), "alwayson_scripts": ({},),
+    "save_images": (False,), "infotext": ("",),
+    # img2img
+    "resize_mode": (0,), "image_cfg_scale": (), "initial_noise_multiplier": (1, 1.0), "latent_mask": ("",),
+    "inpaint_full_res_padding": (0,),
+}
+# fields that are no-ops here by nature (nothing is saved, there are no extra networks) or handled elsewhere
+_NO_OPS = {"do_not_save_samples", "do_not_save_grid", "disable_extra_networks", "comments", "force_task_id",
+           "send_images", "override_settings", "override_settings_restore_afterwards", "sampler_index",
+           "include_init_images", "mask_round", "mask_blur_x", "mask_blur_y", "init_images", "mask"}
+_OVERRIDES_SUPPORTED = {"sd_model_checkpoint", "CLIP_stop_at_last_layers"}
+_OVERRIDE_DEFAULTS = {"eta_noise_seed_delta": (0,), "sd_vae": ("Automatic", "None"), "samples_format": ("png",)}
+
+
+def unsupported_fields(req: Txt2ImgRequest, *, has_mask: bool = False) -> list[str]:
+    """Names of the request's fields that are set but not implemented, plus fields A1111 does not know."""
+    out = []
+    for name, ok in _UNSUPPORTED_DEFAULTS.items():
+        if name in type(req).model_fields:
+            v = getattr(req, name)
+            if v is not None and v not in ok:
+                out.append(name)
+    if isinstance(req, Img2ImgRequest):
+        if has_mask and req.inpaint_full_res:
+            out.append("inpaint_full_res")      # diffusekit inpaints the whole picture ("Whole picture" mode)
+        if req.mask_blur is None and req.mask_blur_x != req.mask_blur_y:
+            out.append("mask_blur_y")           # one blur radius only: mask_blur_x is used
+    if req.enable_hr and req.hr_upscaler not in (None, "Latent", "Lanczos"):
+        out.append("hr_upscaler")               # only "Latent" (bilinear) and "Lanczos" exist here
+    for key, value in (req.override_settings or {}).items():
+        if key not in _OVERRIDES_SUPPORTED and value not in _OVERRIDE_DEFAULTS.get(key, ()):
+            out.append(f"override_settings.{key}")
+    out += sorted(req.model_extra or {})
+    return out
+
+
+def _or(value, default):
+    return default if value is None else value
+
+
+def to_generation_params(req: Txt2ImgRequest, *, init_images=None, mask=None, clip_skip: int = 1) -> GenerationParams:
+    """The GenerationParams a request asks for (images already decoded to PIL). Validation happens later."""
+    overrides = req.override_settings or {}
+    if overrides.get("CLIP_stop_at_last_layers") is not None:
+        try:
+            clip_skip = int(overrides["CLIP_stop_at_last_layers"])
+        except (TypeError, ValueError):
+            raise RequestError(f"override_settings.CLIP_stop_at_last_layers={overrides['CLIP_stop_at_last_layers']!r}: "
+                               f"must be an integer from 1 to 12", field="override_settings") from None
+    sampler = req.sampler_name or req.sampler_index or "Euler"
+    p = GenerationParams(
+        prompt=_or(req.prompt, ""), negative_prompt=_or(req.negative_prompt, ""), steps=_or(req.steps, 50),
+        sampler_name=sampler, scheduler=_or(req.scheduler, "Automatic"), cfg_scale=float(_or(req.cfg_scale, 7.0)),
+        seed=_or(req.seed, -1), subseed=_or(req.subseed, -1), subseed_strength=float(_or(req.subseed_strength, 0.0)),
+        batch_size=_or(req.batch_size, 1), n_iter=_or(req.n_iter, 1), width=req.width, height=req.height,
+        clip_skip=clip_skip, eta=req.eta, s_churn=float(_or(req.s_churn, 0.0)), s_tmin=float(_or(req.s_tmin, 0.0)),
+        s_tmax=float(_or(req.s_tmax, math.inf)), s_noise=float(_or(req.s_noise, 1.0)),
+        cfg_rescale=float(_or(req.cfg_rescale, 0.0)), refiner_switch_at=req.refiner_switch_at,
+        save_process=bool(req.save_process),
+    )
+    if req.denoising_strength is not None:
+        p.denoising_strength = float(req.denoising_strength)
+    if req.enable_hr:
+        p.enable_hr = True
+        p.hr_scale = float(_or(req.hr_scale, 2.0))
+        p.hr_upscaler = _or(req.hr_upscaler, "Latent")
+        p.hr_second_pass_steps = _or(req.hr_second_pass_steps, 0)
+    if init_images:
+        p.init_images = list(init_images)
+    if isinstance(req, Img2ImgRequest):
+        p.mask = mask
+        p.mask_blur = _or(req.mask_blur, _or(req.mask_blur_x, 4))
+        p.inpainting_fill = _or(req.inpainting_fill, 0)
+        p.inpainting_mask_invert = bool(req.inpainting_mask_invert)
+    return p
+
+
+def check_limits(p: GenerationParams, limits: Limits) -> None:
+    """Refuse what exceeds the server's limits; the message names the field and the limit."""
+    if len(p.prompt or "") > limits.max_prompt_chars or len(p.negative_prompt or "") > limits.max_prompt_chars:
+        which = "prompt" if len(p.prompt or "") > limits.max_prompt_chars else "negative_prompt"
+        raise RequestError(f"{which} has {len(getattr(p, which))} characters, over the server limit "
+                           f"max_prompt_chars={limits.max_prompt_chars}", field=which)
+    if isinstance(p.steps, int) and p.steps > limits.max_steps:
+        raise RequestError(f"steps={p.steps} is over the server limit max_steps={limits.max_steps}", field="steps")
+    if isinstance(p.hr_second_pass_steps, int) and p.enable_hr and p.hr_second_pass_steps > limits.max_steps:
+        raise RequestError(f"hr_second_pass_steps={p.hr_second_pass_steps} is over the server limit "
+                           f"max_steps={limits.max_steps}", field="hr_second_pass_steps")
+    if isinstance(p.batch_size, int) and p.batch_size > limits.max_batch_size:
+        raise RequestError(f"batch_size={p.batch_size} is over the server limit max_batch_size={limits.max_batch_size}",
+                           field="batch_size")
+    if isinstance(p.batch_size, int) and isinstance(p.n_iter, int) and p.batch_size * p.n_iter > limits.max_images:
+        raise RequestError(f"batch_size * n_iter = {p.batch_size} * {p.n_iter} = {p.batch_size * p.n_iter} images is "
+                           f"over the server limit max_images={limits.max_images}", field="n_iter")
+    if isinstance(p.width, int) and isinstance(p.height, int):
+        if p.width * p.height > limits.max_pixels:
+            raise RequestError(f"width * height = {p.width} * {p.height} = {p.width * p.height} pixels is over the "
+                               f"server limit max_pixels={limits.max_pixels}", field="width")
+        if p.enable_hr and isinstance(p.hr_scale, (int, float)) and math.isfinite(p.hr_scale):
+            hw, hh = int(p.width * p.hr_scale), int(p.height * p.hr_scale)
+            if hw * hh > limits.max_pixels:
+                raise RequestError(f"the hires-fix output {hw}x{hh} (hr_scale={p.hr_scale}) is over the server limit "
+                                   f"max_pixels={limits.max_pixels}", field="hr_scale")
+
+
+def validate_params(p: GenerationParams, limits: Limits) -> None:
+    """Limits first (they name the server limit), then the library's own checks (they name the field)."""
+    check_limits(p, limits)
+    # two fields GenerationParams.validate does not check (torch would fail later without naming them)
+    if not -2**63 <= int(p.subseed) < 2**63:
+        raise RequestError(f"subseed={p.subseed}: must be -1 (random) or an integer below 2**63", field="subseed")
+    if p.inpainting_fill not in (0, 1, 2, 3):
+        raise RequestError(f"inpainting_fill={p.inpainting_fill!r}: valid are 0 (fill), 1 (original), "
+                           f"2 (latent noise), 3 (latent nothing)", field="inpainting_fill")
+    try:
+        p.validate()
+    except (ValueError, TypeError) as e:
+        raise RequestError(str(e)) from None

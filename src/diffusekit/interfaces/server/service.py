@@ -1,0 +1,220 @@
+"""What the worker thread runs: model loading and switching, a txt2img/img2img job, the sampler
+comparison grid, and the frames of the denoising video. Everything here runs inside `Worker` tasks, so
+the model is only ever touched by one thread."""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+
+from ... import __version__
+from ...core import samplers as sampler_registry
+from ...core import sigmas as sigma_schedules
+from ...pipelines.params import GenerationParams
+from ...pipelines.pipeline import Pipeline, split_sampler_name
+from .checkpoints import ModelEntry, ModelStore
+from .jobs import JobContext
+from .schemas import Limits, RequestError, validate_params
+
+GRID_MIN_TILE = 192          # px: compare-grid tiles smaller than this are enlarged so the labels fit
+SCHEDULE_LABELS = {v: k for k, v in sigma_schedules.DISPLAY_NAMES.items()}
+
+
+def sampler_labels(sampler_name: str, scheduler: str, *, sampler_field: str = "sampler_name",
+                   scheduler_field: str = "scheduler") -> tuple[str, str]:
+    """(A1111 sampler label, schedule label) for possibly legacy/canonical names; RequestError if unknown."""
+    try:
+        sid, sched = split_sampler_name(str(sampler_name), str(scheduler))
+    except ValueError as e:
+        raise RequestError(f"{sampler_field}: {e}", field=sampler_field) from None
+    try:
+        schedule_id = sigma_schedules.resolve(sched)
+    except ValueError as e:
+        raise RequestError(f"{scheduler_field}: {e}", field=scheduler_field) from None
+    return sampler_registry.INFO[sid].label, SCHEDULE_LABELS.get(schedule_id, schedule_id)
+
+
+@dataclass
+class Outcome:
+    """A finished (or interrupted) generation job."""
+
+    images: list[Image.Image]
+    info: dict[str, Any]
+
+
+@dataclass
+class VideoSource:
+    """Per-step previews of the last image of the last job that asked for save_process."""
+
+    job_id: int
+    seed: int
+    infotext: str
+    x_frames: list[Image.Image]
+    denoised_frames: list[Image.Image]
+    sigmas: list[float]
+    final: Image.Image
+    rendered: dict[str, bytes] = field(default_factory=dict)
+
+
+class Service:
+    """The model the server generates with, and the jobs it runs on it."""
+
+    def __init__(self, store: ModelStore, model: str | None, *, limits: Limits, device: str | None = None,
+                 dtype=None):
+        import torch
+        self.store = store
+        self.limits = limits
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype = dtype
+        self.clip_skip = 1
+        self.selected: ModelEntry | None = None
+        if model is not None:
+            self.selected = self._entry_for_operator(model)
+        self._pipe: Pipeline | None = None
+        self._pipe_entry: ModelEntry | None = None
+        self._jobs = 0
+        self.last_video: VideoSource | None = None
+
+    def _entry_for_operator(self, model: str) -> ModelEntry:
+        """The operator (command line) may name a listed model, a shipped one or any path."""
+        try:
+            return self.store.find(model, field="model")
+        except RequestError:
+            from ...pipelines.shipped import resolve_model
+            return self.store.add_extra(resolve_model(model))
+
+    # ------------------------------------------------------------------ models (worker thread only)
+    @property
+    def loaded(self) -> Pipeline | None:
+        """The pipeline in memory now (read-only glance for other threads)."""
+        return self._pipe
+
+    def pipeline(self, entry: ModelEntry | None = None) -> Pipeline:
+        entry = entry or self.selected
+        if entry is None:
+            raise RequestError("no model is selected: start the server with a model, or POST /sdapi/v1/options "
+                               "{\"sd_model_checkpoint\": ...}", status=409)
+        if self._pipe is None or self._pipe_entry != entry:
+            self._pipe = None                       # free the old weights before loading the new ones
+            self._pipe = Pipeline.from_pretrained(entry.path, device=self.device, dtype=self.dtype)
+            self._pipe_entry = entry
+            self.store.remember_hash(entry, list(self._pipe.parts.files))
+        return self._pipe
+
+    def select(self, ctx: JobContext, entry: ModelEntry) -> dict:
+        """POST /options sd_model_checkpoint: load it now, so errors surface in the request that asked."""
+        ctx.start_batch(0, f"loading {entry.name}")
+        self.pipeline(entry)
+        self.selected = entry
+        return {"sd_model_checkpoint": self.store.title(entry)}
+
+    # ------------------------------------------------------------------ txt2img / img2img
+    def generate(self, ctx: JobContext, p: GenerationParams, *, model: ModelEntry | None, restore: bool,
+                 unsupported: list[str]) -> Outcome:
+        """Run a job batch by batch (so /skip can drop one batch), with A1111's seed arithmetic."""
+        pipe = self.pipeline(model or self.selected)
+        if model is not None and not restore:
+            self.selected = model
+        seed = p.resolved_seed()
+        subseed = int(p.subseed) if int(p.subseed) != -1 else random.SystemRandom().randrange(2**32)
+        p = p.copy(seed=seed, subseed=subseed, width=p.width or pipe.family.default_size,
+                   height=p.height or pipe.family.default_size)
+        validate_params(p, self.limits)           # again, now that the model's native size is known
+        self._jobs += 1
+        t0 = time.perf_counter()
+        images, seeds, subseeds, infotexts, skipped = [], [], [], [], []
+        interrupted, last = False, None
+        ctx.set_job_count(p.n_iter)
+        for j in range(p.n_iter):
+            if ctx.interrupted:
+                interrupted = True
+                break
+            ctx.start_batch(j)
+            pj = p.copy(n_iter=1, seed=seed + j * p.batch_size, subseed=subseed + j * p.batch_size)
+            r = pipe.generate(pj, callback=lambda info, j=j: ctx.on_step(info, job_no=j), should_stop=ctx.should_stop)
+            images += r.images
+            seeds += r.seeds
+            subseeds += r.subseeds
+            infotexts += r.infotexts
+            last = r
+            if r.interrupted:
+                if ctx.interrupted:
+                    interrupted = True
+                    break
+                skipped.append(j)
+        if p.save_process and last is not None and last.process:
+            self._keep_video(pipe, last)
+        sampler_label, schedule_label = sampler_labels(p.sampler_name, p.scheduler)
+        n = len(images)
+        info = {
+            "prompt": p.prompt, "all_prompts": [p.prompt] * n, "negative_prompt": p.negative_prompt,
+            "all_negative_prompts": [p.negative_prompt] * n, "seed": seed, "all_seeds": seeds,
+            "subseed": subseed, "all_subseeds": subseeds, "subseed_strength": p.subseed_strength,
+            "width": p.width, "height": p.height, "sampler_name": sampler_label, "scheduler": schedule_label,
+            "cfg_scale": p.cfg_scale, "steps": p.steps, "batch_size": p.batch_size, "n_iter": p.n_iter,
+            "restore_faces": False, "face_restoration_model": None, "sd_model_name": pipe.name,
+            "sd_model_hash": pipe.parts.hash10, "sd_vae_name": None, "sd_vae_hash": None,
+            "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+            "denoising_strength": p.denoising_strength if (p.is_img2img or p.enable_hr) else None,
+            "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": infotexts, "styles": [],
+            "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "clip_skip": p.clip_skip,
+            "is_using_inpainting_conditioning": bool(pipe.family.is_inpaint and p.mask is not None),
+            "version": f"diffusekit {__version__}", "interrupted": interrupted, "skipped_batches": skipped,
+            "unsupported_fields": unsupported, "seconds": round(time.perf_counter() - t0, 4),
+            "video_available": bool(p.save_process and self.last_video is not None
+                                    and self.last_video.job_id == self._jobs),
+        }
+        return Outcome(images, info)
+
+    def _keep_video(self, pipe: Pipeline, r) -> None:
+        """Previews (cheap latent->RGB map, no VAE) of every step of the job's last image."""
+        i = len(r.images) - 1
+        recs = [rec for rec in r.process if rec["x"].shape[0] > i]
+        self.last_video = VideoSource(
+            job_id=self._jobs, seed=r.seeds[i], infotext=r.infotexts[i],
+            x_frames=[pipe.preview(rec["x"][i:i + 1])[0] for rec in recs],
+            denoised_frames=[pipe.preview(rec["denoised"][i:i + 1])[0] for rec in recs],
+            sigmas=[float(rec["sigma"]) for rec in recs], final=r.images[i].copy())
+
+    # ------------------------------------------------------------------ compare samplers
+    def compare(self, ctx: JobContext, cells: list[list[GenerationParams]], col_labels: list[str],
+                row_labels: list[str], y_title: str) -> tuple[Image.Image, dict]:
+        """Render every cell (same prompt and seed) and lay them out with `media.grid.xy_grid`."""
+        from ...media.grid import xy_grid
+        pipe = self.pipeline()
+        seed = cells[0][0].resolved_seed()
+        total = sum(len(row) for row in cells)
+        ctx.set_job_count(total)
+        tiles, infotexts, done, k = [], [], 0, 0
+        size = None
+        for row in cells:
+            out_row = []
+            for p in row:
+                p = p.copy(seed=seed, width=p.width or pipe.family.default_size,
+                           height=p.height or pipe.family.default_size)
+                size = (p.width, p.height)
+                if ctx.interrupted:
+                    out_row.append(Image.new("RGB", size, (128, 128, 128)))
+                    infotexts.append(None)
+                else:
+                    validate_params(p, self.limits)
+                    ctx.start_batch(k, f"cell {k + 1}/{total}")
+                    r = pipe.generate(p, callback=lambda info, k=k: ctx.on_step(info, job_no=k),
+                                      should_stop=ctx.should_stop)
+                    out_row.append(r.images[0])
+                    infotexts.append(r.infotexts[0])
+                    done += 1
+                k += 1
+            tiles.append(out_row)
+        if size and min(size) < GRID_MIN_TILE:                  # tiny models: enlarge (nearest) so labels fit
+            k = -(-GRID_MIN_TILE // min(size))
+            tiles = [[t.resize((t.width * k, t.height * k), Image.NEAREST) for t in row] for row in tiles]
+        grid = xy_grid(tiles, col_labels, row_labels, x_title="sampler", y_title=y_title,
+                       title=(cells[0][0].prompt or "")[:80] or None)
+        info = {"seed": seed, "cells": total, "cells_done": done, "interrupted": bool(ctx.interrupted),
+                "samplers": col_labels, "rows": row_labels, "y_axis": y_title, "infotexts": infotexts,
+                "tile_size": list(size) if size else None, "sd_model_name": pipe.name}
+        return grid, info
