@@ -16,10 +16,15 @@ maps `(x_t, t, context, y) -> eps / v` for a float (possibly fractional) timeste
 Attention levels are given per level by `transformer_depth` (0 = no SpatialTransformer at that
 level), the form used by SGM / ComfyUI, instead of LDM's `attention_resolutions` downsampling
 factors: `attention_resolutions=(4, 2, 1)` with depth 1 on four levels is `(1, 1, 1, 0)`.
+
+Speed on CPU (same outputs, different kernels; see `Conv2d` and `_compute_in_fp32`): fp32
+convolutions whose weight dwarfs the feature map run as one GEMM, and bf16/fp16 weights on a CPU
+without native bf16/fp16 instructions compute matmuls and convolutions in fp32.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, replace
 
@@ -160,34 +165,82 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
     return emb
 
 
+@functools.lru_cache(maxsize=None)
+def _cpu_lacks(dtype: torch.dtype) -> bool:
+    """True on an x86 CPU without native instructions for `dtype` (bf16: AVX512-BF16 / AMX-BF16;
+    fp16: AVX512-FP16 / AMX-FP16), where oneDNN/MKL emulate it several times slower than fp32."""
+    try:
+        caps = torch.cpu.get_capabilities()
+    except Exception:  # older torch: keep the stock kernels
+        return False
+    if caps.get("architecture") != "x86_64":
+        return False
+    flags = {torch.bfloat16: ("avx512_bf16", "amx_bf16"), torch.float16: ("avx512_fp16", "amx_fp16")}
+    return not any(caps.get(f) for f in flags.get(dtype, ("",)))
+
+
+def _compute_in_fp32(t: torch.Tensor) -> bool:
+    """Whether a bf16/fp16 matmul or convolution on `t` is faster computed in fp32.
+
+    The low-precision products are exact in fp32 and oneDNN accumulates in fp32 anyway, so this
+    changes only the summation order; the result is rounded back to the low precision.
+    """
+    return t.device.type == "cpu" and t.dtype in (torch.bfloat16, torch.float16) and _cpu_lacks(t.dtype)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`F.linear`, in fp32 for bf16/fp16 on CPUs that emulate those types (`_compute_in_fp32`)."""
+    if _compute_in_fp32(x):
+        return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` (same parameters and keys) through `linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
 class Conv2d(nn.Conv2d):
     """`nn.Conv2d` (same parameters and keys) that runs as im2col + one GEMM when that is faster.
 
-    Convolution as matrix multiplication (Chellapilla et al. 2006): cols = unfold(x) of shape
+    Convolution as matrix multiplication (Chellapilla et al. 2006): cols = im2col(x) of shape
     (B, C_in*kh*kw, L), out = W.view(C_out, -1) @ cols + b. The GEMM reads the contiguous weight in
     place, while oneDNN's direct convolution reorders the whole weight on every eager call; at
     the low-resolution UNet levels (1280 channels at 8x8 / 4x4 latents) the weight is 10-100x
     larger than the activation and that reorder dominates (measured 2x slower on AVX-512 CPUs).
     Used only on CPU in fp32, and only when weight.numel() >= 8 * x.numel(); otherwise (GPU,
-    bf16/fp16, large feature maps) it is the stock convolution.
+    large feature maps) it is the stock convolution. bf16/fp16 on CPUs that emulate them
+    compute in fp32 (`_compute_in_fp32`).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _compute_in_fp32(x):
+            bias = None if self.bias is None else self.bias.float()
+            return self._conv(x.float(), self.weight.float(), bias).to(x.dtype)
+        return self._conv(x, self.weight, self.bias)
+
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if (x.device.type != "cpu" or x.dtype != torch.float32 or self.groups != 1
-                or self.padding_mode != "zeros" or isinstance(self.padding, str)
-                or self.weight.numel() < 8 * x.numel()):
-            return super().forward(x)
-        b, _, h, w = x.shape
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
-        ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-        wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-        cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # (B, C_in*kh*kw, L)
-        weight = self.weight.flatten(1)[None].expand(b, -1, -1)  # (B, C_out, C_in*kh*kw), a view
-        if self.bias is None:
-            out = torch.bmm(weight, cols)
+                or self.dilation != (1, 1) or self.padding_mode != "zeros"
+                or isinstance(self.padding, str) or weight.numel() < 8 * x.numel()):
+            return self._conv_forward(x, weight, bias)
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        if (kh, kw, sh, sw, ph, pw) == (1, 1, 1, 1, 0, 0):
+            cols, (ho, wo) = x.flatten(2), x.shape[-2:]  # (B, C_in, H*W), a view
+        else:
+            # (B, C, H+2p, W+2p) -> windows (B, C, Ho, Wo, kh, kw) as a view -> one gather copy to
+            # (B, C*kh*kw, Ho*Wo), ordered like weight.flatten(1) (twice as fast as F.unfold).
+            win = F.pad(x, (pw, pw, ph, ph)).unfold(2, kh, sh).unfold(3, kw, sw)
+            ho, wo = win.shape[2], win.shape[3]
+            cols = win.permute(0, 1, 4, 5, 2, 3).reshape(x.shape[0], -1, ho * wo)
+        w = weight.flatten(1)[None].expand(x.shape[0], -1, -1)  # (B, C_out, C_in*kh*kw), a view
+        if bias is None:
+            out = torch.bmm(w, cols)
         else:  # bias written into the output before the GEMM accumulates: no extra pass
-            out = torch.baddbmm(self.bias[None, :, None], weight, cols)
-        return out.view(b, -1, ho, wo)
+            out = torch.baddbmm(bias[None, :, None], w, cols)
+        return out.view(x.shape[0], -1, ho, wo)
 
 
 class ResBlock(nn.Module):
@@ -202,7 +255,7 @@ class ResBlock(nn.Module):
         super().__init__()
         self.in_layers = nn.Sequential(
             nn.GroupNorm(groups, channels), nn.SiLU(), Conv2d(channels, out_channels, 3, padding=1))
-        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.emb_layers = nn.Sequential(nn.SiLU(), Linear(emb_channels, out_channels))
         self.out_layers = nn.Sequential(
             nn.GroupNorm(groups, out_channels), nn.SiLU(), nn.Dropout(dropout),
             Conv2d(out_channels, out_channels, 3, padding=1))
@@ -260,10 +313,10 @@ class CrossAttention(nn.Module):
         inner = heads * dim_head
         kv_dim = query_dim if context_dim is None else context_dim
         self.heads, self.upcast = heads, upcast
-        self.to_q = nn.Linear(query_dim, inner, bias=False)
-        self.to_k = nn.Linear(kv_dim, inner, bias=False)
-        self.to_v = nn.Linear(kv_dim, inner, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(0.0))
+        self.to_q = Linear(query_dim, inner, bias=False)
+        self.to_k = Linear(kv_dim, inner, bias=False)
+        self.to_v = Linear(kv_dim, inner, bias=False)
+        self.to_out = nn.Sequential(Linear(inner, query_dim), nn.Dropout(0.0))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
@@ -273,7 +326,7 @@ class CrossAttention(nn.Module):
         k = self.to_k(context).unflatten(-1, (self.heads, -1)).transpose(1, 2)
         v = self.to_v(context).unflatten(-1, (self.heads, -1)).transpose(1, 2)
         dtype = q.dtype
-        if self.upcast and dtype != torch.float32:
+        if (self.upcast and dtype != torch.float32) or _compute_in_fp32(q):
             q, k, v = q.float(), k.float(), v.float()
         out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, tokens, d)
         out = out.to(dtype).transpose(1, 2).reshape(b, n, -1)
@@ -285,7 +338,7 @@ class GEGLU(nn.Module):
 
     def __init__(self, dim_in: int, dim_out: int):
         super().__init__()
-        self.proj = nn.Linear(dim_in, dim_out * 2)
+        self.proj = Linear(dim_in, dim_out * 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, gate = self.proj(x).chunk(2, dim=-1)
@@ -297,7 +350,7 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
         super().__init__()
-        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(dropout), nn.Linear(dim * mult, dim))
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(dropout), Linear(dim * mult, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -338,17 +391,17 @@ class SpatialTransformer(nn.Module):
         inner = heads * dim_head
         self.use_linear = use_linear
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
-        self.proj_in = nn.Linear(channels, inner) if use_linear else nn.Conv2d(channels, inner, 1)
+        self.proj_in = Linear(channels, inner) if use_linear else nn.Conv2d(channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(inner, heads, dim_head, context_dim, dropout, upcast)
             for _ in range(depth))
-        self.proj_out = nn.Linear(inner, channels) if use_linear else nn.Conv2d(inner, channels, 1)
+        self.proj_out = Linear(inner, channels) if use_linear else nn.Conv2d(inner, channels, 1)
         nn.init.zeros_(self.proj_out.weight)  # zero_module, as LDM
         nn.init.zeros_(self.proj_out.bias)
 
     def _project(self, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
         # Linear weight (out, in); a 1x1 conv weight (out, in, 1, 1) is the same matrix.
-        return F.linear(h, layer.weight.flatten(1), layer.bias)
+        return linear(h, layer.weight.flatten(1), layer.bias)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
         b, c, hgt, wid = x.shape
@@ -396,12 +449,12 @@ class UNetModel(nn.Module):
             return SpatialTransformer(ch, heads, dim_head, depth, cfg.context_dim, groups,
                                       cfg.use_linear_in_transformer, cfg.dropout, cfg.upcast_attention)
 
-        self.time_embed = nn.Sequential(nn.Linear(mc, ted), nn.SiLU(), nn.Linear(ted, ted))
+        self.time_embed = nn.Sequential(Linear(mc, ted), nn.SiLU(), Linear(ted, ted))
         if isinstance(cfg.num_classes, int):
             self.label_emb = nn.Embedding(cfg.num_classes, ted)
         elif cfg.num_classes == "sequential":  # SDXL: label_emb.0.0 / label_emb.0.2
             self.label_emb = nn.Sequential(nn.Sequential(
-                nn.Linear(cfg.adm_in_channels, ted), nn.SiLU(), nn.Linear(ted, ted)))
+                Linear(cfg.adm_in_channels, ted), nn.SiLU(), Linear(ted, ted)))
 
         self.input_blocks = nn.ModuleList(
             [TimestepEmbedSequential(Conv2d(cfg.in_channels, mc, 3, padding=1))])
