@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import pickle
+import random
 from pathlib import Path
 
 import pytest
@@ -22,12 +23,20 @@ from diffusekit.models import (FAMILIES, FAMILY_NAMES, CheckpointError, ModelFam
                                save_checkpoint, tiny_family)
 from diffusekit.models import loading
 from diffusekit.models.clip import CLIPTextModel, OpenCLIPTextModel
-from diffusekit.models.tokenizer import find_bundled_bpe
+from diffusekit.models.tokenizer import CLIPTokenizer, find_bundled_bpe
 from diffusekit.models.unet import UNetModel
 from diffusekit.models.vae import AutoencoderKL
 
 BPE_GZ = find_bundled_bpe()
 needs_bpe = pytest.mark.skipif(BPE_GZ is None, reason="needs open_clip's bpe_simple_vocab_16e6.txt.gz")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """One tokenizer for the tests that are not about tokenizers (parsing the BPE file is slow)."""
+    if BPE_GZ is None:
+        pytest.skip("needs open_clip's bpe_simple_vocab_16e6.txt.gz")
+    return CLIPTokenizer.from_bpe_gz(BPE_GZ)
 
 
 def tiny_modules(family: ModelFamily, seed: int = 0) -> dict:
@@ -73,59 +82,61 @@ def sd1_file(tmp_path_factory):
 # ------------------------------------------------------------------------------ single files
 @needs_bpe
 @pytest.mark.parametrize("name", FAMILY_NAMES)
-def test_every_family_round_trips_fp32(tmp_path, name):
+def test_every_family_round_trips_fp32(tmp_path, name, tok):
     fam = tiny_family(name)
     mods = tiny_modules(fam, seed=FAMILY_NAMES.index(name))
     path = save_checkpoint(mods, tmp_path / f"{name}.safetensors", family=fam)
     if name != "custom":  # custom has no key signature of its own (it is an sd1 layout here)
         assert detect_family(shapes_of(path)) == ("sd2-v" if name == "sd2" else name)
-    parts = load_checkpoint(path)
+    parts = load_checkpoint(path, tokenizer=tok)
     assert parts.family == fam and parts.family.name == name
     want, got = flat_state(mods, fam), loaded_state(parts)
     assert want.keys() == got.keys()
     for k in want:
         assert got[k].dtype == torch.float32 and torch.equal(got[k], want[k]), k
-    assert len(parts.tokenizers) == len(fam.text_encoders) and parts.scheduler_config is None
+    assert parts.tokenizers == [tok] * len(fam.text_encoders) and parts.scheduler_config is None
     assert parts.name == name and not parts.unet.training
 
 
 @needs_bpe
 @pytest.mark.parametrize("name,dtype", [("sd1", torch.float16), ("sdxl", torch.float16),
                                         ("sd2", torch.bfloat16), ("sdxl-refiner", torch.bfloat16)])
-def test_half_precision_files_round_trip(tmp_path, name, dtype):
+def test_half_precision_files_round_trip(tmp_path, name, dtype, tok):
     fam = tiny_family(name)
     mods = tiny_modules(fam)
     path = save_checkpoint(mods, tmp_path / "m.safetensors", family=fam, dtype=dtype)
     assert {d for d, _ in read_safetensors_header(path)[0].values()} == {"F16" if dtype == torch.float16 else "BF16"}
     assert path.stat().st_size < sum(t.numel() for t in flat_state(mods, fam).values()) * 2 + 100_000
-    got = loaded_state(load_checkpoint(path))
+    got = loaded_state(load_checkpoint(path, tokenizer=tok))
+    up = loaded_state(load_checkpoint(path, dtype=torch.float32, tokenizer=tok))  # the converting read path
     for k, v in flat_state(mods, fam).items():
         assert got[k].dtype == dtype and torch.equal(got[k], v.to(dtype)), k
+        assert up[k].dtype == torch.float32 and torch.equal(up[k], v.to(dtype).float()), k
 
 
 @needs_bpe
-def test_dtype_casts_while_loading_and_outputs_follow(sd1_file):
+def test_dtype_casts_while_loading_and_outputs_follow(sd1_file, tok):
     path, fam, mods = sd1_file
-    parts = load_checkpoint(path, dtype=torch.bfloat16)
+    got = loaded_state(load_checkpoint(path, dtype=torch.bfloat16, tokenizer=tok))
     for k, v in flat_state(mods, fam).items():
-        assert torch.equal(loaded_state(parts)[k], v.to(torch.bfloat16)), k
+        assert got[k].dtype == torch.bfloat16 and torch.equal(got[k], v.to(torch.bfloat16)), k
     x, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([500.0])
-    ctx = torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(2))
+    ctx = torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(2))
     ref = mods["unet"].eval()(x, t, ctx)
-    out = load_checkpoint(path).unet(x, t, ctx)
+    out = load_checkpoint(path, tokenizer=tok).unet(x, t, ctx)
     assert torch.equal(out, ref)  # fp32 load: the same weights give the same numbers
 
 
 @needs_bpe
-def test_zero_copy_weights_are_writable_and_leave_the_file_alone(sd1_file):
+def test_zero_copy_weights_are_writable_and_leave_the_file_alone(sd1_file, tok):
     path, _, _ = sd1_file
     before = hashlib.sha256(path.read_bytes()).hexdigest()
-    parts = load_checkpoint(path)
+    parts = load_checkpoint(path, tokenizer=tok)
     w = parts.unet.out[2].bias
     with torch.no_grad():
         w.add_(1.0)  # private copy-on-write pages: the file must not change
     assert hashlib.sha256(path.read_bytes()).hexdigest() == before
-    assert torch.equal(load_checkpoint(path).unet.out[2].bias + 1.0, w)
+    assert torch.equal(load_checkpoint(path, tokenizer=tok).unet.out[2].bias + 1.0, w)
 
 
 @needs_bpe
@@ -170,11 +181,11 @@ def test_save_checks_its_inputs(tmp_path, sd1_file):
 
 
 @needs_bpe
-def test_family_override_keeps_shapes_changes_conventions(tmp_path):
+def test_family_override_keeps_shapes_changes_conventions(tmp_path, tok):
     fam = tiny_family("sd2-v")
     path = save_checkpoint(tiny_modules(fam), tmp_path / "m.safetensors", family=fam)
-    assert load_checkpoint(path).family.prediction_type == "v"
-    eps = load_checkpoint(path, family="sd2").family
+    assert load_checkpoint(path, tokenizer=tok).family.prediction_type == "v"
+    eps = load_checkpoint(path, family="sd2", tokenizer=tok).family
     assert (eps.name, eps.prediction_type, eps.default_size) == ("sd2", "eps", 512)
     assert eps.unet == fam.unet and eps.text_encoders[0].config == fam.text_encoders[0].config
     with pytest.raises(CheckpointError, match="text encoder"):
@@ -185,17 +196,17 @@ def test_family_override_keeps_shapes_changes_conventions(tmp_path):
 
 # ------------------------------------------------------------------------------ .ckpt / pickles
 @needs_bpe
-def test_ckpt_loads_with_weights_only(tmp_path, sd1_file):
+def test_ckpt_loads_with_weights_only(tmp_path, sd1_file, tok):
     _, fam, mods = sd1_file
     want = flat_state(mods, fam)
     extra = {"betas": torch.ones(1000), "model_ema.decay": torch.tensor(0.999),
              "model_ema.diffusion_modelinput_blocks00weight": torch.ones(3),
              "cond_stage_model.transformer.text_model.embeddings.position_ids": torch.arange(77)[None]}
     torch.save({"state_dict": {**want, **extra}, "global_step": 470000, "epoch": 6}, tmp_path / "m.ckpt")
-    parts = load_checkpoint(tmp_path / "m.ckpt", family=fam)
+    parts = load_checkpoint(tmp_path / "m.ckpt", family=fam, tokenizer=tok)
     assert all(torch.equal(loaded_state(parts)[k], want[k]) for k in want)
     torch.save(want, tmp_path / "flat.pt")  # a bare state dict works too
-    assert torch.equal(load_checkpoint(tmp_path / "flat.pt", family=fam).vae.decoder.conv_out.weight,
+    assert torch.equal(load_checkpoint(tmp_path / "flat.pt", family=fam, tokenizer=tok).vae.decoder.conv_out.weight,
                        mods["vae"].decoder.conv_out.weight)
 
 
@@ -209,6 +220,7 @@ class Payload:
         return (Path.touch, (Path(self.marker),))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_pickle_needing_code_is_refused_and_never_run(tmp_path, sd1_file):
     _, fam, mods = sd1_file
     marker = tmp_path / "pwned"
@@ -229,12 +241,12 @@ def test_truncated_and_garbage_files(tmp_path, sd1_file):
     cases = {
         "trunc.safetensors": (data[: len(data) // 2], "truncated"),
         "head.safetensors": (data[:5], "too short"),
-        "garbage.safetensors": (os.urandom(4096), "header|not a safetensors"),
+        "garbage.safetensors": (random.Random(1).randbytes(4096), "header|not a safetensors"),
         "badjson.safetensors": ((20).to_bytes(8, "little") + b"{not json at all....}" + b"x" * 64, "not valid JSON"),
         "tail.safetensors": (data + b"\0" * 16, "after the last tensor"),
         "zip.safetensors": (b"PK\x03\x04" + b"\0" * 64, "rename it to .ckpt"),
         "trunc.ckpt": (None, "truncated or corrupt"),
-        "garbage.ckpt": (os.urandom(4096), "not a readable PyTorch checkpoint|arbitrary"),
+        "garbage.ckpt": (random.Random(2).randbytes(4096), "not a readable PyTorch checkpoint|arbitrary"),
         "model.txt": (b"hello", "unknown checkpoint extension '.txt'"),
     }
     torch.save(flat_state(tiny_modules(fam), fam), tmp_path / "full.ckpt")
@@ -243,6 +255,12 @@ def test_truncated_and_garbage_files(tmp_path, sd1_file):
         (tmp_path / name).write_bytes(content if content is not None else full_ckpt[: len(full_ckpt) // 2])
         with pytest.raises(CheckpointError, match=message):
             load_checkpoint(tmp_path / name, family=fam)
+    rng = random.Random(0)
+    for i in range(20):  # random bytes can fail deep inside the unpickler in many ways
+        for suffix in (".ckpt", ".safetensors"):
+            (tmp_path / f"rand{i}{suffix}").write_bytes(rng.randbytes(rng.randrange(1, 3000)))
+            with pytest.raises(CheckpointError):
+                load_checkpoint(tmp_path / f"rand{i}{suffix}", family=fam)
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "nope.safetensors")
     (tmp_path / "folder").mkdir()
@@ -285,7 +303,7 @@ def test_many_problems_are_summarised(tmp_path, sd1_file):
 
 
 @needs_bpe
-def test_legacy_clip_keys_and_non_weight_entries_are_accepted(tmp_path, sd1_file):
+def test_legacy_clip_keys_and_non_weight_entries_are_accepted(tmp_path, sd1_file, tok):
     path, fam, mods = sd1_file
 
     def legacy(sd):
@@ -293,7 +311,7 @@ def test_legacy_clip_keys_and_non_weight_entries_are_accepted(tmp_path, sd1_file
             sd[k.replace("transformer.text_model.", "transformer.")] = sd.pop(k)
         sd["alphas_cumprod"] = torch.ones(1000)
         sd["cond_stage_model.transformer.embeddings.position_ids"] = torch.arange(77)[None]
-    parts = load_checkpoint(_write_variant(tmp_path, sd1_file, legacy))
+    parts = load_checkpoint(_write_variant(tmp_path, sd1_file, legacy), tokenizer=tok)
     assert torch.equal(parts.text_encoders[0].text_model.final_layer_norm.weight,
                        mods["text_encoders"][0].text_model.final_layer_norm.weight)
 
@@ -302,6 +320,18 @@ def test_missing_tokenizer_tells_what_to_install(monkeypatch, sd1_file):
     monkeypatch.setattr(loading, "find_bundled_bpe", lambda: None)
     with pytest.raises(CheckpointError, match="pip install open_clip_torch --no-deps"):
         load_checkpoint(sd1_file[0])
+
+
+@needs_bpe
+def test_tokenizer_argument(tmp_path, sd1_file, bpe_folder):
+    ref = _hf_tokenizer(bpe_folder)
+    parts = load_checkpoint(sd1_file[0], tokenizer=bpe_folder)
+    prompt = "A (red:1.2) circle, masterpiece"
+    assert torch.equal(parts.tokenizers[0](prompt), ref(prompt, padding="max_length", max_length=77,
+                                                        return_tensors="pt").input_ids)
+    assert torch.equal(load_checkpoint(sd1_file[0], tokenizer=BPE_GZ).tokenizers[0](prompt), parts.tokenizers[0](prompt))
+    with pytest.raises(CheckpointError, match="vocab.json"):
+        load_checkpoint(sd1_file[0], tokenizer=tmp_path)
 
 
 # ------------------------------------------------------------------------------ detection
@@ -361,19 +391,23 @@ def test_predicts_v_reads_the_output_at_t999():
 
 
 # ------------------------------------------------------------------------------ diffusers folders
-def _hf_tokenizer(tmp_path):
-    """transformers' CLIPTokenizer over vocab/merges built from the open_clip gz by OpenAI's recipe."""
-    transformers = pytest.importorskip("transformers")
+@pytest.fixture(scope="module")
+def bpe_folder(tmp_path_factory):
+    """vocab.json + merges.txt built from the open_clip gz by OpenAI's recipe (not by our tokenizer)."""
     merges = gzip.open(BPE_GZ).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
     printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
     chars = [chr(b) for b in printable] + [chr(256 + n) for n in range(256 - len(printable))]
     vocab = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
-    folder = tmp_path / "bpe"
-    folder.mkdir(parents=True)
+    folder = tmp_path_factory.mktemp("bpe")
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}), encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    return transformers.CLIPTokenizer.from_pretrained(str(folder))
+    return folder
+
+
+def _hf_tokenizer(folder, **kwargs):
+    transformers = pytest.importorskip("transformers")
+    return transformers.CLIPTokenizer.from_pretrained(str(folder), **kwargs)
 
 
 def _hf_text(width, act, projection=None, seed=0, layers=3):
@@ -417,11 +451,9 @@ def _diffusers_parts(kind: str):
 
 @needs_bpe
 @pytest.mark.parametrize("kind", ["sd1", "sd2"])
-def test_diffusers_folder_sd1_sd2_matches_reference(tmp_path, kind):
+def test_diffusers_folder_sd1_sd2_matches_reference(tmp_path, kind, bpe_folder):
     diffusers, unet, vae, sched = _diffusers_parts(kind)
-    tok = _hf_tokenizer(tmp_path)
-    if kind == "sd2":
-        tok.pad_token = "!"  # SD 2's tokenizer pads with "!" = id 0
+    tok = _hf_tokenizer(bpe_folder, **({"pad_token": "!"} if kind == "sd2" else {}))  # SD 2 pads with "!" = 0
     text = _hf_text(32, "gelu" if kind == "sd2" else "quick_gelu")
     pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=sched,
                                              safety_checker=None, feature_extractor=None,
@@ -451,11 +483,9 @@ def test_diffusers_folder_sd1_sd2_matches_reference(tmp_path, kind):
 
 
 @needs_bpe
-def test_diffusers_folder_sdxl_matches_reference(tmp_path):
+def test_diffusers_folder_sdxl_matches_reference(tmp_path, bpe_folder):
     diffusers, unet, vae, sched = _diffusers_parts("sdxl")
-    tok = _hf_tokenizer(tmp_path)
-    tok2 = _hf_tokenizer(tmp_path / "second")
-    tok2.pad_token = "!"
+    tok, tok2 = _hf_tokenizer(bpe_folder), _hf_tokenizer(bpe_folder, pad_token="!")
     te1, te2 = _hf_text(32, "quick_gelu"), _hf_text(48, "gelu", projection=24, seed=1)
     pipe = diffusers.StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok,
                                                tokenizer_2=tok2, unet=unet, scheduler=sched)
@@ -486,10 +516,10 @@ def test_diffusers_folder_sdxl_matches_reference(tmp_path):
 
 
 @needs_bpe
-def test_diffusers_folder_problems_are_checkpoint_errors(tmp_path):
+def test_diffusers_folder_problems_are_checkpoint_errors(tmp_path, bpe_folder):
     diffusers, unet, vae, sched = _diffusers_parts("sd1")
     pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=_hf_text(32, "quick_gelu"),
-                                             tokenizer=_hf_tokenizer(tmp_path), unet=unet, scheduler=sched,
+                                             tokenizer=_hf_tokenizer(bpe_folder), unet=unet, scheduler=sched,
                                              safety_checker=None, feature_extractor=None,
                                              requires_safety_checker=False)
     pipe.save_pretrained(tmp_path / "p")

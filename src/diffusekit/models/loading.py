@@ -10,11 +10,11 @@
   `scheduler/`), renamed to the LDM layout by the `convert_*` tables.
 
 Memory: modules are built on the `meta` device (no allocation, no random init) and receive the
-file's tensors with `load_state_dict(assign=True)`. safetensors tensors are memory-mapped
-(`safe_open`); when no cast or move is asked they become the parameters without any copy (pages
-are private copy-on-write mappings of the file, so in-place training updates are safe), else each
-tensor is cast/moved once and its mapping is dropped with the component's file handle. Peak RSS
-stays near the loaded size (bench/load.py measures it). Every key is accounted for: missing,
+file's tensors with `load_state_dict(assign=True)`. Without a cast or move, the memory-mapped
+safetensors tensors (`safe_open`) become the parameters with no copy at all (private copy-on-write
+pages: in-place training updates never reach the file); with one, each tensor is read into a
+temporary buffer and converted once, so no page of the source stays resident. Peak RSS is about
+1.05x the loaded size either way (bench/load.py measures it). Every key is accounted for: missing,
 unexpected and mis-shaped keys are one `CheckpointError` naming them. Known non-weight entries
 are skipped: LDM's DDPM schedule buffers (`betas`, `alphas_cumprod`, ...), `model_ema.*`,
 the encoders' `ignored_keys` (position ids, logit scale); `v_pred` / `ztsnr` marker keys (SDXL
@@ -83,6 +83,13 @@ def _names(keys: Iterable[str], limit: int = 5) -> str:
 # ------------------------------------------------------------------------------ reading tensors
 def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dict[str, str]]:
     """({name: (dtype, shape)}, metadata) of a safetensors file, validated against the file size.
+    A truncated, corrupt or non-safetensors file is a CheckpointError saying which."""
+    entries, metadata, _ = _parse_header(Path(path))
+    return {k: (dtype, shape) for k, (dtype, shape, _, _) in entries.items()}, metadata
+
+
+def _parse_header(path: Path) -> tuple[dict[str, tuple[str, tuple[int, ...], int, int]], dict[str, str], int]:
+    """({name: (dtype, shape, begin, end)}, metadata, offset of the data) of a safetensors file.
 
     Format (huggingface/safetensors): 8-byte little-endian header length N, N bytes of JSON
     {name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {str: str}}, then the data.
@@ -126,10 +133,10 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, tuple[st
             raise CheckpointError(f"{path} is truncated: tensor {name!r} ends at data byte {end} but the file "
                                   f"holds {data_size} (an interrupted download or copy?)")
         end_max = max(end_max, end)
-        entries[name] = (dtype, shape)
+        entries[name] = (dtype, shape, begin, end)
     if end_max != data_size:
         raise CheckpointError(f"{path}: {data_size - end_max} bytes after the last tensor: a corrupt file")
-    return entries, dict(metadata)
+    return entries, dict(metadata), 8 + n
 
 
 class _Source:
@@ -138,22 +145,40 @@ class _Source:
     def __init__(self, shapes: dict[str, tuple[int, ...]], metadata: dict[str, str]):
         self.shapes, self.metadata = shapes, metadata
 
-    def read(self, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    def read(self, names: Iterable[str], dtype: torch.dtype | None = None,
+             device: torch.device = torch.device("cpu")) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor converted by `_target` to dtype / device) for each name."""
         raise NotImplementedError
 
 
 class _SafetensorsSource(_Source):
     def __init__(self, path: Path):
-        entries, metadata = read_safetensors_header(path)
-        super().__init__({k: shape for k, (_, shape) in entries.items()}, metadata)
+        self.entries, metadata, self.data_start = _parse_header(path)
+        super().__init__({k: e[1] for k, e in self.entries.items()}, metadata)
         self.path = path
 
-    def read(self, names):
-        # One handle per component: the mapping is released with the handle unless the tensors
-        # (zero-copy) are kept as parameters.
-        with safe_open(self.path, framework="pt") as f:
+    def read(self, names, dtype=None, device=torch.device("cpu")):
+        # Kept as is: the memory-mapped tensor itself (zero copy; the mapping lives as long as the
+        # parameter). Converted: read into a temporary buffer with plain file I/O, so no mapped page
+        # of the source stays resident while the converted copies accumulate (peak = the converted
+        # model + one tensor, not + the whole source file).
+        with safe_open(self.path, framework="pt") as f, open(self.path, "rb", buffering=0) as raw:
             for name in names:
-                yield name, f.get_tensor(name)
+                stored, shape, begin, end = self.entries[name]
+                stored = _ST_DTYPES[stored]
+                target = _target(stored, dtype)
+                if target == stored and device.type == "cpu":
+                    yield name, f.get_tensor(name)
+                    continue
+                buf = torch.empty(end - begin, dtype=torch.uint8)
+                view, done = memoryview(buf.numpy()), 0
+                raw.seek(self.data_start + begin)
+                while done < end - begin:
+                    got = raw.readinto(view[done:])
+                    if not got:
+                        raise CheckpointError(f"{self.path} ended while reading {name}: the file was truncated")
+                    done += got
+                yield name, buf.view(stored).reshape(shape).to(device=device, dtype=target)
 
 
 class _DictSource(_Source):
@@ -161,9 +186,9 @@ class _DictSource(_Source):
         super().__init__({k: tuple(v.shape) for k, v in tensors.items()}, metadata or {})
         self.tensors = tensors
 
-    def read(self, names):
+    def read(self, names, dtype=None, device=torch.device("cpu")):
         for name in names:
-            yield name, self.tensors[name]
+            yield name, _convert(self.tensors[name], dtype, device)
 
 
 def _torch_load(path: Path) -> dict[str, torch.Tensor]:
@@ -185,7 +210,7 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
             f"{path} cannot be read without running arbitrary pickled code{what}; diffusekit only reads "
             "tensors from pickles. Convert it to .safetensors in an environment you trust, or use a "
             "safetensors / diffusers release of the model.") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - garbage input can fail inside torch.load in any way
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): "
                               f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
@@ -246,10 +271,16 @@ def _module_key(module: nn.Module, key: str) -> str:
     return key
 
 
+def _target(stored: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype a stored tensor is loaded as: `dtype` for floating tensors (None: as stored;
+    fp8-stored weights become bf16, since compute needs a real float type)."""
+    if dtype is None:
+        return torch.bfloat16 if stored in (torch.float8_e4m3fn, torch.float8_e5m2) else stored
+    return dtype if stored.is_floating_point else stored
+
+
 def _convert(t: torch.Tensor, dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:
-    if dtype is None and t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-        dtype = torch.bfloat16  # fp8-stored weights: compute needs a real float type
-    target = dtype if (dtype is not None and t.is_floating_point()) else t.dtype
+    target = _target(t.dtype, dtype)
     if target == t.dtype and t.device == device:
         return t  # zero copy (a memory-mapped safetensors tensor stays mapped)
     return t.to(device=device, dtype=target)
@@ -300,7 +331,7 @@ def _load_single_file(path: Path, family, dtype, device, probe: bool) -> tuple[l
     modules = []
     for label, _, module in components:
         names = {fkey: mkey for mkey, fkey in plan[label].items()}
-        tensors = {names[fkey]: _convert(t, dtype, device) for fkey, t in src.read(names)}
+        tensors = {names[fkey]: t for fkey, t in src.read(names, dtype, device)}
         modules.append(_assign(module, tensors, f"{path} {label}"))
     if how == "detected" and fam.name == "sd2-v" and probe and not predicts_v(modules[0]):
         fam = replace(get_family("sd2"), unet=fam.unet, vae=fam.vae, text_encoders=fam.text_encoders)
@@ -379,9 +410,9 @@ def _read_json(path: Path) -> dict:
 def _weight_files(folder: Path) -> list[Path]:
     """The weight file(s) of one diffusers component: safetensors first, sharded via an index,
     fp16 variants when the plain file is absent, then .bin pickles (read with weights_only)."""
-    for stem in ("diffusion_pytorch_model", "model"):
+    for ext in (".safetensors", ".bin"):
         for variant in ("", ".fp16"):
-            for ext in (".safetensors", ".bin"):
+            for stem in ("diffusion_pytorch_model", "model"):
                 single = folder / f"{stem}{variant}{ext}"
                 if single.is_file():
                     return [single]
@@ -393,50 +424,46 @@ def _weight_files(folder: Path) -> list[Path]:
                           "their .fp16 / sharded / .bin forms)")
 
 
-def _component_tensors(folder: Path) -> dict[str, torch.Tensor]:
+def _component_tensors(folder: Path, dtype, device) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for file in _weight_files(folder):
         src = _open_file(file)
-        out.update(src.read(list(src.shapes)))
+        out.update(src.read(list(src.shapes), dtype, device))
     return out
 
 
-def _vocab_and_merges(folder: Path) -> tuple[dict[str, int], list[tuple[str, str]]] | None:
-    """A transformers tokenizer folder's BPE: vocab.json + merges.txt (the files the Hub's SD
-    repositories carry), or tokenizer.json (all that transformers >= 5 saves). None if neither."""
-    if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-        return _read_json(folder / "vocab.json"), []  # merges are read by CLIPTokenizer.from_files
-    if (folder / "tokenizer.json").is_file():
-        data = _read_json(folder / "tokenizer.json")
-        model = data.get("model") or {}
-        if model.get("type") != "BPE":
-            raise CheckpointError(f"{folder / 'tokenizer.json'} is a {model.get('type')!r} tokenizer, not CLIP's BPE")
-        vocab = dict(model["vocab"])
-        vocab.update({t["content"]: t["id"] for t in data.get("added_tokens", [])})
-        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-        return vocab, merges
-    return None
+def _tokenizer_json(folder: Path) -> tuple[dict[str, int], list[tuple[str, str]]] | None:
+    """(vocab, merges) of a tokenizer.json (all that transformers >= 5 saves); None if absent."""
+    if not (folder / "tokenizer.json").is_file():
+        return None
+    data = _read_json(folder / "tokenizer.json")
+    model = data.get("model") or {}
+    if model.get("type") != "BPE":
+        raise CheckpointError(f"{folder / 'tokenizer.json'} is a {model.get('type')!r} tokenizer, not CLIP's BPE")
+    vocab = {**model["vocab"], **{t["content"]: t["id"] for t in data.get("added_tokens", [])}}
+    return vocab, [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
 
 
 def _folder_tokenizer(folder: Path) -> CLIPTokenizer | None:
-    found = _vocab_and_merges(folder)
-    if found is None:
-        return None
+    """A transformers tokenizer folder: vocab.json + merges.txt (what the Hub's SD repositories
+    carry) or tokenizer.json; None if it has neither."""
     if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
         return CLIPTokenizer.from_files(folder / "vocab.json", folder / "merges.txt")
-    return CLIPTokenizer(*found)
+    found = _tokenizer_json(folder)
+    return None if found is None else CLIPTokenizer(*found)
 
 
 def _pad_id(folder: Path, default: int) -> int:
     """The tokenizer's pad id: its pad_token (special_tokens_map.json / tokenizer_config.json)
     looked up in its vocab; `default` when the folder does not say."""
-    found = _vocab_and_merges(folder) if folder.is_dir() else None
+    vocab = _read_json(folder / "vocab.json") if (folder / "vocab.json").is_file() else (
+        (_tokenizer_json(folder) or ({}, []))[0])
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
-        if found is not None and (folder / name).is_file():
+        if (folder / name).is_file():
             pad = _read_json(folder / name).get("pad_token")
             pad = pad.get("content") if isinstance(pad, dict) else pad
-            if isinstance(pad, str) and pad in found[0]:
-                return int(found[0][pad])
+            if isinstance(pad, str) and pad in vocab:
+                return int(vocab[pad])
     return default
 
 
@@ -515,7 +542,7 @@ def _load_diffusers(folder: Path, family, dtype, device) -> tuple[list[nn.Module
 
     def load(what: str, module: nn.Module, convert) -> nn.Module:
         try:
-            sd = convert(_component_tensors(folder / what))
+            sd = convert(_component_tensors(folder / what, dtype, device))
         except ValueError as e:
             if isinstance(e, CheckpointError):
                 raise
@@ -532,14 +559,16 @@ def _load_diffusers(folder: Path, family, dtype, device) -> tuple[list[nn.Module
 
 # ------------------------------------------------------------------------------ tokenizers
 def _tokenizers(source: Path, tokenizer, te_names: list[str]) -> list[CLIPTokenizer]:
-    """One tokenizer per text encoder: `tokenizer` if given (a transformers tokenizer folder or a
-    CLIP `bpe_simple_vocab_16e6.txt.gz`), else the diffusers folder's tokenizer*/ files, else the
+    """One tokenizer per text encoder: `tokenizer` if given (an instance, a transformers tokenizer
+    folder or a CLIP `bpe_simple_vocab_16e6.txt.gz`), else the diffusers folder's tokenizer*/ files, else the
     BPE file bundled with open_clip. Encoders sharing one vocabulary file share one instance (the
     pad id differs per encoder and is passed at call time: `TextEncoderSpec.pad_id`)."""
+    if isinstance(tokenizer, CLIPTokenizer):
+        return [tokenizer] * len(te_names)
     if tokenizer is not None:
         path = Path(tokenizer)
-        one = CLIPTokenizer.from_bpe_gz(path) if path.is_file() and path.name.endswith(".gz") else (
-            _folder_tokenizer(path) if path.is_dir() else None)
+        one = CLIPTokenizer.from_bpe_gz(path) if path.name.endswith(".gz") and path.is_file() else (
+            _folder_tokenizer(path))
         if one is None:
             raise CheckpointError(f"tokenizer={str(path)!r}: expected a folder with vocab.json + merges.txt (or "
                                   "tokenizer.json), or a CLIP bpe_simple_vocab_16e6.txt.gz file")
@@ -600,16 +629,18 @@ class ModelParts:
 
 def load_checkpoint(path: str | os.PathLike, family: str | ModelFamily | None = None,
                     dtype: torch.dtype | None = None, device: str | torch.device = "cpu", *,
-                    tokenizer: str | os.PathLike | None = None, probe_prediction: bool = True) -> ModelParts:
+                    tokenizer: CLIPTokenizer | str | os.PathLike | None = None,
+                    probe_prediction: bool = True) -> ModelParts:
     """Load a whole model from a single-file checkpoint or a diffusers folder.
 
     family: None = from the file's diffusekit metadata, else detected (`detect_family`; a diffusers
       folder: from its UNet config, text encoders and scheduler prediction_type); a name from
       FAMILY_NAMES overrides the conventions (prediction type, ...) while the shapes stay the file's;
-      a ModelFamily is used as is.
+      a ModelFamily is used as is for a single file (for a folder, its configs come from config.json).
     dtype: cast floating weights while loading (torch.bfloat16 / float16 halve an fp32 file);
       None keeps the stored dtype. device: where the weights go.
-    tokenizer: a folder with vocab.json + merges.txt, or a bpe_simple_vocab_16e6.txt.gz file.
+    tokenizer: a CLIPTokenizer to use for every encoder, a folder with vocab.json + merges.txt (or
+      tokenizer.json), or a bpe_simple_vocab_16e6.txt.gz file; None: the folder's, else open_clip's.
     probe_prediction: for a detected 4-channel SD 2 single file, run A1111's v-prediction test
       (`predicts_v`) and choose "sd2-v" or "sd2"; False keeps "sd2-v" (the 768-v convention).
     Every failure is a CheckpointError that says what is wrong with the file and what to do.
@@ -661,28 +692,28 @@ def save_checkpoint(parts: ModelParts | Mapping[str, object], path: str | os.Pat
                                   f"{spec.kind!r}); got {type(module).__name__}")
         groups.append((spec.prefix, module))
     for prefix, module in groups:
-        for k, t in module.state_dict().items():
-            if dtype is not None and t.is_floating_point():
-                t = t.to(dtype)
-            tensors[prefix + k] = t
+        tensors.update({prefix + k: t for k, t in module.state_dict().items()})
     meta = {"format": "pt", FAMILY_METADATA_KEY: fam.to_json(), **(metadata or {})}
-    _write_safetensors(path, tensors, meta)
+    _write_safetensors(path, tensors, meta, dtype)
     return path
 
 
-def _write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
-    """Stream tensors into the safetensors format, one tensor in memory at a time. Larger
+def _write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
+                       dtype: torch.dtype | None = None) -> None:
+    """Stream tensors into the safetensors format, one (cast) tensor in memory at a time. Larger
     elements first, so every tensor sits at a multiple of its element size (the header is padded
-    to 8 bytes), as the reference writer arranges them."""
-    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    to 8 bytes), as the reference writer arranges them. `dtype` casts floating tensors."""
+    path = Path(path)
+    out_dtype = {k: dtype if dtype is not None and t.is_floating_point() else t.dtype for k, t in tensors.items()}
+    order = sorted(tensors, key=lambda k: (-out_dtype[k].itemsize, k))
     header: dict[str, object] = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}}
     offset = 0
     for name in order:
-        t = tensors[name]
-        if t.dtype not in _ST_NAMES:
-            raise CheckpointError(f"tensor {name} has dtype {t.dtype}, which safetensors cannot store")
-        nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        if out_dtype[name] not in _ST_NAMES:
+            raise CheckpointError(f"tensor {name} has dtype {out_dtype[name]}, which safetensors cannot store")
+        nbytes = tensors[name].numel() * out_dtype[name].itemsize
+        header[name] = {"dtype": _ST_NAMES[out_dtype[name]], "shape": list(tensors[name].shape),
+                        "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
@@ -693,7 +724,7 @@ def _write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata
             f.write(struct.pack("<Q", len(raw)))
             f.write(raw)
             for name in order:
-                t = tensors[name].detach().to("cpu").contiguous()
+                t = tensors[name].detach().to(device="cpu", dtype=out_dtype[name]).contiguous()
                 if t.numel():
                     f.write(t.reshape(-1).view(torch.uint8).numpy().data)
             f.flush()
