@@ -398,3 +398,18 @@ def test_knob_errors_teach():
 def test_registry_marks_them_stochastic():
     assert all(samplers.INFO[sid].stochastic for sid in STOCHASTIC)
     assert samplers.get("DPM++ 2M SDE") is samplers.SAMPLERS["dpmpp_2m_sde"]
+
+
+def test_restart_on_a_schedule_ending_nearer_zero_than_its_restart_point():
+    """SD's 'simple' schedule at 20 steps, rebuilt as Karras, ends 0.22 -> 0: the restart point 0.1 is
+    nearer the final 0, which cannot bound a restart interval (regression: it raised)."""
+    from diffusekit.core import sigmas as sigma_schedules
+    from diffusekit.core.mixture import GaussianMixture
+    from diffusekit.core.schedules import DiscreteSchedule
+    from diffusekit.core.samplers import SAMPLERS
+
+    world = GaussianMixture.example(dim=2)
+    s = sigma_schedules.get("simple", 20, schedule=DiscreteSchedule.from_name(), dtype=torch.float64)
+    x = torch.randn(4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * s[0]
+    out = SAMPLERS["restart"](world, x, s, generator=torch.Generator().manual_seed(1))
+    assert torch.isfinite(out).all()

@@ -368,7 +368,8 @@ def _restart_plan(sig: list[float], restart_list) -> list[tuple[float, float]]:
             restart_list = {0.1: [restart_steps + 1, restart_times, 2.0]}
 
     def nearest(value: float) -> int:
-        return min(range(len(sig)), key=lambda j: abs(sig[j] - value))
+        # only sigmas > 0 can bound a restart interval (a short schedule may end nearer 0 than min_sigma)
+        return min((j for j in range(len(sig)) if sig[j] > 0), key=lambda j: abs(sig[j] - value))
 
     at_index = {nearest(float(k)): v for k, v in restart_list.items()}
     plan = []
