@@ -1,11 +1,368 @@
-"""The `diffusekit` command line. Thin: parse, call the library, print where things went."""
+"""The `diffusekit` command line. Thin: parse, call the library, print where things went.
+
+    diffusekit generate PROMPT [--model shapes] [--steps 20] [--sampler "DPM++ 2M"] [--scheduler Karras] ...
+    diffusekit generate --from IMAGE.png         the image again, bit for bit (ours; A1111's with RNG: CPU)
+    diffusekit info IMAGE.png                     its generation parameters (ours or A1111's)
+    diffusekit compare PROMPT --samplers "Euler,DPM++ 2M" --schedulers "Normal,Karras" [--video]
+    diffusekit train CONFIG [--resume]
+    diffusekit serve [--host 127.0.0.1] [--port 7860] [--model shapes]
+    diffusekit study samplers [--quick]
+
+Bad input is one line on stderr and exit status 2, never a traceback (`diffusekit --debug ...` shows it).
+Progress bars go to stderr when it is a terminal; the paths of what was written go to stdout.
+"""
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import sys
 from pathlib import Path
 
+DEFAULT_MODEL = "shapes"
+DTYPES = ("fp32", "bf16", "fp16")
+PROCESS_MODES = ("preview", "decode")
 
+# A1111 infotext key -> (GenerationParams field, type). "Size" arrives split as Size-1 (width), Size-2 (height).
+INFOTEXT_FIELDS = {
+    "Steps": ("steps", int), "Sampler": ("sampler_name", str), "Schedule type": ("scheduler", str),
+    "CFG scale": ("cfg_scale", float), "Seed": ("seed", int), "Size-1": ("width", int), "Size-2": ("height", int),
+    "Clip skip": ("clip_skip", int), "Variation seed": ("subseed", int),
+    "Variation seed strength": ("subseed_strength", float), "Denoising strength": ("denoising_strength", float),
+    "Mask blur": ("mask_blur", int), "Eta": ("eta", float), "CFG rescale": ("cfg_rescale", float),
+    "Hires upscale": ("hr_scale", float), "Hires upscaler": ("hr_upscaler", str),
+    "Hires steps": ("hr_second_pass_steps", int), "Refiner switch at": ("refiner_switch_at", float),
+}
+_INFOTEXT_META = {"Prompt", "Negative prompt", "Model", "Model hash", "Version", "RNG", "ENSD", "Refiner"}
+
+# generate/compare flag (argparse dest) -> GenerationParams field; None = not given on the command line
+FLAG_FIELDS = {
+    "negative_prompt": "negative_prompt", "steps": "steps", "sampler": "sampler_name", "scheduler": "scheduler",
+    "cfg_scale": "cfg_scale", "seed": "seed", "subseed": "subseed", "subseed_strength": "subseed_strength",
+    "width": "width", "height": "height", "batch_size": "batch_size", "n_iter": "n_iter", "clip_skip": "clip_skip",
+    "denoising_strength": "denoising_strength", "mask_blur": "mask_blur", "eta": "eta", "cfg_rescale": "cfg_rescale",
+    "hires_scale": "hr_scale", "hires_steps": "hr_second_pass_steps", "hires_upscaler": "hr_upscaler",
+    "refiner": "refiner_checkpoint", "refiner_switch_at": "refiner_switch_at",
+}
+
+
+def _note(text: str) -> None:
+    print(f"diffusekit: note: {text}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------- shared pieces
+def params_from_infotext(fields: dict) -> tuple[dict, list[str]]:
+    """GenerationParams fields from a parsed A1111 infotext (`parse_infotext`), and notes on what will not be
+    reproduced. Values that are not numbers where numbers belong are a ValueError naming the key."""
+    out: dict = {"prompt": fields.get("Prompt", ""), "negative_prompt": fields.get("Negative prompt", "")}
+    for key, (name, kind) in INFOTEXT_FIELDS.items():
+        if key in fields:
+            try:
+                out[name] = kind(fields[key])
+            except ValueError:
+                raise ValueError(f"infotext {key}: {fields[key]!r} is not a{'n integer' if kind is int else ' number'}") from None
+    if "hr_scale" in out:
+        out["enable_hr"] = True
+    notes = []
+    rng = fields.get("RNG", "GPU")
+    if rng != "CPU":
+        notes.append(f"the image's noise came from A1111's {rng} generator (RNG: {rng}); diffusekit draws noise on "
+                     "the CPU (A1111's RNG: CPU), so the same seed gives a different image")
+    if fields.get("ENSD", "0") not in ("0", ""):
+        notes.append(f"ENSD {fields['ENSD']} (eta noise seed delta) is not supported: ancestral samplers will differ")
+    unused = [k for k in fields if k not in INFOTEXT_FIELDS and k not in _INFOTEXT_META]
+    if unused:
+        notes.append(f"infotext keys not used: {', '.join(unused)}")
+    return out, notes
+
+
+def _open_image(path: str, flag: str):
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{flag} {path}: no such file")
+    try:
+        with Image.open(p) as im:
+            im.load()
+            return im.copy()
+    except UnidentifiedImageError:
+        raise ValueError(f"{flag} {path}: not an image Pillow can read") from None
+
+
+def _csv(text: str | None, kind, flag: str) -> list | None:
+    if text is None:
+        return None
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise ValueError(f"{flag} {text!r}: give a comma-separated list")
+    out = []
+    for t in items:
+        try:
+            out.append(kind(t))
+        except ValueError:
+            raise ValueError(f"{flag} {text!r}: {t!r} is not a{'n integer' if kind is int else ' number'}") from None
+    return out
+
+
+def _next_index(folder: Path, prefix: str = "") -> int:
+    """A1111's file numbering: one more than the highest `<prefix>NNNNN-...` already in the folder."""
+    pattern = re.compile(rf"^{re.escape(prefix)}(\d{{5,}})[-.]")
+    found = [int(m.group(1)) for f in folder.iterdir() if (m := pattern.match(f.name))] if folder.is_dir() else []
+    return max(found, default=-1) + 1
+
+
+def _check_names(params) -> None:
+    """Sampler and schedule names, checked before a model is loaded."""
+    from ..core import sigmas as sigma_schedules
+    from ..pipelines.pipeline import split_sampler_name
+
+    _, scheduler = split_sampler_name(params.sampler_name, params.scheduler)
+    sigma_schedules.resolve(scheduler)
+
+
+def _load_pipeline(args):
+    import torch
+
+    from ..pipelines.pipeline import Pipeline
+
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    return Pipeline.from_pretrained(args.model or DEFAULT_MODEL, device=args.device, dtype=dtype)
+
+
+class StepBars:
+    """tqdm progress bars fed by the pipeline's per-step callback: one bar per sampling pass (steps, ETA)."""
+
+    def __init__(self, leave: bool = True):
+        self.bar, self.leave = None, leave
+
+    def __call__(self, info) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None or info.step == 0:
+            self.close()
+            desc = info.pass_name if info.job_count == 1 else f"{info.pass_name} {info.job_no + 1}/{info.job_count}"
+            self.bar = tqdm(total=info.steps, desc=desc, unit="step", leave=self.leave, disable=None)
+        self.bar.set_postfix_str(f"sigma {info.sigma:.3g}", refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+# ---------------------------------------------------------------------------------------- generate
+def _generate_params(args) -> tuple[object, list[str], dict]:
+    """GenerationParams: the defaults, then the --from image's infotext, then the flags given."""
+    from ..pipelines.infotext import parse_infotext, read_infotext
+    from ..pipelines.params import GenerationParams
+
+    fields, notes, source = {}, [], {}
+    if args.from_image:
+        if not Path(args.from_image).is_file():
+            raise FileNotFoundError(f"--from {args.from_image}: no such file")
+        text = read_infotext(args.from_image)
+        if not text:
+            raise ValueError(f"--from {args.from_image}: the image carries no generation parameters "
+                             "(no PNG 'parameters' text chunk or EXIF UserComment)")
+        source = parse_infotext(text)
+        fields, notes = params_from_infotext(source)
+    elif args.prompt is None:
+        raise ValueError("give a PROMPT (\"\" makes an unconditional image) or --from IMAGE")
+    if args.prompt is not None:
+        fields["prompt"] = args.prompt
+    for dest, name in FLAG_FIELDS.items():
+        value = getattr(args, dest)
+        if value is not None:
+            fields[name] = value
+    if args.hires_scale is not None:
+        fields["enable_hr"] = True
+    if args.init_image:
+        init = _open_image(args.init_image, "--init-image")
+        fields["init_images"] = [init]
+        for side, v in (("width", init.width), ("height", init.height)):   # default: the init image's size
+            fields.setdefault(side, max(8, v // 8 * 8))
+    if args.mask:
+        if not args.init_image:
+            raise ValueError(f"--mask {args.mask}: inpainting needs --init-image too")
+        fields["mask"] = _open_image(args.mask, "--mask")
+    if args.from_image and not args.init_image and "Denoising strength" in source and "Hires upscale" not in source:
+        what = "inpainting" if "Mask blur" in source else "img2img"
+        raise ValueError(f"--from {args.from_image}: the image was made by {what} (Denoising strength "
+                         f"{source['Denoising strength']}): pass the same --init-image"
+                         f"{' and --mask' if what == 'inpainting' else ''} to reproduce it")
+    if args.from_image and "Refiner" in source and not args.refiner:
+        raise ValueError(f"--from {args.from_image}: the image was made with the refiner {source['Refiner']!r}: "
+                         "pass --refiner PATH to that checkpoint")
+    if (args.denoising_strength is not None and not args.init_image and args.hires_scale is None
+            and not fields.get("enable_hr")):
+        notes.append("--denoising-strength applies to img2img (--init-image) and the hires pass (--hires-scale); "
+                     "ignored here")
+    if not args.save_process and (args.process_mode is not None or args.fps is not None):
+        raise ValueError("--process-mode and --fps describe the denoising video: add --save-process")
+    if args.fps is not None and not args.fps > 0:
+        raise ValueError(f"--fps {args.fps}: must be > 0 (the notes use 1 frame per step per second)")
+    params = GenerationParams(**fields)
+    params.save_process = bool(args.save_process)
+    params.validate()
+    _check_names(params)
+    return params, notes, source
+
+
+def cmd_generate(args) -> int:
+    from ..media.process import write_process_video
+    from ..pipelines.infotext import save_png_with_infotext
+    from ..pipelines.shipped import SHIPPED
+
+    params, notes, source = _generate_params(args)
+    if args.from_image and args.model is None and source.get("Model") in SHIPPED:
+        args.model = source["Model"]
+    for n in notes:
+        _note(n)
+    pipe = _load_pipeline(args)
+    want = source.get("Model hash")
+    if want and pipe.parts.hash10 and want != pipe.parts.hash10:
+        _note(f"{args.from_image} was made with model {source.get('Model', '?')!r} (hash {want}); this is "
+              f"{pipe.name!r} (hash {pipe.parts.hash10}), so the image will differ: pass --model with that checkpoint")
+    bars = StepBars()
+    try:
+        result = pipe.generate(params, callback=bars)
+    finally:
+        bars.close()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    index = _next_index(out)
+    for i, (img, seed, text) in enumerate(zip(result.images, result.seeds, result.infotexts)):
+        stem = f"{index + i:05d}-{seed}"
+        print(save_png_with_infotext(img, out / f"{stem}.png", text))
+        if params.save_process:
+            for path in write_process_video(pipe, result, out / f"{stem}-process", index=i,
+                                            mode=args.process_mode or "preview", fps=args.fps or 1.0):
+                print(path)
+    if result.interrupted:
+        _note("the run was interrupted: the images hold the last x0 estimate")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- info
+def _display(fields: dict) -> list[tuple[str, str]]:
+    """Parsed infotext fields for display: `Key-1`/`Key-2` pairs joined back into `Key: WxH`."""
+    rows, done = [], set()
+    for key, value in fields.items():
+        if key in done:
+            continue
+        base = key[:-2] if key.endswith("-1") else None
+        if base and f"{base}-2" in fields:
+            rows.append((base, f"{value}x{fields[base + '-2']}"))
+            done.add(f"{base}-2")
+        else:
+            rows.append((key, str(value)))
+    return rows
+
+
+def cmd_info(args) -> int:
+    from ..pipelines.infotext import parse_infotext, read_infotext
+
+    path = Path(args.image)
+    if not path.is_file():
+        raise FileNotFoundError(f"{args.image}: no such file")
+    if path.suffix.lower() in (".mp4", ".gif", ".webm", ".mov", ".mkv") and not args.json:
+        from ..media.video import read_video_info
+
+        info = read_video_info(path)
+        if path.suffix.lower() != ".gif" or info["frames"] > 1:
+            print(f"Frames: {info['frames']}\nSize: {info['size'][0]}x{info['size'][1]}\nFPS: {info['fps']:g}")
+            return 0
+    try:
+        text = read_infotext(path)
+    except OSError:
+        raise ValueError(f"{args.image}: not an image Pillow can read") from None
+    if not text:
+        raise ValueError(f"{args.image} carries no generation parameters (no PNG 'parameters' text chunk or "
+                         "EXIF UserComment)")
+    fields = parse_infotext(text)
+    if args.json:
+        print(json.dumps(fields, indent=2, ensure_ascii=False))
+    else:
+        for key, value in _display(fields):
+            print(f"{key}: {value}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- compare
+def cmd_compare(args) -> int:
+    from tqdm import tqdm
+
+    from ..media.compare import compare, plan, write_comparison
+    from ..pipelines.params import GenerationParams
+
+    if not args.video and (args.process_mode is not None or args.fps is not None):
+        raise ValueError("--process-mode and --fps describe the comparison video: add --video")
+    if args.fps is not None and not args.fps > 0:
+        raise ValueError(f"--fps {args.fps}: must be > 0 (the notes use 1 frame per step per second)")
+    base = GenerationParams(prompt=args.prompt, **{name: getattr(args, dest) for dest, name in FLAG_FIELDS.items()
+                                                   if hasattr(args, dest) and getattr(args, dest) is not None})
+    base = base.copy(seed=base.resolved_seed())
+    lists = dict(samplers=_csv(args.samplers, str, "--samplers"), schedulers=_csv(args.schedulers, str, "--schedulers"),
+                 steps_list=_csv(args.steps_list, int, "--steps-list"), cfg_list=_csv(args.cfg_list, float, "--cfg-list"))
+    cells = plan(base, args.axes, **lists)[0]                          # every name checked before loading
+    pipe = _load_pipeline(args)
+    bar = tqdm(total=sum(len(r) for r in cells), desc="compare", unit="image", disable=None)
+    steps = StepBars(leave=False)
+
+    def progress(label):
+        bar.set_postfix_str(label, refresh=False)
+        bar.update(1)
+
+    try:
+        comp = compare(pipe, base, args.axes, video=args.video, process_mode=args.process_mode or "preview",
+                       progress=progress, callback=steps, **lists)
+    finally:
+        steps.close()
+        bar.close()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"compare-{_next_index(out, 'compare-'):05d}-{base.seed}"
+    for path in write_comparison(comp, stem, fps=args.fps or 1.0):
+        print(path)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- train / serve
+def cmd_train(args) -> int:
+    try:
+        from ..training.trainer import train_from_config
+    except ModuleNotFoundError as e:
+        if e.name not in ("diffusekit.training.trainer", "diffusekit.training"):
+            raise
+        raise RuntimeError("training is not in this install (diffusekit.training.trainer is missing)") from None
+    if not Path(args.config).is_file():
+        raise FileNotFoundError(f"{args.config}: no such config file")
+    result = train_from_config(args.config, resume=args.resume)
+    if result is not None:
+        print(result)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .server import serve
+
+    if args.api_auth is not None and ":" not in args.api_auth:
+        raise ValueError(f"--api-auth {args.api_auth!r}: expected user:password")
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port {args.port}: must be from 1 to 65535")
+    if args.queue_size < 0:
+        raise ValueError(f"--queue-size {args.queue_size}: must be >= 0")
+    kwargs = dict(host=args.host, port=args.port, model=args.model, models_dir=args.models_dir,
+                  api_auth=args.api_auth, queue_size=args.queue_size)
+    if args.device is not None:
+        kwargs["device"] = args.device
+    serve(**kwargs)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- study
 def _study_samplers(args) -> int:
     from ..evaluation import study
 
@@ -44,9 +401,103 @@ def _study_samplers(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------- parser
+def _model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help=f"a shipped model name (default {DEFAULT_MODEL!r}), a .safetensors/.ckpt file or a diffusers folder")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu; 'cuda' for a GPU)")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32", help="weights' precision (default fp32)")
+
+
+def _sampling_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--negative-prompt", default=None, help="what to steer away from (the CFG uncond text)")
+    p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale (default 7)")
+    p.add_argument("--seed", type=int, default=None, help="-1 = random (default); image i uses seed + i")
+    p.add_argument("--width", type=int, default=None, help="a multiple of 8 (default: the model's native size)")
+    p.add_argument("--height", type=int, default=None, help="a multiple of 8 (default: the model's native size)")
+    p.add_argument("--clip-skip", type=int, default=None, help="A1111 'Clip skip' (default 1)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="diffusekit", description="Stable-Diffusion-style image generation, from the math up.")
+    p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    from .. import __version__
+    p.add_argument("--version", action="version", version=f"diffusekit {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="txt2img / img2img / inpainting; PNGs carry A1111's parameters",
+                       description="Write PNGs named NNNNN-SEED.png carrying the A1111 infotext, and print their paths.")
+    g.add_argument("prompt", nargs="?", default=None,
+                   help='the prompt (A1111 syntax: (word:1.2), [from:to:when], BREAK); "" = unconditional')
+    _model_flags(g)
+    _sampling_flags(g)
+    g.add_argument("--steps", type=int, default=None, help="sampling steps (default 20)")
+    g.add_argument("--sampler", default=None, help='A1111 name or id: "Euler", "DPM++ 2M", dpmpp_2m, ... (default DPM++ 2M)')
+    g.add_argument("--scheduler", default=None, help='sigma schedule: "Automatic" (default), Karras, Normal, Exponential, ...')
+    g.add_argument("--batch-size", type=int, default=None, help="images per batch (default 1)")
+    g.add_argument("--n-iter", type=int, default=None, help="batches (default 1)")
+    g.add_argument("--subseed", type=int, default=None, help="A1111 variation seed")
+    g.add_argument("--subseed-strength", type=float, default=None, help="variation strength in [0, 1]")
+    g.add_argument("--eta", type=float, default=None, help="ancestral / DDIM eta (default: the sampler's)")
+    g.add_argument("--cfg-rescale", type=float, default=None, help="CFG rescale phi in [0, 1] (Lin et al. 2023)")
+    g.add_argument("--init-image", default=None, help="img2img: the starting image")
+    g.add_argument("--denoising-strength", type=float, default=None,
+                   help="img2img / hires strength in [0, 1] (default 0.75): 0 returns the image, 1 ignores it")
+    g.add_argument("--mask", default=None, help="inpainting: white = repaint (same size as --init-image)")
+    g.add_argument("--mask-blur", type=int, default=None, help="mask blur in pixels (default 4)")
+    g.add_argument("--hires-scale", type=float, default=None, help="hires fix: second pass at this scale (1..4)")
+    g.add_argument("--hires-steps", type=int, default=None, help="hires pass steps (default: --steps)")
+    g.add_argument("--hires-upscaler", default=None, choices=("Latent", "Lanczos"), help="hires upscaler (default Latent)")
+    g.add_argument("--refiner", default=None, help="SDXL refiner checkpoint for the last steps")
+    g.add_argument("--refiner-switch-at", type=float, default=None, help="fraction of steps before the refiner (e.g. 0.8)")
+    g.add_argument("--out", default="out", help="output folder (default out/)")
+    g.add_argument("--save-process", action="store_true", help="also write an MP4 and a GIF with one frame per step")
+    g.add_argument("--process-mode", choices=PROCESS_MODES, default=None,
+                   help="preview = cheap linear latent->RGB (default); decode = full VAE decode of each x0 estimate")
+    g.add_argument("--fps", type=float, default=None, help="video frames per second (default 1: one step per second)")
+    g.add_argument("--from", dest="from_image", default=None,
+                   help="reproduce an image from the parameters in its PNG (flags given here override them)")
+    g.set_defaults(func=cmd_generate)
+
+    i = sub.add_parser("info", help="print the generation parameters stored in an image (ours or A1111's)")
+    i.add_argument("image")
+    i.add_argument("--json", action="store_true", help="print the parsed fields as JSON")
+    i.set_defaults(func=cmd_info)
+
+    c = sub.add_parser("compare", help="one labelled X/Y grid of samplers x schedules / steps / CFG (same seed)",
+                       description="X = the first named axis (columns), Y = the second (rows). 'pairs' zips --samplers "
+                                   "with --schedulers into one row.")
+    c.add_argument("prompt")
+    _model_flags(c)
+    _sampling_flags(c)
+    c.add_argument("--axes", default="samplers-x-schedulers",
+                   choices=("samplers-x-schedulers", "samplers-x-steps", "cfg-x-steps", "pairs"))
+    c.add_argument("--samplers", default=None, help='comma-separated (default "Euler,DPM++ 2M" when varied)')
+    c.add_argument("--schedulers", default=None, help='comma-separated (default "Normal,Karras" when varied)')
+    c.add_argument("--steps-list", default=None, help="comma-separated step counts (default 10,20,30 when varied)")
+    c.add_argument("--cfg-list", default=None, help="comma-separated CFG scales (default 3,5,7 when varied)")
+    c.add_argument("--steps", type=int, default=None, help="steps where they are not varied (default 20)")
+    c.add_argument("--video", action="store_true", help="also an MP4 of every cell denoising in lock-step")
+    c.add_argument("--process-mode", choices=PROCESS_MODES, default=None, help="video frames: preview (default) or decode")
+    c.add_argument("--fps", type=float, default=None, help="video frames per second (default 1)")
+    c.add_argument("--out", default="out", help="output folder (default out/)")
+    c.set_defaults(func=cmd_compare)
+
+    t = sub.add_parser("train", help="train a model from a TOML config")
+    t.add_argument("config")
+    t.add_argument("--resume", action="store_true", help="continue from the last checkpoint of this config")
+    t.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("serve", help="A1111-compatible HTTP API (/sdapi/v1) and web UI")
+    s.add_argument("--host", default="127.0.0.1", help="127.0.0.1 (default, this machine only) or 0.0.0.0")
+    s.add_argument("--port", type=int, default=7860)
+    s.add_argument("--model", default=DEFAULT_MODEL, help=f"checkpoint to load first (default {DEFAULT_MODEL!r})")
+    s.add_argument("--models-dir", default=None, help="folder of checkpoints clients may switch between")
+    s.add_argument("--api-auth", default=None, help="user:password HTTP basic auth")
+    s.add_argument("--queue-size", type=int, default=8, help="jobs that may wait behind the running one (default 8)")
+    s.add_argument("--device", default=None, help="torch device (default: the server's choice)")
+    s.set_defaults(func=cmd_serve)
+
 
     st = sub.add_parser("study", help="studies that explain samplers and schedules")
     st_sub = st.add_subparsers(dest="study", required=True)
@@ -70,9 +521,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:   # errors that teach: no traceback for bad input
-        print(f"diffusekit: error: {e}", file=sys.stderr)
+    except (ValueError, OSError, RuntimeError) as e:   # errors that teach: one line, no traceback, for bad input
+        if args.debug:
+            raise
+        print(f"diffusekit: error: {str(e).replace(chr(10), ' ')}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("diffusekit: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,0 +1,200 @@
+"""Sampler comparisons: one prompt and one seed across samplers, schedules, step counts or CFG scales.
+
+The X/Y plot of A1111's scripts, reduced to the comparisons people make about samplers:
+
+    samplers-x-schedulers   X = samplers, Y = schedules        (every pair)
+    samplers-x-steps        X = samplers, Y = step counts      (one schedule)
+    cfg-x-steps             X = CFG scales, Y = step counts    (one sampler and schedule)
+    pairs                   one row of sampler + schedule pairs, zipped ("Euler" with "Normal",
+                            "DPM++ 2M" with "Karras": the notes' experiment)
+
+Every cell is an ordinary single-image generation with the same prompt, seed and size (so a cell
+equals `diffusekit generate` with its settings, bit for bit). With `video=True` every cell keeps its
+steps and `Comparison.frames` holds the grid animated in lock-step: frame i shows step i of every
+cell (a run with fewer steps holds its last frame), each tile captioned with its step and sigma.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from PIL import Image
+
+from ..core import samplers as sampler_registry
+from ..core import sigmas as sigma_schedules
+from ..pipelines.infotext import save_png_with_infotext
+from ..pipelines.params import GenerationParams
+from .annotate import text_size
+from .grid import xy_grid
+from .process import process_frames
+from .video import write_mp4
+
+AXES = ("samplers-x-schedulers", "samplers-x-steps", "cfg-x-steps", "pairs")
+DEFAULTS = {"samplers": ("Euler", "DPM++ 2M"), "schedulers": ("Normal", "Karras"), "steps": (10, 20, 30),
+            "cfg": (3.0, 5.0, 7.0)}
+MAX_CELLS = 100
+_SCHEDULE_LABELS = {v: k for k, v in sigma_schedules.DISPLAY_NAMES.items()}
+
+
+@dataclass
+class Comparison:
+    """A finished comparison: the labelled grid, its cells, and (with video) the lock-step frames."""
+
+    grid: Image.Image
+    images: list[list[Image.Image]]                 # [row][col] final images
+    params: list[list[GenerationParams]]            # [row][col] the settings of each cell
+    infotexts: list[list[str]]
+    col_labels: list[str]
+    row_labels: list[str]
+    x_title: str
+    y_title: str
+    frames: list[Image.Image] = field(default_factory=list)
+
+
+def sampler_label(name: str) -> str:
+    """The A1111 display name of a sampler id or name; raises ValueError naming the valid ones."""
+    return sampler_registry.INFO[sampler_registry.resolve(name)].label
+
+
+def schedule_label(name: str) -> str:
+    """The A1111 label of a schedule id or label ("karras" -> "Karras")."""
+    return _SCHEDULE_LABELS.get(sigma_schedules.resolve(name), name)
+
+
+def display_tile(image: Image.Image, min_side: int = 256) -> Image.Image:
+    """A grid tile at least `min_side` pixels on its short side (nearest-neighbour, so pixels stay honest):
+    the shipped models make small images whose labels would otherwise be wider than the tiles."""
+    if min(image.size) >= min_side:
+        return image
+    k = -(-min_side // min(image.size))
+    return image.resize((image.width * k, image.height * k), Image.NEAREST)
+
+
+def label_font_size(labels: Sequence[str], tile_width: int) -> int:
+    """The grid's usual font size (a ninth of the tile), shrunk until every column label fits its tile."""
+    size = max(12, tile_width // 9)
+    while size > 8 and max(text_size(t, size)[0] for t in labels) > tile_width - 8:
+        size -= 1
+    return size
+
+
+def _fmt(v: float) -> str:
+    return f"{v:g}"
+
+
+def plan(base: GenerationParams, axes: str, *, samplers: Sequence[str] | None = None,
+         schedulers: Sequence[str] | None = None, steps_list: Sequence[int] | None = None,
+         cfg_list: Sequence[float] | None = None):
+    """The cells of a comparison: ([row][col] params, col labels, row labels, x title, y title).
+
+    Lists that `axes` varies default to DEFAULTS; a list that it does not vary may hold one value
+    (which replaces the base setting) and no more. Names are checked here, before any model runs.
+    """
+    if axes not in AXES:
+        raise ValueError(f"axes={axes!r}; valid: {', '.join(AXES)}")
+    varied = {"samplers-x-schedulers": ("samplers", "schedulers"), "samplers-x-steps": ("samplers", "steps"),
+              "cfg-x-steps": ("cfg", "steps"), "pairs": ("samplers", "schedulers")}[axes]
+    given = {"samplers": samplers, "schedulers": schedulers, "steps": steps_list, "cfg": cfg_list}
+    flag = {"samplers": "--samplers", "schedulers": "--schedulers", "steps": "--steps-list", "cfg": "--cfg-list"}
+    lists = {}
+    for key, values in given.items():
+        values = list(values) if values else []
+        if key in varied:
+            lists[key] = values or list(DEFAULTS[key])
+        elif len(values) > 1:
+            raise ValueError(f"{flag[key]} has {len(values)} values but axes {axes!r} varies only "
+                             f"{' and '.join(varied)}: give one value or choose other axes ({', '.join(AXES)})")
+        else:
+            lists[key] = values
+    for s in lists["samplers"]:
+        sampler_label(s)
+    for s in lists["schedulers"]:
+        schedule_label(s)
+    for n in lists["steps"]:
+        if not isinstance(n, int) or not 1 <= n <= 1000:
+            raise ValueError(f"steps {n!r}: every step count must be an integer from 1 to 1000")
+    fields = {"samplers": ("sampler_name", str), "schedulers": ("scheduler", str), "steps": ("steps", int),
+              "cfg": ("cfg_scale", float)}
+    fixed = {fields[k][0]: fields[k][1](v[0]) for k, v in lists.items() if k not in varied and v}
+    base = base.copy(batch_size=1, n_iter=1, seed=base.resolved_seed(), **fixed)
+
+    if axes == "pairs":
+        sm, sc = lists["samplers"], lists["schedulers"]
+        sm, sc = sm * len(sc) if len(sm) == 1 else sm, sc * len(sm) if len(sc) == 1 else sc   # broadcast one
+        if len(sm) != len(sc):
+            raise ValueError(f"axes 'pairs' zips --samplers ({len(sm)} values) with --schedulers ({len(sc)}): "
+                             "give the same number of each, or one of either")
+        cells = [[base.copy(sampler_name=a, scheduler=b) for a, b in zip(sm, sc)]]
+        cols = [f"{sampler_label(a)} + {schedule_label(b)}" for a, b in zip(sm, sc)]
+        rows, x_title, y_title = [f"seed {base.seed}"], "sampler + schedule", ""
+    else:
+        xs_key, ys_key = varied
+        xs, ys = lists[xs_key], lists[ys_key]
+        setters = {"samplers": lambda p, v: p.copy(sampler_name=v), "schedulers": lambda p, v: p.copy(scheduler=v),
+                   "steps": lambda p, v: p.copy(steps=int(v)), "cfg": lambda p, v: p.copy(cfg_scale=float(v))}
+        labels = {"samplers": sampler_label, "schedulers": schedule_label, "steps": lambda v: f"{v} steps",
+                  "cfg": lambda v: f"CFG {_fmt(float(v))}"}
+        titles = {"samplers": "sampler", "schedulers": "schedule", "steps": "steps", "cfg": "CFG scale"}
+        cells = [[setters[xs_key](setters[ys_key](base, y), x) for x in xs] for y in ys]
+        cols, rows = [labels[xs_key](x) for x in xs], [labels[ys_key](y) for y in ys]
+        x_title, y_title = titles[xs_key], titles[ys_key]
+    count = sum(len(r) for r in cells)
+    if count > MAX_CELLS:
+        raise ValueError(f"the comparison has {count} cells; at most {MAX_CELLS}: shorten the lists")
+    for row in cells:
+        for p in row:
+            p.validate()
+    return cells, cols, rows, x_title, y_title
+
+
+def compare(pipe, base: GenerationParams, axes: str = "samplers-x-schedulers", *,
+            samplers: Sequence[str] | None = None, schedulers: Sequence[str] | None = None,
+            steps_list: Sequence[int] | None = None, cfg_list: Sequence[float] | None = None,
+            video: bool = False, process_mode: str = "preview",
+            progress: Callable[[str], None] | None = None, callback=None) -> Comparison:
+    """Run every cell of `plan(...)` on `pipe` and draw the labelled grid (and the lock-step frames).
+
+    progress(label) is called after each cell; callback is passed to `pipe.generate` (per-step progress).
+    """
+    cells, cols, rows, x_title, y_title = plan(base, axes, samplers=samplers, schedulers=schedulers,
+                                               steps_list=steps_list, cfg_list=cfg_list)
+    images = [[] for _ in cells]
+    infotexts = [[] for _ in cells]
+    cell_frames = [[] for _ in cells]
+    for r, row in enumerate(cells):
+        for c, p in enumerate(row):
+            result = pipe.generate(p.copy(save_process=video), callback=callback)
+            images[r].append(result.images[0])
+            infotexts[r].append(result.infotexts[0])
+            if video:
+                cell_frames[r].append(process_frames(pipe, result, 0, process_mode))
+            if progress is not None:
+                progress(f"{rows[r]} / {cols[c]}")
+    seed = cells[0][0].seed
+    prompt = base.prompt if len(base.prompt) <= 60 else base.prompt[:57] + "..."
+    title = f"{prompt!r}  seed {seed}"
+    tiles = [[display_tile(im) for im in row] for row in images]
+    grid = xy_grid(tiles, cols, rows, title=title, x_title=x_title, y_title=y_title or None,
+                   font_size=label_font_size(cols, tiles[0][0].width))
+    frames = []
+    if video:
+        n = max(len(f) for row in cell_frames for f in row)
+        fs = label_font_size(cols, cell_frames[0][0][0].width)
+        for i in range(n):
+            tiles = [[f[min(i, len(f) - 1)] for f in row] for row in cell_frames]
+            frames.append(xy_grid(tiles, cols, rows, title=title, x_title=x_title, y_title=y_title or None,
+                                  font_size=fs))
+    return Comparison(grid=grid, images=images, params=cells, infotexts=infotexts, col_labels=cols, row_labels=rows,
+                      x_title=x_title, y_title=y_title, frames=frames)
+
+
+def write_comparison(comp: Comparison, stem: str | os.PathLike, *, fps: float = 1.0) -> list[Path]:
+    """`<stem>.png` (carrying the first cell's infotext, as A1111 grids do) and, with frames, `<stem>.mp4`."""
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    written = [save_png_with_infotext(comp.grid, stem.with_name(stem.name + ".png"), comp.infotexts[0][0])]
+    if comp.frames:
+        written.append(write_mp4(comp.frames, stem.with_name(stem.name + ".mp4"), fps=fps))
+    return written
