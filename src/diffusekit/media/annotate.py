@@ -21,8 +21,10 @@ def font(size: int = 14) -> ImageFont.ImageFont:
 
 
 def text_size(text: str, size: int) -> tuple[int, int]:
-    left, top, right, bottom = ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), text, font=font(size))
-    return right - left, bottom - top
+    """Width and height that drawing `text` at (0, 0) covers (the box starts below y = 0 by the font's
+    top bearing, which belongs to the height so that labels never touch what is under them)."""
+    _, _, right, bottom = ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), text, font=font(size))
+    return right, bottom
 
 
 def caption_bar(image: Image.Image, text: str, size: int | None = None) -> Image.Image:

@@ -68,6 +68,7 @@ def write_mp4(frames: Sequence[Image.Image], path: str | os.PathLike, fps: float
                 f = f.resize(first.size)
             writer.send(np.ascontiguousarray(np.asarray(f)))
         writer.close()
+        os.chmod(tmp, 0o644)          # mkstemp makes 0600; a video is for sharing
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -86,6 +87,7 @@ def write_gif(frames: Sequence[Image.Image], path: str | os.PathLike, fps: float
     try:
         rgb = [f.convert("RGB") for f in frames]
         rgb[0].save(tmp, format="GIF", save_all=True, append_images=rgb[1:], duration=int(1000 / fps), loop=loop)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
