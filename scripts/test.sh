@@ -12,9 +12,6 @@ python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 # torch first and pinned: on this machine 2.13.0 is a local CPU wheel; a bare `torch` would pull CUDA.
 python -m pip install -q "torch==2.13.0" 2>&1 | grep -v '^WARNING: Location' || true
 python -m pip install -q -e ".[test]" 2>&1 | grep -v '^WARNING: Location' || true
-# open_clip ships CLIP's BPE vocabulary file; we only read that file, never import the package,
-# so its heavy dependencies (torchvision, timm) are not needed.
-python -m pip install -q --no-deps "open_clip_torch>=2.24" 2>&1 | grep -v '^WARNING: Location' || true
 # The web UI test drives Debian's Chromium through Playwright (never `playwright install`: it downloads
 # a browser). Installed when we are root with apt; without it that one test skips and says why.
 if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then

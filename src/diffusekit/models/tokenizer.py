@@ -260,10 +260,15 @@ class CLIPTokenizer:
         return out
 
 
+BUNDLED_BPE = Path(__file__).resolve().parents[1] / "assets" / "tokenizer" / "bpe_simple_vocab_16e6.txt.gz"
+
+
 def find_bundled_bpe() -> Path | None:
-    """Path of `bpe_simple_vocab_16e6.txt.gz` inside an installed `open_clip` package, found
-    through its import spec without importing it (open_clip imports heavy optional modules);
-    None when open_clip is not installed or ships no such file."""
+    """Path of CLIP's `bpe_simple_vocab_16e6.txt.gz`: the copy diffusekit ships (assets/tokenizer), else
+    the one inside an installed `open_clip` package, found through its import spec without importing
+    it (open_clip imports heavy optional modules); None when neither exists."""
+    if BUNDLED_BPE.is_file():
+        return BUNDLED_BPE
     try:
         spec = importlib.util.find_spec("open_clip")
     except (ImportError, ValueError):
