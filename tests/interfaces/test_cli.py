@@ -242,3 +242,9 @@ def test_entry_point_exits_2_without_traceback(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip() == \
         "diffusekit: error: width=30: must be a multiple of 8 from 8 to 4096 (the VAE downsamples by 8)"
+
+
+def test_eval_command_is_wired(capsys):
+    from diffusekit.interfaces.cli import build_parser
+    args = build_parser().parse_args(["eval", "--model", "x.safetensors", "-n", "4"])
+    assert args.func.__name__ == "cmd_eval" and args.n == 4

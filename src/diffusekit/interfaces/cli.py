@@ -418,6 +418,13 @@ def _sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clip-skip", type=int, default=None, help="A1111 'Clip skip' (default 1)")
 
 
+def cmd_eval(args) -> int:
+    from ..evaluation.evaluate import format_markdown, run_from_args
+
+    print(format_markdown(run_from_args(args)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="diffusekit", description="Stable-Diffusion-style image generation, from the math up.")
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
@@ -487,6 +494,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config")
     t.add_argument("--resume", action="store_true", help="continue from the last checkpoint of this config")
     t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="measure a model: prompt adherence (exact shapes detector) or recognised "
+                                    "digits, and FID in the project's own feature space")
+    from ..evaluation.evaluate import add_arguments as _eval_arguments
+    _eval_arguments(e)
+    e.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("serve", help="A1111-compatible HTTP API (/sdapi/v1) and web UI")
     s.add_argument("--host", default="127.0.0.1", help="127.0.0.1 (default, this machine only) or 0.0.0.0")

@@ -3,11 +3,12 @@
 A prompt is split into weighted 75-token chunks (`prompts.tokenize_weighted`), each chunk becomes
 BOS + 75 + EOS = 77 ids with the family's padding, goes through every text encoder of the family at
 the family's layer (A1111 "Clip skip" moves SD1's layer), gets its emphasis applied
-(`prompts.apply_emphasis`, per encoder, per chunk, as A1111 does), and the chunks are concatenated
-along the token axis. SDXL concatenates its two encoders along channels (768 + 1280 = 2048) and puts
-bigG's pooled output of the first chunk, with sinusoidal embeddings of the size and crop numbers,
-into the UNet's `y` vector. Prompt editing (`[from:to:when]`, `[a|b]`) gives one conditioning per
-schedule entry; `ConditioningSchedule.at(step)` picks the one in force.
+(`prompts.apply_emphasis`, per encoder and chunk position over all prompt-editing variants of the
+prompt, as A1111 does), and the chunks are concatenated along the token axis. SDXL concatenates its
+two encoders along channels (768 + 1280 = 2048) and puts bigG's pooled output of the first chunk,
+with sinusoidal embeddings of the size and crop numbers, into the UNet's `y` vector; an empty SDXL
+negative prompt is all zeros, as in A1111 and diffusers. Prompt editing (`[from:to:when]`, `[a|b]`)
+gives one conditioning per schedule entry; `ConditioningSchedule.at(step)` picks the one in force.
 """
 from __future__ import annotations
 
@@ -19,9 +20,6 @@ import torch
 from ..models.families import ModelFamily
 from ..models.unet import timestep_embedding
 from . import prompts as P
-
-# A1111 applies "Clip skip" to SD1-style encoders only; for SD2/SDXL its setting is ignored by default.
-CLIP_SKIP_FAMILIES_NOTE = "Clip skip applies to encoders read at their last layer (SD1 and custom models)"
 
 
 @dataclass
@@ -44,13 +42,16 @@ class ConditioningSchedule:
                 return cond
         return self.entries[-1][1]
 
-    @property
-    def chunks(self) -> int:
-        return max(c.context.shape[1] for _, c in self.entries) // 77
-
 
 class TextConditioner:
-    """The family's text encoders and tokenizer, used the A1111 way."""
+    """The family's text encoders and tokenizer, used the A1111 way.
+
+    Deliberate differences from A1111 (documented, not accidental):
+    - cond and uncond are padded to the same number of chunks (A1111's option "pad prompt/negative prompt
+      to be same length"; its default instead runs the two halves separately when they differ);
+    - "Clip skip" moves only encoders read at their last layer (SD1 and custom models); A1111 ignores it
+      for SD2 and (by default, `sdxl_clip_l_skip` off) for SDXL too, so the result is the same.
+    """
 
     def __init__(self, family: ModelFamily, encoders: Sequence[torch.nn.Module], tokenizers: Sequence):
         if len(encoders) != len(family.text_encoders):
@@ -58,6 +59,13 @@ class TextConditioner:
         if not tokenizers:
             raise ValueError("no tokenizer: a text-conditioned model needs the CLIP BPE vocabulary")
         self.family, self.encoders, self.tokenizer = family, list(encoders), tokenizers[0]
+
+    @property
+    def zeroes_empty_negative(self) -> bool:
+        """SGM-conditioned models (SDXL base, inpaint, refiner: the ones with a `y` vector) use all-zero
+        context and pooled text for an empty negative prompt (A1111 `force_zero_negative_prompt`, diffusers
+        `force_zeros_for_empty_prompt`) instead of encoding ""."""
+        return bool(self.family.adm_inputs)
 
     def _layer(self, spec, clip_skip: int) -> int:
         if spec.layer == -1 and clip_skip > 1:
@@ -69,37 +77,69 @@ class TextConditioner:
 
     @torch.no_grad()
     def encode_chunks(self, chunks: Sequence[P.Chunk], clip_skip: int = 1) -> Conditioning:
+        """One text's chunks -> its Conditioning (see `encode_batch`)."""
+        return self.encode_batch([list(chunks)], clip_skip)[0]
+
+    @torch.no_grad()
+    def encode_batch(self, texts: Sequence[Sequence[P.Chunk]], clip_skip: int = 1) -> list[Conditioning]:
+        """Several texts' chunk lists -> one Conditioning each, encoded as A1111 encodes one prompt's
+        prompt-editing variants: shorter texts are padded with empty chunks, and chunk position i of every
+        text goes through each encoder as one batch whose emphasis is normalised together
+        (`prompts.apply_emphasis` takes the mean over the whole batch, as A1111's does)."""
+        n = max(len(c) for c in texts)
+        padded = [list(c) + [P.empty_chunk()] * (n - len(c)) for c in texts]
         hidden_parts, pooled = [], None
         for spec, enc in zip(self.family.text_encoders, self.encoders):
             device = next(enc.parameters()).device
-            ids = torch.tensor([P.build_ids(c, pad=spec.pad_id) for c in chunks], device=device)   # (k, 77)
-            weights = torch.tensor([P.build_weights(c) for c in chunks], device=device)           # (k, 77)
-            out = enc(ids, layer=self._layer(spec, clip_skip), final_norm=spec.final_norm, need_pooled=spec.pooled)
-            # a chunk without emphasis is left exactly as encoded (A1111's rescale is then the identity;
-            # skipping it also avoids 0/0 when a final LayerNorm makes the mean exactly 0)
-            h = torch.stack([out.hidden[i] if bool((weights[i] == 1).all())
-                             else P.apply_emphasis(out.hidden[i:i + 1], weights[i:i + 1])[0] for i in range(len(chunks))])
-            hidden_parts.append(h.reshape(1, -1, h.shape[-1]))                                   # (1, 77k, W)
-            if spec.pooled:
-                pooled = out.pooled[:1]                                                          # first chunk
-        return Conditioning(torch.cat(hidden_parts, dim=-1), pooled)
+            per_position = []
+            for i in range(n):
+                batch = [c[i] for c in padded]
+                ids = torch.tensor([P.build_ids(c, pad=spec.pad_id) for c in batch], device=device)   # (T, 77)
+                weights = torch.tensor([P.build_weights(c) for c in batch], device=device)           # (T, 77)
+                out = enc(ids, layer=self._layer(spec, clip_skip), final_norm=spec.final_norm,
+                          need_pooled=spec.pooled and i == 0)
+                h = out.hidden
+                # no emphasis anywhere in the batch: A1111's rescale is the identity; skipping it also avoids
+                # 0/0 when a final LayerNorm makes the mean exactly 0
+                if not bool((weights == 1).all()):
+                    h = P.apply_emphasis(h, weights)
+                per_position.append(h)                                                          # (T, 77, W)
+                if spec.pooled and i == 0:
+                    pooled = out.pooled                                                         # (T, P): first chunk
+            hidden_parts.append(torch.cat(per_position, dim=1))                                 # (T, 77n, W)
+        context = torch.cat(hidden_parts, dim=-1)                                               # (T, 77n, C)
+        return [Conditioning(context[j:j + 1], None if pooled is None else pooled[j:j + 1]) for j in range(len(texts))]
 
-    def schedule(self, prompt: str, steps: int, clip_skip: int = 1, min_chunks: int = 1) -> ConditioningSchedule:
-        """Encode every prompt-editing variant of `prompt`, padded to at least `min_chunks` chunks."""
-        entries = []
-        cache: dict[str, Conditioning] = {}
-        for end, text in P.get_schedules(prompt, steps):
-            if text not in cache:
-                ch = self.chunks(text)
-                ch = ch + [P.empty_chunk()] * max(0, min_chunks - len(ch))
-                cache[text] = self.encode_chunks(ch, clip_skip)
-            entries.append((end, cache[text]))
-        return ConditioningSchedule(entries)
+    def schedule(self, prompt: str, steps: int, clip_skip: int = 1, min_chunks: int = 1, *,
+                 hires_steps: int | None = None, zero_if_empty: bool = False) -> ConditioningSchedule:
+        """Encode every prompt-editing variant of `prompt`, padded to at least `min_chunks` chunks.
 
-    def pair(self, prompt: str, negative: str, steps: int, clip_skip: int = 1):
+        hires_steps: the schedule of a hires-fix second pass of that many steps after a first pass of
+        `steps` (A1111 >= 1.8: edits count on from the first pass, see `prompts.get_schedules`).
+        zero_if_empty: an all-empty prompt becomes zeros (see `zeroes_empty_negative`)."""
+        return self._schedules([prompt], steps, clip_skip, min_chunks, hires_steps, [zero_if_empty])[0]
+
+    def pair(self, prompt: str, negative: str, steps: int, clip_skip: int = 1, *,
+             hires_steps: int | None = None) -> tuple[ConditioningSchedule, ConditioningSchedule]:
         """(cond, uncond) schedules with the same number of chunks, so CFG runs them as one batch."""
-        n = max(len(self.chunks(t)) for _, t in P.get_schedules(prompt, steps) + P.get_schedules(negative, steps))
-        return (self.schedule(prompt, steps, clip_skip, n), self.schedule(negative, steps, clip_skip, n))
+        return tuple(self._schedules([prompt, negative], steps, clip_skip, 1, hires_steps,
+                                     [False, self.zeroes_empty_negative]))
+
+    def _schedules(self, prompts, steps, clip_skip, min_chunks, hires_steps, zero_if_empty):
+        plans = [P.get_schedules(p, steps, hires_steps=hires_steps) for p in prompts]
+        chunks = {text: self.chunks(text) for plan in plans for _, text in plan}      # tokenize each text once
+        n = max([min_chunks] + [len(c) for c in chunks.values()])
+        out = []
+        for plan, zero in zip(plans, zero_if_empty):
+            texts = list(dict.fromkeys(text for _, text in plan))                     # distinct, in order
+            padded = [chunks[t] + [P.empty_chunk()] * (n - len(chunks[t])) for t in texts]
+            encoded = dict(zip(texts, self.encode_batch(padded, clip_skip)))
+            if zero and all(t == "" for t in texts):
+                encoded = {t: Conditioning(torch.zeros_like(c.context),
+                                           None if c.pooled is None else torch.zeros_like(c.pooled))
+                           for t, c in encoded.items()}
+            out.append(ConditioningSchedule([(end, encoded[text]) for end, text in plan]))
+        return out
 
 
 def adm_vector(family: ModelFamily, pooled: torch.Tensor, *, original_size: tuple[int, int],

@@ -1,13 +1,12 @@
 """Pixels <-> tensors, seeded initial noise with A1111's variation seeds, masks, and cheap previews."""
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageFilter
+from PIL import Image, ImageFilter, ImageOps
 
 from ..core.noise import generators_for_seeds, randn
 
@@ -69,22 +68,55 @@ def initial_noise(shape: Sequence[int], seeds: Sequence[int], subseeds: Sequence
 
 
 def prepare_mask(mask: Image.Image, size: tuple[int, int], blur: int, invert: bool) -> Image.Image:
-    """The repaint mask as an 'L' image of `size` (white = repaint), blurred like A1111's mask_blur."""
-    # A1111 reads an RGBA mask's alpha channel (an eraser-painted layer); others by luminance
-    m = mask.getchannel("A") if mask.mode in ("RGBA", "LA") else mask.convert("L")
-    if m.size != tuple(size):
-        m = m.resize(tuple(size), Image.LANCZOS)
+    """The repaint mask as an 'L' image of `size` (white = repaint), as A1111 builds it for "Whole picture".
+
+    A1111 `create_binary_mask`: an RGBA/LA mask whose alpha is not fully opaque (an eraser-painted layer)
+    is read from its alpha, rounded at 128; any other mask by its luminance (an opaque RGBA mask is an
+    ordinary black/white picture). Then invert, Gaussian blur at the mask's own resolution, and resize
+    (Lanczos) to `size`, in that order.
+    """
+    if mask.mode in ("RGBA", "LA") and mask.getchannel("A").getextrema() != (255, 255):
+        m = mask.getchannel("A").point(lambda v: 255 if v > 128 else 0)
+    else:
+        m = mask.convert("L")
     if invert:
         m = Image.eval(m, lambda v: 255 - v)
     if blur > 0:
         m = m.filter(ImageFilter.GaussianBlur(blur))
+    if m.size != tuple(size):
+        m = m.resize(tuple(size), Image.LANCZOS)
     return m
 
 
+def overlay_mask(mask: Image.Image) -> torch.Tensor:
+    """(1, 1, H, W) in [0, 1]: where the generated pixels replace the original. A1111 doubles the blurred
+    mask and clips it (`mask_for_overlay`), so the repainted area is fully kept from mask >= 0.5 on and
+    only the outer half of the blur fringe mixes in the original."""
+    m = torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32) / 255.0)
+    return (2 * m).clamp(0, 1)[None, None]
+
+
 def latent_mask(mask: Image.Image, latent_hw: tuple[int, int]) -> torch.Tensor:
-    """(1, 1, h, w) binary repaint mask at latent resolution (A1111 rounds the downscaled mask)."""
-    m = mask.resize((latent_hw[1], latent_hw[0]), Image.BILINEAR)
+    """(1, 1, h, w) binary repaint mask at latent resolution: A1111 resizes the mask with PIL's default
+    filter (bicubic) and rounds it."""
+    m = mask.convert("L").resize((latent_hw[1], latent_hw[0]), Image.BICUBIC)
     return torch.from_numpy(np.around(np.asarray(m, dtype=np.float32) / 255.0)).reshape(1, 1, *latent_hw)
+
+
+def fill_masked(image: Image.Image, mask: Image.Image) -> Image.Image:
+    """A1111's inpainting fill mode 0 ("fill", modules/masking.py `fill`): the repaint area gets the colours
+    of its surroundings. The image with alpha = 255 - mask is blurred at decreasing radii and the blurred
+    layers are alpha-composited from coarse to fine, so far-away holes get the broad average and edges the
+    local colour; pixels outside the mask stay exactly as they were."""
+    keep = ImageOps.invert(mask.convert("L"))
+    layer = Image.new("RGBa", image.size)                      # premultiplied: blurring does not bleed black
+    layer.paste(image.convert("RGBA").convert("RGBa"), mask=keep)
+    out = Image.new("RGBA", image.size)
+    for radius, repeats in ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1)):
+        blurred = layer.filter(ImageFilter.GaussianBlur(radius)).convert("RGBA")
+        for _ in range(repeats):
+            out.alpha_composite(blurred)
+    return out.convert("RGB")
 
 
 def fit_latent_rgb(encode, scale: float, factor: int, generator: torch.Generator | None = None):
@@ -97,7 +129,7 @@ def fit_latent_rgb(encode, scale: float, factor: int, generator: torch.Generator
     low = torch.rand(16, 3, 4, 4, generator=g) * 2 - 1
     imgs = F.interpolate(low, size=(side, side), mode="bilinear", align_corners=False)
     with torch.no_grad():
-        z = encode(imgs).float() * scale                                     # (16, C, 8, 8)
+        z = encode(imgs).float().cpu() * scale                               # (16, C, 8, 8), wherever the VAE runs
     target = F.avg_pool2d(imgs, factor)                                       # (16, 3, 8, 8)
     zz = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
     zz = torch.cat([zz, torch.ones(zz.shape[0], 1)], 1)
@@ -109,7 +141,3 @@ def preview(latent: torch.Tensor, weights: torch.Tensor, bias: torch.Tensor) -> 
     """Cheap preview of model-space latents (B, C, h, w) by a linear map to RGB, no VAE call."""
     rgb = torch.einsum("bchw,cr->brhw", latent.float().cpu(), weights) + bias.view(1, 3, 1, 1)
     return tensor_to_pil(rgb)
-
-
-def round_to_multiple(v: float, k: int = 8) -> int:
-    return max(k, int(math.floor(v / k)) * k)

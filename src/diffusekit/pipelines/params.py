@@ -17,7 +17,15 @@ class GenerationParams:
     width/height None = the model's native size. sampler_name and scheduler take the A1111 display names
     ("DPM++ 2M", "Karras") or canonical ids ("dpmpp_2m", "karras"); "Automatic" picks the sampler's own
     default schedule, as A1111 does. A legacy combined name such as "DPM++ 2M Karras" is split.
-    seed -1 draws a random seed; image i of the job uses seed + i (and subseed + i).
+    seed -1 draws a random seed; image i of the job uses seed + i and subseed + i, except that with a
+    variation (subseed_strength > 0) every image keeps `seed` and only the subseed advances (A1111).
+    Several init_images are used in turn for the images of a batch (A1111 instead shrinks batch_size to
+    their number). refiner_switch_at follows A1111's default rule: the refiner takes over at the first
+    step whose nearest training timestep t has (999 - t) / 1000 >= switch_at (sd_samplers_common); with
+    enable_hr it refines the second pass only (A1111's default "Hires fix: which pass": second pass).
+    hr_upscaler: "Latent" (bilinear), "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic
+    antialiased)", "Latent (nearest)", "Latent (nearest-exact)", "Nearest"; any other name resizes the
+    decoded image with Lanczos (A1111's "Lanczos"; its model upscalers do not exist here).
     """
 
     prompt: str = ""
@@ -40,7 +48,8 @@ class GenerationParams:
     mask: Any = None                            # PIL image, white = repaint
     mask_blur: int = 4
     inpainting_mask_invert: bool = False
-    inpainting_fill: int = 1                    # A1111: 0 fill, 1 original, 2 latent noise, 3 latent nothing
+    inpainting_fill: int = 1                    # A1111: 0 fill, 1 original (its UI default; the API's is 0),
+                                                # 2 latent noise, 3 latent nothing
     # sampler knobs (None = the sampler's default)
     eta: Optional[float] = None
     s_churn: float = 0.0
@@ -120,6 +129,10 @@ class GenerationParams:
             bad("refiner_switch_at", "must be a fraction strictly between 0 and 1")
         if self.enable_hr and not 1.0 <= float(self.hr_scale) <= 4.0:
             bad("hr_scale", "must be from 1 to 4")
+        if self.hr_denoising_strength is not None and not 0.0 <= float(self.hr_denoising_strength) <= 1.0:
+            bad("hr_denoising_strength", "must be in [0, 1] (or None to use denoising_strength)")
+        if not isinstance(self.hr_second_pass_steps, int) or not 0 <= self.hr_second_pass_steps <= 1000:
+            bad("hr_second_pass_steps", "must be an integer from 0 (= steps) to 1000")
 
 
 @dataclass

@@ -3,6 +3,20 @@
 The only layer that knows Stable Diffusion's specifics: latent scale, 77-token context, eps vs v, the
 SDXL `y` vector, A1111's img2img step arithmetic and seeds. Everything else is composed from `core`
 (schedules, sigmas, denoisers, guidance, samplers) and `models` (networks and checkpoints).
+
+Deliberate differences from A1111 v1.10 (besides those listed in `conditioning.TextConditioner`):
+- the VAE encodes init images with its posterior mean (deterministic); A1111 samples the posterior with
+  the unseeded global RNG;
+- prompt editing counts sampling steps, not model calls: for second-order samplers (Heun, DPM2, DPM++ SDE,
+  DPM++ 2S a, Restart) A1111 counts both calls of a step over a schedule of 2 x steps, so there an integer
+  `when` is half a step of ours (fractions agree);
+- in img2img the prompt-editing schedule spans the steps actually run (t_enc + 1); A1111 spans all `steps`
+  but counts from 0 in the shortened run, so its `[a:b:0.5]` at strength 0.5 never switches;
+- the refiner is a second sampler call on the rest of the same sigma schedule (A1111 swaps the model inside
+  one loop), so a multistep sampler (DPM++ 2M, UniPC, LMS) restarts its history at the hand-over. A refiner
+  with another latent scale gets the latent with its signal part rescaled (x + (r - 1) x0_estimate, r the
+  scale ratio; the noise part stays), and its result comes back the same way; images are decoded with the
+  base model's VAE (A1111 uses the refiner's; SDXL's two are the same).
 """
 from __future__ import annotations
 
@@ -13,28 +27,45 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from .. import __version__
 from ..core import samplers as sampler_registry
 from ..core import sigmas as sigma_schedules
 from ..core.denoisers import EpsDenoiser, VDenoiser
 from ..core.guidance import cfg
-from ..core.schedules import DiscreteSchedule, betas
+from ..core.schedules import DiscreteSchedule
 from ..models.loading import ModelParts, load_checkpoint
 from . import infotext as infotext_mod
-from .conditioning import TextConditioner, adm_vector
-from .latents import (LATENT_RGB, fit_latent_rgb, initial_noise, latent_mask, pil_to_tensor, prepare_mask,
-                      preview, tensor_to_pil)
+from .conditioning import Conditioning, TextConditioner, adm_vector
+from .latents import (LATENT_RGB, fill_masked, fit_latent_rgb, initial_noise, latent_mask, overlay_mask,
+                      pil_to_tensor, prepare_mask, preview, tensor_to_pil)
 from .params import GenerationParams, GenerationResult, StepInfo
 from .shipped import resolve_model
 
 SCHEDULE_LABELS = {v: k for k, v in sigma_schedules.DISPLAY_NAMES.items()}
 
+# A1111's defaults for the SDXL refiner's aesthetic-score input (sdxl_refiner_high/low_aesthetic_score)
+AESTHETIC_SCORE_COND, AESTHETIC_SCORE_UNCOND = 6.0, 2.5
+
+# A1111's latent upscale modes for hires fix: name -> (torch interpolate mode, antialias)
+HIRES_LATENT_MODES = {
+    "latent": ("bilinear", False), "latent (antialiased)": ("bilinear", True),
+    "latent (bicubic)": ("bicubic", False), "latent (bicubic antialiased)": ("bicubic", True),
+    "latent (nearest)": ("nearest", False), "latent (nearest-exact)": ("nearest-exact", False),
+}
+
 
 class Interrupted(Exception):
-    """Raised inside sampling when the caller asked to stop; the pipeline returns what it has."""
+    """Raised inside sampling when the caller asked to stop; carries the last x0 estimate, which the
+    pipeline decodes and returns (as A1111 returns its last latent)."""
+
+    def __init__(self, latent: torch.Tensor):
+        super().__init__("generation interrupted")
+        self.latent = latent
 
 
 def split_sampler_name(name: str, scheduler: str) -> tuple[str, str]:
@@ -48,9 +79,38 @@ def split_sampler_name(name: str, scheduler: str) -> tuple[str, str]:
         raise
 
 
+def image_seeds(seed: int, subseed: int, subseed_strength: float, start: int, count: int):
+    """A1111's seeds of images start .. start + count - 1 of a job (processing.py, `all_seeds`): seed + i and
+    subseed + i, except that with a variation (subseed_strength > 0) the seed stays and only the subseed
+    advances, so a batch shows variations of one image."""
+    seeds = [seed + (0 if subseed_strength > 0 else i) for i in range(start, start + count)]
+    return seeds, [subseed + i for i in range(start, start + count)]
+
+
+def _rows(t: torch.Tensor, b: int) -> torch.Tensor:
+    """b rows from the n rows of t, used in turn (n = 1: a view, no copy)."""
+    n = t.shape[0]
+    return t.expand(b, *t.shape[1:]) if n == 1 else t[[i % n for i in range(b)]]
+
+
+def _at(entries: list, step: int):
+    """The value of a prompt-editing list [(end_step, value)] in force at `step` (first end >= step)."""
+    for end, value in entries:
+        if step <= end:
+            return value
+    return entries[-1][1]
+
+
+def _rescale_signal(x: torch.Tensor, x0: torch.Tensor | None, r: float) -> torch.Tensor:
+    """x = x0 + sigma eps -> r x0 + sigma eps, with x0 estimated: moves a latent between two latent scales
+    (ratio r) keeping its noise. The identity for r = 1."""
+    return x if r == 1.0 or x0 is None else x + (r - 1.0) * x0
+
+
 class UNetAdapter(torch.nn.Module):
     """The LDM UNet as a network `model(x, t, context=, y=, c_concat=)` for the denoiser wrappers:
-    concatenates an inpainting model's extra channels and casts to the UNet's dtype."""
+    concatenates an inpainting model's extra channels and casts to the UNet's dtype (the sampler's latent
+    stays float32; the output is cast back)."""
 
     def __init__(self, unet: torch.nn.Module):
         super().__init__()
@@ -66,13 +126,33 @@ class UNetAdapter(torch.nn.Module):
 
 
 @dataclass
-class _Pass:
-    """One sampling pass: its sigmas, conditioning schedules and the latent it starts from."""
+class _Job:
+    """One batch of a generate() call (one of n_iter): what all of its sampling passes share."""
 
-    name: str
-    sigmas: torch.Tensor
-    x: torch.Tensor
-    steps_total: int
+    params: GenerationParams
+    sampler_id: str
+    schedule_id: str
+    seeds: list[int]
+    subseeds: list[int]
+    callback: Callable[[StepInfo], None] | None
+    should_stop: Callable[[], bool] | None
+    log: list
+    job_no: int
+    job_count: int
+    cache: dict                 # per generate() call: text conditioning and inpainting inputs, reused by every batch
+
+
+@dataclass
+class _InitImages:
+    """The img2img / inpainting inputs of one generate() call, prepared once for all its batches. Rows are
+    the distinct init images (image i of a batch uses row i mod n)."""
+
+    originals: torch.Tensor                  # (n, 3, H, W) in [-1, 1]: the init images, resized
+    pixels: torch.Tensor                     # (n, 3, H, W): the same after A1111's fill (inpainting_fill != 1)
+    latents: torch.Tensor                    # (n, C, h, w) model-space latents of `pixels`
+    mask: torch.Tensor | None = None         # (1, 1, h, w) binary latent repaint mask
+    repaint: torch.Tensor | None = None      # (1, 1, H, W) the rounded full-size mask (inpainting UNets)
+    overlay: torch.Tensor | None = None      # (1, 1, H, W) in [0, 1]: where generated pixels are kept
 
 
 class Pipeline:
@@ -90,7 +170,8 @@ class Pipeline:
         self.text = TextConditioner(self.family, parts.text_encoders, parts.tokenizers) if parts.text_encoders else None
         b = self.family.beta_schedule
         opts = {"beta_start": b.beta_start, "beta_end": b.beta_end} if b.kind != "cosine" else {}
-        self.schedule = DiscreteSchedule.from_betas(betas(b.kind, b.num_timesteps, **opts))
+        self.schedule = DiscreteSchedule.from_name(b.kind, b.num_timesteps,
+                                                   zero_terminal_snr=self.family.zero_terminal_snr, **opts)
         wrapper = VDenoiser if self.family.prediction_type == "v" else EpsDenoiser
         self.denoiser = wrapper(UNetAdapter(self.unet), self.schedule)
         self._rgb = None
@@ -165,26 +246,29 @@ class Pipeline:
         height = params.height or self.family.default_size
         if width % self.factor or height % self.factor:
             raise ValueError(f"width={width}, height={height}: must be multiples of {self.factor} for this model")
-        seed = params.resolved_seed(random.Random())
+        seed = params.resolved_seed()
         subseed = params.subseed if params.subseed != -1 else random.SystemRandom().randrange(2**32)
         if params.is_img2img and params.mask is not None and tuple(params.mask.size) != tuple(params.init_images[0].size):
             raise ValueError(f"mask size {params.mask.size} differs from the init image size {params.init_images[0].size}")
+        init = self._prepare_init(params, width, height) if params.is_img2img else None
         t0 = time.perf_counter()
         images, seeds, subseeds, infotexts, latents_all, process = [], [], [], [], [], []
         interrupted = False
-        total = params.batch_size * params.n_iter
+        bs, cache = params.batch_size, {}
         for job in range(params.n_iter):
-            job_seeds = [seed + job * params.batch_size + i for i in range(params.batch_size)]
-            job_subseeds = [subseed + job * params.batch_size + i for i in range(params.batch_size)]
-            try:
-                latent, steps_log = self._run_job(params, sampler_id, schedule_id, width, height, job_seeds,
-                                                  job_subseeds, callback, should_stop, job, params.n_iter)
-            except Interrupted as stop:
-                latent, steps_log = stop.args[0], stop.args[1]
+            if job and should_stop is not None and should_stop():      # asked to stop between batches
                 interrupted = True
+                break
+            job_seeds, job_subseeds = image_seeds(seed, subseed, params.subseed_strength, job * bs, bs)
+            j = _Job(params, sampler_id, schedule_id, job_seeds, job_subseeds, callback, should_stop, process,
+                     job, params.n_iter, cache)
+            try:
+                latent = self._run_job(j, width, height, init)
+            except Interrupted as stop:
+                latent, interrupted = stop.latent, True
             pixels = self.decode(latent)
-            if params.is_img2img and params.mask is not None:
-                pixels = self._overlay_original(pixels, params, width, height)
+            if init is not None and init.overlay is not None:   # A1111's inpaint overlay of the original pixels
+                pixels = _rows(init.originals, bs) * (1 - init.overlay) + pixels * init.overlay
             for i, img in enumerate(tensor_to_pil(pixels)):
                 text = self.infotext(params, sampler_id, schedule_id, job_seeds[i], job_subseeds[i], width, height)
                 img.info["parameters"] = text
@@ -193,164 +277,216 @@ class Pipeline:
             seeds += job_seeds
             subseeds += job_subseeds
             latents_all.append(latent.cpu())
-            process += steps_log
             if interrupted:
                 break
         info = {"model": self.name, "sampler": sampler_id, "schedule": schedule_id, "seconds": time.perf_counter() - t0,
-                "images_requested": total}
+                "images_requested": bs * params.n_iter}
         return GenerationResult(images=images, seeds=seeds, subseeds=subseeds, infotexts=infotexts, params=params,
                                 latents=torch.cat(latents_all), process=process, interrupted=interrupted, info=info)
 
+    # ------------------------------------------------------------------ inputs
+    def _prepare_init(self, params: GenerationParams, width: int, height: int) -> _InitImages:
+        """Resize (Lanczos), mask (A1111 "Whole picture"), fill and encode the init images, once per call."""
+        size = (width, height)
+        resized = [im.convert("RGB") if im.size == size else im.convert("RGB").resize(size, Image.LANCZOS)
+                   for im in params.init_images]
+        originals = pil_to_tensor(resized).to(self.device)
+        if params.mask is None:
+            return _InitImages(originals, originals, self.encode(originals))
+        m = prepare_mask(params.mask, size, params.mask_blur, params.inpainting_mask_invert)
+        pixels = originals
+        if params.inpainting_fill != 1:          # A1111 fills the pixels for 0 and before the latent fills 2, 3
+            pixels = pil_to_tensor([fill_masked(im, m) for im in resized]).to(self.device)
+        repaint = torch.from_numpy(np.asarray(m, dtype=np.float32) / 255.0).round()[None, None]
+        return _InitImages(originals, pixels, self.encode(pixels),
+                           mask=latent_mask(m, (height // self.factor, width // self.factor)).to(self.device),
+                           repaint=repaint.to(self.device), overlay=overlay_mask(m).to(self.device))
+
+    def _inpaint_concat(self, job: _Job, b: int, width: int, height: int, init: _InitImages | None):
+        """The extra input channels of an inpainting UNet: mask (1) + masked-image latent (4), as A1111's
+        `inpainting_image_conditioning` builds them: with a mask, the image with its (rounded) repaint area
+        set to 0 (grey) and the mask at latent size (nearest); otherwise (txt2img, plain img2img, hires)
+        an all-ones mask and the latent of a grey image. None for other models."""
+        if not self.family.is_inpaint:
+            return None
+        masked = init is not None and init.repaint is not None
+        key = ("concat", id(self), width, height, masked)
+        if key not in job.cache:
+            hw = (height // self.factor, width // self.factor)
+            if masked:
+                job.cache[key] = (F.interpolate(init.repaint, size=hw), self.encode(init.pixels * (1 - init.repaint)))
+            else:
+                job.cache[key] = (torch.ones(1, 1, *hw, device=self.device),
+                                  self.encode(torch.zeros(1, 3, height, width, device=self.device)))
+        m, latent = job.cache[key]
+        return torch.cat([m.expand(b, -1, -1, -1), _rows(latent, b)], 1)
+
+    def _sigmas(self, schedule_id: str, steps: int) -> torch.Tensor:
+        return sigma_schedules.get(schedule_id, steps, schedule=self.schedule, sigma_min=self.schedule.sigma_min,
+                                   sigma_max=self.schedule.sigma_max).to(self.device)
+
     # ------------------------------------------------------------------ one batch
-    def _run_job(self, params, sampler_id, schedule_id, width, height, seeds, subseeds, callback, should_stop,
-                 job_no, job_count):
-        b = len(seeds)
+    def _run_job(self, job: _Job, width: int, height: int, init: _InitImages | None) -> torch.Tensor:
+        p, b = job.params, len(job.seeds)
         shape = (b, self.latent_channels, height // self.factor, width // self.factor)
-        noise, gens = initial_noise(shape, seeds, subseeds, params.subseed_strength)
+        noise, gens = initial_noise(shape, job.seeds, job.subseeds, p.subseed_strength)
         noise = noise.to(self.device)
-        steps_log: list[dict] = []
-        init_latent = mask = concat = None
-        if params.is_img2img:
-            imgs = params.init_images
-            imgs = (list(imgs) * b)[:b] if len(imgs) < b else list(imgs)[:b]
-            pixels = pil_to_tensor(imgs, (width, height)).to(self.device)
-            init_latent = self.encode(pixels)
-            if params.mask is not None:
-                m = prepare_mask(params.mask, (width, height), params.mask_blur, params.inpainting_mask_invert)
-                mask = latent_mask(m, shape[2:]).to(self.device)                  # 1 = repaint
-                if params.inpainting_fill == 2:
-                    init_latent = init_latent * (1 - mask) + noise * mask
-                elif params.inpainting_fill == 3:
-                    init_latent = init_latent * (1 - mask)
-                if self.family.is_inpaint:
-                    pm = pil_to_tensor([m.convert("RGB")], (width, height))[:, :1].to(self.device)
-                    pm = (pm + 1) / 2
-                    masked = self.encode(pixels * (1 - pm.round()))
-                    concat = torch.cat([F.interpolate(pm.round(), size=shape[2:]).expand(b, -1, -1, -1), masked], 1)
-        if self.family.is_inpaint and concat is None:
-            blank = self.encode(torch.zeros(b, 3, height, width, device=self.device))
-            concat = torch.cat([torch.ones(b, 1, *shape[2:], device=self.device), blank], 1)
-
-        full = sigma_schedules.get(schedule_id, params.steps, schedule=self.schedule,
-                                   sigma_min=self.schedule.sigma_min, sigma_max=self.schedule.sigma_max)
-        full = full.to(self.device)
-        if init_latent is not None:
-            strength = float(params.denoising_strength)
-            if strength == 0.0:
-                return init_latent, steps_log
-            t_enc = int(min(strength, 0.999) * params.steps)                    # A1111's img2img arithmetic
-            sig = full[params.steps - t_enc - 1:]
+        full = self._sigmas(job.schedule_id, p.steps)
+        init_latent = mask = None
+        if init is None:
+            sig, x = full, noise * full[0]
+        else:
+            init_latent = _rows(init.latents, b)
+            if p.denoising_strength == 0.0:
+                return init_latent
+            mask = init.mask
+            if mask is not None and p.inpainting_fill == 2:            # latent noise
+                init_latent = init_latent * (1 - mask) + noise * mask
+            elif mask is not None and p.inpainting_fill == 3:          # latent nothing
+                init_latent = init_latent * (1 - mask)
+            t_enc = int(min(float(p.denoising_strength), 0.999) * p.steps)   # A1111's img2img arithmetic
+            sig = full[p.steps - t_enc - 1:]
             x = init_latent + noise * sig[0]
-        else:
-            sig = full
-            x = noise * sig[0]
-        refiner = self._refiner(params)
-        cut = len(sig) - 1
-        if refiner is not None:
-            cut = max(1, min(len(sig) - 2, round(params.refiner_switch_at * (len(sig) - 1))))
-        x = self._sample(params, sampler_id, sig[:cut + 1], x, gens, width, height, init_latent, mask, concat,
-                         callback, should_stop, steps_log, "img2img" if init_latent is not None else "txt2img",
-                         job_no, job_count)
-        if refiner is not None:
-            x = refiner._sample(params, sampler_id, sig[cut:], x, gens, width, height, init_latent, mask, None,
-                                callback, should_stop, steps_log, "refiner", job_no, job_count)
-        if params.enable_hr and not params.is_img2img:
-            x = self._hires(params, sampler_id, schedule_id, x, gens, width, height, callback, should_stop,
-                            steps_log, job_no, job_count)
-        return x, steps_log
+        hires = p.enable_hr and init is None
+        refiner = self._refiner(p)
+        x = self._pass(job, sig, x, gens, None if hires else refiner, width=width, height=height,
+                       cond=(len(sig) - 1, None), pass_name="txt2img" if init is None else "img2img",
+                       signal=init_latent, init_latent=init_latent, mask=mask, init=init)
+        if hires:
+            x = self._hires(job, x, width, height, refiner)
+        return x
 
-    def _hires(self, params, sampler_id, schedule_id, x, gens, width, height, callback, should_stop, log, job_no, job_count):
-        """A1111's hires fix: upscale (latent bilinear, or decode-Lanczos-encode) and img2img at a strength."""
-        hw, hh = int(width * params.hr_scale) // 8 * 8, int(height * params.hr_scale) // 8 * 8
-        if params.hr_upscaler.lower().startswith("latent"):
-            x = F.interpolate(x, size=(hh // self.factor, hw // self.factor), mode="bilinear", align_corners=False)
+    def _hires(self, job: _Job, x: torch.Tensor, width: int, height: int, refiner: "Pipeline | None"):
+        """A1111's hires fix: upscale (latent interpolation, or decode-resize-encode) and run exactly
+        `hr_second_pass_steps or steps` img2img steps at the hires strength (A1111 passes the step count, so
+        its fixed-steps arithmetic applies: a schedule of int(steps / strength) steps, its last ones run),
+        from fresh noise of the images' seeds at the new size, with the refiner if one is set."""
+        p = job.params
+        hw, hh = int(width * p.hr_scale) // 8 * 8, int(height * p.hr_scale) // 8 * 8
+        name = p.hr_upscaler.strip().lower()
+        if name.startswith("latent"):
+            mode, antialias = HIRES_LATENT_MODES.get(name, HIRES_LATENT_MODES["latent"])
+            x = F.interpolate(x, size=(hh // self.factor, hw // self.factor), mode=mode, antialias=antialias)
         else:
-            imgs = [im.resize((hw, hh), resample=3) for im in tensor_to_pil(self.decode(x))]
-            x = self.encode(pil_to_tensor(imgs).to(self.device))
-        steps = params.hr_second_pass_steps or params.steps
-        strength = params.hr_denoising_strength if params.hr_denoising_strength is not None else params.denoising_strength
+            resample = Image.NEAREST if name == "nearest" else Image.LANCZOS
+            imgs = [im.resize((hw, hh), resample) for im in tensor_to_pil(self.decode(x))]
+            x = self.encode(pil_to_tensor(imgs))
+        strength = p.hr_denoising_strength if p.hr_denoising_strength is not None else p.denoising_strength
         if strength <= 0:
             return x
-        full = sigma_schedules.get(schedule_id, steps, schedule=self.schedule,
-                                   sigma_min=self.schedule.sigma_min, sigma_max=self.schedule.sigma_max).to(self.device)
-        sig = full[steps - int(min(strength, 0.999) * steps) - 1:]
-        from ..core.noise import randn
-        noise = randn(x.shape, gens, dtype=x.dtype, device=x.device)
-        return self._sample(params, sampler_id, sig, x + noise * sig[0], gens, hw, hh, None, None, None,
-                            callback, should_stop, log, "hires", job_no, job_count)
+        steps = p.hr_second_pass_steps or p.steps
+        total = int(steps / min(float(strength), 0.999))
+        sig = self._sigmas(job.schedule_id, total)[total - steps:]
+        noise, gens = initial_noise(x.shape, job.seeds, job.subseeds, p.subseed_strength)
+        return self._pass(job, sig, x + noise.to(x.device) * sig[0], gens, refiner, width=hw, height=hh,
+                          cond=(p.steps, steps), pass_name="hires", signal=x)
 
     def _refiner(self, params) -> "Pipeline | None":
         if not params.refiner_checkpoint or params.refiner_switch_at is None:
             return None
         key = str(params.refiner_checkpoint)
         if key not in self._refiners:
-            self._refiners[key] = Pipeline.from_pretrained(key, device=str(self.device))
+            self._refiners[key] = Pipeline.from_pretrained(key, device=str(self.device),
+                                                           dtype=next(self.unet.parameters()).dtype)
         return self._refiners[key]
 
-    def _conditioning(self, params, steps, width, height, b):
-        """(cond_at(step), uncond_at(step)) -> dicts of network kwargs for a batch of b."""
-        if self.text is None:
-            return (lambda s: {}), (lambda s: {})
-        cond_s, uncond_s = self.text.pair(params.prompt, params.negative_prompt, steps, params.clip_skip)
+    def _switch_index(self, sig: torch.Tensor, switch_at: float) -> int:
+        """A1111's refiner switch (sd_samplers_common.apply_refiner, by sigma, its default): the first step i
+        whose sigma's nearest training timestep t has (T - 1 - t) / T >= switch_at; len(sig) - 1 if none."""
+        table, last = self.schedule.sigmas, self.schedule.num_timesteps - 1
+        for i, s in enumerate(sig[:-1].tolist()):
+            t = int(torch.argmin((table - s).abs()))
+            if (last - t) / (last + 1) >= switch_at:
+                return i
+        return len(sig) - 1
 
-        def as_kwargs(c, aesthetic):
-            kw = {"context": c.context.expand(b, -1, -1)}
-            if self.family.adm_inputs:
-                y = adm_vector(self.family, c.pooled, original_size=(height, width), target_size=(height, width),
-                               aesthetic_score=aesthetic)
-                kw["y"] = y.expand(b, -1)
-            return kw
-
-        return (lambda s: as_kwargs(cond_s.at(s), 6.0)), (lambda s: as_kwargs(uncond_s.at(s), 2.5))
-
-    def _sample(self, params, sampler_id, sig, x, gens, width, height, init_latent, mask, concat, callback,
-                should_stop, log, pass_name, job_no, job_count):
+    def _pass(self, job: _Job, sig, x, gens, refiner, *, width, height, cond, pass_name, signal=None,
+              init_latent=None, mask=None, init=None) -> torch.Tensor:
+        """One sampling pass over `sig` from `x` (whose x0 part is `signal`, None = 0), handed over to
+        `refiner` at A1111's switch point when one is given; returns the final latent in this model's space."""
         b = x.shape[0]
+        cut = len(sig) - 1 if refiner is None else self._switch_index(sig, job.params.refiner_switch_at)
+        x0 = signal
+        if cut > 0:
+            x, x0 = self._sample(job, sig[:cut + 1], x, gens, width=width, height=height, cond=cond, pass_name=pass_name,
+                                 init_latent=init_latent, mask=mask,
+                                 concat=self._inpaint_concat(job, b, width, height, init))
+        if cut == len(sig) - 1:
+            return x
+        r = refiner.scale / self.scale
+        try:
+            x, x0 = refiner._sample(job, sig[cut:], _rescale_signal(x, x0, r), gens, width=width, height=height,
+                                    cond=cond, pass_name="refiner", step_offset=cut,
+                                    init_latent=None if init_latent is None else init_latent * r, mask=mask,
+                                    concat=refiner._inpaint_concat(job, b, width, height, init), log_scale=1 / r)
+        except Interrupted as stop:
+            raise Interrupted(stop.latent / r) from None
+        return _rescale_signal(x, x0, 1 / r)
+
+    def _guided(self, job: _Job, cond: tuple[int, int | None], width: int, height: int) -> list:
+        """[(end_step, denoiser)]: one CFG-wrapped denoiser per prompt-editing entry, with its text (and for
+        SDXL its `y`), built once per pass rather than on every model call. cond = (steps, hires_steps) of
+        the prompt-editing schedule; the text encodings are cached for the whole generate() call."""
+        p = job.params
+        if self.text is None:
+            return [(0, self.denoiser)]
+        key = ("text", id(self), cond)
+        if key not in job.cache:
+            job.cache[key] = self.text.pair(p.prompt, p.negative_prompt, cond[0], p.clip_skip, hires_steps=cond[1])
+        cs, us = job.cache[key]
+        ends = sorted({end for end, _ in cs.entries} | {end for end, _ in us.entries})
+        out = []
+        for end in ends:
+            c = self._network_kwargs(cs.at(end), AESTHETIC_SCORE_COND, width, height)
+            u = self._network_kwargs(us.at(end), AESTHETIC_SCORE_UNCOND, width, height)
+            out.append((end, cfg(self.denoiser, p.cfg_scale, c, u, rescale=p.cfg_rescale)))
+        return out
+
+    def _network_kwargs(self, c: Conditioning, aesthetic: float, width: int, height: int) -> dict:
+        """A Conditioning as the network's keyword arguments (batch 1; guidance expands them)."""
+        kw = {"context": c.context}
+        if self.family.adm_inputs:
+            kw["y"] = adm_vector(self.family, c.pooled, original_size=(height, width), target_size=(height, width),
+                                 aesthetic_score=aesthetic)
+        return kw
+
+    def _sample(self, job: _Job, sig, x, gens, *, width, height, cond, pass_name, step_offset=0, init_latent=None,
+                mask=None, concat=None, log_scale=1.0):
+        """Run the sampler over `sig` from `x`; returns (final x, last x0 estimate). The prompt-editing step
+        counter starts at `step_offset` (a refiner continues the count of the pass it takes over); process
+        records are stored in the base model's latent space (`log_scale` converts a refiner's)."""
+        p = job.params
         steps = len(sig) - 1
-        cond_at, uncond_at = self._conditioning(params, steps, width, height, b)
-        state = {"step": 0, "denoised": x}
+        guided = self._guided(job, cond, width, height)
         extra = {} if concat is None else {"c_concat": concat}
+        state = {"step": step_offset, "denoised": None}
 
         def denoiser(xx, sigma, **_):
-            c, u = cond_at(state["step"]), uncond_at(state["step"])
-            if concat is not None:
-                c, u = {**c, **extra}, {**u, **extra}
-            if self.text is None:
-                out = self.denoiser(xx, sigma, **c)
-            else:
-                out = cfg(self.denoiser, params.cfg_scale, c, u, rescale=params.cfg_rescale)(xx, sigma)
-            if mask is not None and init_latent is not None:      # inpainting: keep the unmasked x0
+            out = _at(guided, state["step"])(xx, sigma, **extra)
+            if mask is not None:                                    # inpainting: keep the unmasked x0
                 out = init_latent * (1 - mask) + out * mask
             return out
 
         def on_step(d):
-            state["step"] = d["i"] + 1
+            state["step"] = step_offset + d["i"] + 1
             state["denoised"] = d["denoised"]
-            if params.save_process:
-                log.append({"job": job_no, "pass": pass_name, "step": d["i"], "sigma": float(d["sigma"]),
-                            "x": d["x"].detach().cpu(), "denoised": d["denoised"].detach().cpu()})
-            if callback is not None:
-                callback(StepInfo(step=d["i"], steps=steps, sigma=float(d["sigma"]), latent=d["x"],
-                                  denoised=d["denoised"], preview=lambda den=d["denoised"]: self.preview(den),
-                                  job_no=job_no, job_count=job_count, pass_name=pass_name))
-            if should_stop is not None and should_stop():
-                raise Interrupted(state["denoised"], log)
+            if p.save_process:
+                xr, dr = _rescale_signal(d["x"], d["denoised"], log_scale), d["denoised"] * log_scale
+                job.log.append({"job": job.job_no, "pass": pass_name, "step": d["i"], "sigma": float(d["sigma"]),
+                                "x": xr.detach().cpu(), "denoised": dr.detach().cpu()})
+            if job.callback is not None:
+                job.callback(StepInfo(step=d["i"], steps=steps, sigma=float(d["sigma"]), latent=d["x"],
+                                      denoised=d["denoised"], preview=lambda den=d["denoised"]: self.preview(den),
+                                      job_no=job.job_no, job_count=job.job_count, pass_name=pass_name))
+            if job.should_stop is not None and job.should_stop():
+                raise Interrupted(d["denoised"])
 
-        fn = sampler_registry.SAMPLERS[sampler_id]
-        knobs = _knobs_for(fn, params)
+        fn = sampler_registry.SAMPLERS[job.sampler_id]
         with torch.no_grad():
-            out = fn(denoiser, x, sig.to(x.device), callback=on_step, generator=gens, **knobs)
-        if mask is not None and init_latent is not None and float(sig[-1]) == 0.0:
+            out = fn(denoiser, x, sig.to(x.device), callback=on_step, generator=gens, **_knobs_for(fn, p))
+        if mask is not None and float(sig[-1]) == 0.0:
             out = init_latent * (1 - mask) + out * mask
-        return out
-
-    def _overlay_original(self, pixels, params, width, height):
-        """Paste the original pixels back outside the (blurred) mask, as A1111's inpaint overlay does."""
-        m = prepare_mask(params.mask, (width, height), params.mask_blur, params.inpainting_mask_invert)
-        m = pil_to_tensor([m.convert("RGB")])[:, :1].to(pixels.device)
-        m = (m + 1) / 2
-        orig = pil_to_tensor(list(params.init_images)[:1], (width, height)).to(pixels.device)
-        return orig * (1 - m) + pixels * m
+        return out, state["denoised"]
 
     # ------------------------------------------------------------------ infotext
     def infotext(self, params, sampler_id, schedule_id, seed, subseed, width, height) -> str:
@@ -376,10 +512,12 @@ class Pipeline:
         if params.cfg_rescale:
             d["CFG rescale"] = params.cfg_rescale
         if params.enable_hr:
-            d.update({"Hires upscale": params.hr_scale, "Hires upscaler": params.hr_upscaler,
-                      "Hires steps": params.hr_second_pass_steps,
-                      "Denoising strength": params.hr_denoising_strength if params.hr_denoising_strength is not None
-                      else params.denoising_strength})
+            d["Hires upscale"] = params.hr_scale
+            if params.hr_second_pass_steps:                 # A1111 writes it only when set (0 = same as steps)
+                d["Hires steps"] = params.hr_second_pass_steps
+            d["Hires upscaler"] = params.hr_upscaler
+            d["Denoising strength"] = (params.hr_denoising_strength if params.hr_denoising_strength is not None
+                                       else params.denoising_strength)
         if params.refiner_checkpoint and params.refiner_switch_at is not None:
             d.update({"Refiner": Path(str(params.refiner_checkpoint)).stem, "Refiner switch at": params.refiner_switch_at})
         d["Version"] = f"diffusekit {__version__}"
