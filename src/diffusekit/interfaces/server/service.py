@@ -14,7 +14,7 @@ from ... import __version__
 from ...core import samplers as sampler_registry
 from ...core import sigmas as sigma_schedules
 from ...pipelines.params import GenerationParams
-from ...pipelines.pipeline import Pipeline, split_sampler_name
+from ...pipelines.pipeline import Pipeline, image_seeds, split_sampler_name
 from .checkpoints import ModelEntry, ModelStore
 from .jobs import JobContext
 from .schemas import Limits, RequestError, validate_params
@@ -133,7 +133,8 @@ class Service:
                 interrupted = True
                 break
             ctx.start_batch(j)
-            pj = p.copy(n_iter=1, seed=seed + j * p.batch_size, subseed=subseed + j * p.batch_size)
+            (seed_j, *_), (subseed_j, *_) = image_seeds(seed, subseed, p.subseed_strength, j * p.batch_size, 1)
+            pj = p.copy(n_iter=1, seed=seed_j, subseed=subseed_j)
             r = pipe.generate(pj, callback=lambda info, j=j: ctx.on_step(info, job_no=j), should_stop=ctx.should_stop)
             images += r.images
             seeds += r.seeds
