@@ -1,0 +1,193 @@
+"""Typed training configuration, read from a TOML file (`diffusekit train CONFIG`).
+
+A config has up to six tables; every key is optional and the defaults are the shipped `shapes`
+recipe's conventions (see `configs/shapes.toml`):
+
+    [run]    out_dir, seed, threads
+    [data]   kind = "shapes" | "digits" | "folder", path (folder), size, length, seed, caption_dropout
+    [model]  prediction = "eps" | "v" | "x0" | "flow", schedule = "scaled_linear" | "linear",
+             beta_start, beta_end, timesteps; sub-tables [model.unet] (`UNetConfig` fields),
+             [model.vae] (`VAEConfig` fields; absent = a pixel-space model) and [model.text]
+             (`CLIPTextConfig` fields)
+    [vae]    the autoencoder stage, run before the diffusion stage when [model.vae] is given
+    [train]  the diffusion stage
+    [decoder] optional last stage: fine-tune the VAE decoder with the encoder frozen (as Stability's
+             sd-vae-ft-mse), so the latents and the trained UNet stay valid while images sharpen
+    [log]    sample prompts and cadence
+
+Overrides are dotted keys, e.g. {"train.steps": 10, "model.unet.model_channels": 32}.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+DATASETS = ("shapes", "digits", "folder")
+PREDICTIONS = ("eps", "v", "x0", "flow")
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/default"
+    seed: int = 0
+    threads: int = 0            # torch.set_num_threads; 0 leaves torch's default
+
+
+@dataclass
+class DataConfig:
+    kind: str = "shapes"
+    path: str = ""              # image folder (kind="folder")
+    size: int = 64
+    length: int = 10_000        # items per epoch (shapes: any index is valid; others: min(length, real size))
+    seed: int = 0
+    caption_dropout: float = 0.1   # empty caption this often, for classifier-free guidance (Ho & Salimans 2022)
+
+
+@dataclass
+class ModelConfig:
+    prediction: str = "eps"
+    schedule: str = "scaled_linear"
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    timesteps: int = 1000
+    unet: dict = field(default_factory=dict)
+    vae: dict | None = None
+    text: dict = field(default_factory=dict)
+
+
+@dataclass
+class OptimConfig:
+    """One optimisation stage. `batch_size` is the global batch of one optimizer step; each of
+    `world_size` processes runs `grad_accum` micro-batches of batch_size / (world_size * grad_accum)."""
+    steps: int = 1000
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.1   # cosine decays to lr * min_lr_ratio
+    warmup: int = 100
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8           # AdamW epsilon
+    grad_clip: float = 1.0      # 0 = off
+    ema_decay: float = 0.999    # 0 = no EMA
+    precision: str = "fp32"
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 500    # steps
+    checkpoint_minutes: float = 0  # also checkpoint when this much wall time passed (0 = off)
+    keep_checkpoints: int = 3
+    # diffusion stage only
+    min_snr_gamma: float = 0.0  # 0 = plain MSE
+    offset_noise: float = 0.0
+    cache_latents: bool = True  # keep each item's VAE latent (posterior mode) after its first encode
+    # VAE stage only
+    kl_weight: float = 1e-6
+    recon: str = "l1"           # "l1" | "l2"
+
+
+@dataclass
+class LogConfig:
+    every: int = 10             # loss CSV rows (averaged over this many steps)
+    sample_every: int = 0       # steps between sample grids; 0 = at every checkpoint
+    prompts: list = field(default_factory=lambda: ["a red circle on a white background"])
+    sample_seeds: list = field(default_factory=lambda: [1, 2])
+    sample_steps: int = 20
+    sample_cfg: float = 5.0
+    sample_sampler: str = "DPM++ 2M"
+    sample_scheduler: str = "Karras"
+    progress: bool = True
+
+
+@dataclass
+class TrainConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    vae: OptimConfig | None = None
+    train: OptimConfig = field(default_factory=OptimConfig)
+    decoder: OptimConfig | None = None
+    log: LogConfig = field(default_factory=LogConfig)
+    source: str = ""            # the file it came from
+
+    def validate(self) -> None:
+        if self.data.kind not in DATASETS:
+            raise ValueError(f"data.kind={self.data.kind!r}; valid: {', '.join(DATASETS)}")
+        if self.model.prediction not in PREDICTIONS:
+            raise ValueError(f"model.prediction={self.model.prediction!r}; valid: {', '.join(PREDICTIONS)}")
+        for name, stage in (("vae", self.vae), ("train", self.train), ("decoder", self.decoder)):
+            if stage is None:
+                continue
+            if stage.precision not in PRECISIONS:
+                raise ValueError(f"{name}.precision={stage.precision!r}; valid: {', '.join(PRECISIONS)}")
+            if stage.recon not in ("l1", "l2"):
+                raise ValueError(f"{name}.recon={stage.recon!r}; valid: 'l1', 'l2'")
+            if stage.steps < 0 or stage.batch_size < 1 or stage.grad_accum < 1:
+                raise ValueError(f"{name}: steps >= 0, batch_size >= 1 and grad_accum >= 1 needed; got "
+                                 f"{stage.steps}, {stage.batch_size}, {stage.grad_accum}")
+        if self.vae is not None and self.model.vae is None:
+            raise ValueError("a [vae] stage needs [model.vae] (the autoencoder's shape)")
+        if self.decoder is not None and self.vae is None:
+            raise ValueError("a [decoder] stage fine-tunes a VAE trained by the [vae] stage; add [vae] and [model.vae]")
+        if not 0 <= self.data.caption_dropout < 1:
+            raise ValueError(f"data.caption_dropout={self.data.caption_dropout}; must be in [0, 1)")
+
+
+def _build(cls, data: Mapping[str, Any], where: str):
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in [{where}]; valid: {sorted(names)}")
+    kwargs = {}
+    for k, v in data.items():
+        if k == "betas":
+            v = tuple(v)
+        kwargs[k] = v
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, key: str, value) -> None:
+    parts = key.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {key!r}: {p!r} is not a table")
+    node[parts[-1]] = value
+
+
+def config_from_dict(tree: Mapping[str, Any], source: str = "") -> TrainConfig:
+    tables = {"run", "data", "model", "vae", "train", "decoder", "log"}
+    unknown = sorted(set(tree) - tables)
+    if unknown:
+        raise ValueError(f"unknown table(s) {unknown} in {source or 'the config'}; valid: {sorted(tables)}")
+    cfg = TrainConfig(
+        run=_build(RunConfig, tree.get("run", {}), "run"),
+        data=_build(DataConfig, tree.get("data", {}), "data"),
+        model=_build(ModelConfig, tree.get("model", {}), "model"),
+        vae=_build(OptimConfig, tree["vae"], "vae") if "vae" in tree else None,
+        train=_build(OptimConfig, tree.get("train", {}), "train"),
+        decoder=_build(OptimConfig, tree["decoder"], "decoder") if "decoder" in tree else None,
+        log=_build(LogConfig, tree.get("log", {}), "log"),
+        source=source,
+    )
+    cfg.validate()
+    return cfg
+
+
+def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
+    """Read a TOML training config; `overrides` maps dotted keys to values (applied after reading)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no training config at {path} (see configs/shapes.toml for an example)")
+    with open(path, "rb") as f:
+        tree = tomllib.load(f)
+    for key, value in (overrides or {}).items():
+        _set_dotted(tree, key, value)
+    return config_from_dict(tree, str(path))
+
+
+def config_to_dict(cfg: TrainConfig) -> dict:
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k != "source" and v is not None}

@@ -1,0 +1,587 @@
+"""The trainer behind `diffusekit train CONFIG`: an autoencoder stage, then the diffusion stage.
+
+The diffusion stage is the notes' loop (Ho et al. 2020, Algorithm 1) grown up: take a batch of
+images (their VAE latents for a latent model, Rombach et al. 2022), draw a step t and noise,
+form the network input and target of the chosen parameterization (`core.objectives`), regress
+with (optionally min-SNR-weighted) MSE. The text encoder is trained jointly with the UNet;
+captions are dropped 10% of the time so one network learns the conditional and the
+unconditional model that classifier-free guidance combines (Ho & Salimans 2022).
+
+Reproducibility contract (what makes `resume` and multi-process training exact):
+- the data order is a pure function of (data seed, epoch): `DataOrder`;
+- every random draw of step s (timesteps, noise, caption dropout, posterior noise) is made for the
+  whole global batch from a generator seeded by (run seed, stage, s), and each process takes its
+  slice, so the result does not depend on the number of processes or on where a run was resumed;
+- weights, optimizer, EMA, RNG state and the step are checkpointed together.
+Under `torchrun --nproc_per_node N` the trainable module is wrapped in DistributedDataParallel
+(gloo on CPU, nccl on GPU); each process sees 1/N of every global batch; rank 0 writes files.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..core.objectives import TrainingTarget, min_snr_weights, offset_noise, weighted_mse
+from ..core.schedules import DiscreteSchedule, betas
+from ..models.clip import CLIPTextConfig, CLIPTextModel
+from ..models.families import SD_PREFIX_CLIP, BetaSchedule, ModelFamily, TextEncoderSpec
+from ..models.tokenizer import CLIPTokenizer
+from ..models.unet import UNetConfig, UNetModel
+from ..models.vae import AutoencoderKL, VAEConfig
+from .checkpoint import list_checkpoints, load_training_checkpoint, save_training_checkpoint
+from .config import OptimConfig, TrainConfig, config_to_dict, load_config
+from .datasets import build_dataset, to_tensor_array
+from .ema import EMA
+from .logs import LossLog, Progress
+
+__all__ = ["train_from_config", "Trainer", "DataOrder", "lr_at", "build_models", "model_family",
+           "TextToImage", "export_model"]
+
+
+STAGES = ("vae", "diffusion", "decoder")
+
+
+# ---------------------------------------------------------------------------------- pieces
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _init_world() -> World:
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return World()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return World(dist.get_rank(), dist.get_world_size())
+
+
+def step_generator(seed: int, stage: str, step: int) -> torch.Generator:
+    """The generator of every random draw of one optimizer step (same on every process)."""
+    h = hashlib.sha256(f"{seed}:{stage}:{step}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(h[:8], "little") & (2**63 - 1))
+
+
+class DataOrder:
+    """Global sample order: epoch e visits dataset indices `randperm(n)` seeded by (seed, e)."""
+
+    def __init__(self, n: int, seed: int):
+        if n < 1:
+            raise ValueError(f"the dataset is empty (n={n})")
+        self.n, self.seed = n, seed
+        self._epoch, self._perm = -1, None
+
+    def _permutation(self, epoch: int) -> list[int]:
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g).tolist()
+        return self._perm
+
+    def indices(self, start: int, count: int) -> list[int]:
+        """Dataset indices at global positions start .. start + count - 1 (across epochs)."""
+        return [self._permutation(p // self.n)[p % self.n] for p in range(start, start + count)]
+
+
+def lr_at(step: int, cfg: OptimConfig) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay to lr * min_lr_ratio at `steps`."""
+    if cfg.warmup > 0 and step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    span = max(1, cfg.steps - cfg.warmup)
+    progress = min(1.0, (step - cfg.warmup) / span)
+    low = cfg.lr * cfg.min_lr_ratio
+    return low + (cfg.lr - low) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _tuples(d: dict) -> dict:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+
+
+def build_configs(cfg: TrainConfig) -> tuple[UNetConfig, VAEConfig | None, CLIPTextConfig]:
+    """The three architecture configs of a training config (UNet channels follow the VAE)."""
+    tcfg = CLIPTextConfig(**_tuples(cfg.model.text))
+    vcfg = VAEConfig(**_tuples(cfg.model.vae)) if cfg.model.vae is not None else None
+    channels = vcfg.embed_dim if vcfg is not None else 3
+    u = {"in_channels": channels, "out_channels": channels, "context_dim": tcfg.width, **_tuples(cfg.model.unet)}
+    return UNetConfig(**u), vcfg, tcfg
+
+
+class TextToImage(nn.Module):
+    """The jointly trained pair: CLIP text encoder -> context -> cross-attention UNet."""
+
+    def __init__(self, unet: UNetModel, text_encoder: CLIPTextModel):
+        super().__init__()
+        self.unet, self.text_encoder = unet, text_encoder
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        context = self.text_encoder(ids, need_pooled=False).hidden   # (B, 77, width), last layer + final norm
+        return self.unet(x, t, context)
+
+
+class VAEObjective(nn.Module):
+    """Reconstruction and KL of the KL autoencoder (Rombach et al. 2022, Sec. 3; Kingma & Welling
+    2014): decode(mean + std * noise) with the posterior noise passed in (drawn per step)."""
+
+    def __init__(self, vae: AutoencoderKL):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, img: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        post = self.vae.encode(img)
+        z = post.mean + post.std * noise
+        return self.vae.decode(z), post.kl()     # (B, 3, H, W), (B,)
+
+
+class DecoderObjective(nn.Module):
+    """Decoder fine-tuning: reconstruct from the frozen encoder's posterior mean (the latents the
+    diffusion model was trained on), so the latent space does not move."""
+
+    def __init__(self, vae: AutoencoderKL):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            z = self.vae.encode(img).mode()
+        return self.vae.decode(z)
+
+
+def build_models(cfg: TrainConfig) -> tuple[TextToImage, AutoencoderKL | None]:
+    ucfg, vcfg, tcfg = build_configs(cfg)
+    torch.manual_seed(cfg.run.seed)
+    vae = AutoencoderKL(vcfg) if vcfg is not None else None
+    g = torch.Generator().manual_seed(cfg.run.seed + 1)
+    model = TextToImage(UNetModel(ucfg), CLIPTextModel(tcfg, generator=g))
+    return model, vae
+
+
+def model_family(cfg: TrainConfig, latent_scale: float = 1.0) -> ModelFamily:
+    """The "custom" ModelFamily that the exported checkpoint carries in its metadata."""
+    if cfg.model.prediction not in ("eps", "v"):
+        raise ValueError(f"only eps and v models can be exported as a generation checkpoint; this run "
+                         f"predicts {cfg.model.prediction!r}")
+    ucfg, vcfg, tcfg = build_configs(cfg)
+    spec = TextEncoderSpec("clip", tcfg, SD_PREFIX_CLIP)
+    return ModelFamily("custom", ucfg, vcfg if vcfg is not None else VAEConfig.tiny(), (spec,),
+                       prediction_type=cfg.model.prediction, latent_scale=latent_scale,
+                       default_size=cfg.data.size,
+                       beta_schedule=BetaSchedule(cfg.model.schedule, cfg.model.beta_start, cfg.model.beta_end,
+                                                  cfg.model.timesteps))
+
+
+def _unwrap(m: nn.Module) -> nn.Module:
+    return m.module if isinstance(m, nn.parallel.DistributedDataParallel) else m
+
+
+# ---------------------------------------------------------------------------------- trainer
+class Trainer:
+    """Runs the stages of one config in `cfg.run.out_dir`. `run()` trains; `resume=True` continues
+    from the newest readable checkpoint as if never stopped."""
+
+    def __init__(self, cfg: TrainConfig, *, resume: bool = False):
+        self.cfg, self.resume = cfg, resume
+        self.world = _init_world()
+        if cfg.run.threads > 0:
+            torch.set_num_threads(cfg.run.threads)
+        self.out = Path(cfg.run.out_dir)
+        self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+        self.dataset = build_dataset(cfg.data)
+        self.tokenizer = CLIPTokenizer.from_bpe_gz()
+        self.model, self.vae = build_models(cfg)
+        self.model.to(self.device)
+        if self.vae is not None:
+            self.vae.to(self.device)
+        self.latent_scale = 1.0
+        self.on_step: Callable[[str, int], None] | None = None   # called after every optimizer step (tests, tools)
+        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        if self.world.main:
+            if not resume and (list_checkpoints(self.out, "vae") or list_checkpoints(self.out, "diffusion")):
+                raise FileExistsError(f"{self.out} already holds checkpoints: pass resume=True (--resume) to "
+                                      "continue that run, or choose another run.out_dir")
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(config_to_dict(self.cfg), indent=2))
+
+    # ------------------------------------------------------------------ data
+    def _images(self, indices: list[int]) -> torch.Tensor:
+        arrs = [to_tensor_array(self.dataset[i]["image"]) for i in indices]
+        return torch.from_numpy(np.stack(arrs)).to(self.device)
+
+    def _latents_and_ids(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, C, h, w) scaled latents (or pixels) and (B, 77) token ids, cached per item if asked."""
+        use_cache = self.cfg.train.cache_latents
+        todo = [i for i in indices if i not in self._cache] if use_cache else list(indices)
+        if todo:
+            items = [self.dataset[i] for i in todo]
+            img = torch.from_numpy(np.stack([to_tensor_array(it["image"]) for it in items])).to(self.device)
+            if self.vae is not None:
+                with torch.no_grad():
+                    x = self.vae.encode(img).mode().float() * self.latent_scale
+            else:
+                x = img
+            ids = self.tokenizer([it["caption"] for it in items])
+            fresh = {i: (x[k].cpu(), ids[k]) for k, i in enumerate(todo)}
+            if use_cache:
+                self._cache.update(fresh)
+        else:
+            fresh = {}
+        src = self._cache if use_cache else fresh
+        return (torch.stack([src[i][0] for i in indices]).to(self.device),
+                torch.stack([src[i][1] for i in indices]).to(self.device))
+
+    # ------------------------------------------------------------------ the generic loop
+    def _optimize(self, stage: str, module: nn.Module, ocfg: OptimConfig,
+                  micro_loss: Callable[..., torch.Tensor],
+                  on_checkpoint: Callable[[int, nn.Module], None] | None = None,
+                  extra_state: Callable[[], dict] | None = None) -> EMA | None:
+        """AdamW + warm-up/cosine + clipping + accumulation + EMA + checkpoints for `module`.
+
+        micro_loss(gen, step, global_indices, lo, hi, module): loss of global-batch rows lo..hi-1
+        (this process's micro-batch), random draws made for the whole global batch from `gen`."""
+        w, B = self.world, ocfg.batch_size
+        per_micro, rem = divmod(B, w.size * ocfg.grad_accum)
+        if rem or per_micro == 0:
+            raise ValueError(f"{stage}.batch_size={B} must be a positive multiple of processes x grad_accum "
+                             f"= {w.size} x {ocfg.grad_accum}")
+        decay, no_decay = [], []
+        for n, p in module.named_parameters():
+            (no_decay if p.ndim < 2 or "embedding" in n else decay).append(p)
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": ocfg.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=ocfg.lr, betas=ocfg.betas, eps=ocfg.eps)
+        ema = EMA(module, ocfg.ema_decay) if ocfg.ema_decay > 0 else None
+        start, elapsed = 0, 0.0
+        log = LossLog(self.out / "loss.csv", enabled=w.main)
+        if self.resume:
+            found = load_training_checkpoint(self.out, stage)
+            if found is not None:
+                start, weights, state, folder = found
+                module.load_state_dict({k[len("model."):]: v for k, v in weights.items() if k.startswith("model.")})
+                opt.load_state_dict(state["optimizer"])
+                if ema is not None:
+                    ema.load_state_dict(state["ema"])
+                torch.set_rng_state(state["torch_rng"])
+                elapsed = float(state["wall_s"])
+                self._restore(state.get("extra", {}))
+                log.truncate(stage, start)
+                if w.main:
+                    print(f"[{stage}] resumed from {folder} at step {start}")
+        if start >= ocfg.steps:
+            return ema
+        train_mod = module
+        if w.size > 1:
+            train_mod = nn.parallel.DistributedDataParallel(module)
+        order = DataOrder(len(self.dataset), self.cfg.data.seed)
+        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if ocfg.precision == "bf16"
+                    else nullcontext())
+        params = [p for p in module.parameters() if p.requires_grad]
+        progress = Progress(stage, start, ocfg.steps, enabled=w.main and self.cfg.log.progress)
+        last_ckpt_time, t0 = time.time(), time.time() - elapsed
+        last_plot = [time.time()]
+        module.train()
+
+        def checkpoint(step: int) -> None:
+            if w.main:
+                weights = {f"model.{k}": v for k, v in module.state_dict().items()}
+                state = {"step": step, "optimizer": opt.state_dict(), "ema": ema.state_dict() if ema else {},
+                         "torch_rng": torch.get_rng_state(), "wall_s": time.time() - t0,
+                         "samples_seen": step * B, "extra": extra_state() if extra_state else {}}
+                save_training_checkpoint(self.out, stage, step, weights, state, keep=ocfg.keep_checkpoints)
+                if step == ocfg.steps or time.time() - last_plot[0] > 120:   # matplotlib is slow to start
+                    log.plot()
+                    last_plot[0] = time.time()
+                if on_checkpoint is not None:
+                    on_checkpoint(step, module if ema is None else _with_ema(module, ema))
+            if w.size > 1:
+                dist.barrier()
+
+        for step in range(start, ocfg.steps):
+            lr = lr_at(step, ocfg)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            indices = order.indices(step * B, B)
+            total = 0.0
+            for k in range(ocfg.grad_accum):
+                # a fresh generator per micro-batch: each call draws the same global-batch randomness
+                gen = step_generator(self.cfg.run.seed, stage, step)
+                lo = (k * w.size + w.rank) * per_micro
+                sync = k == ocfg.grad_accum - 1 or w.size == 1
+                with (nullcontext() if sync else train_mod.no_sync()), autocast:
+                    loss = micro_loss(gen, step, indices, lo, lo + per_micro, train_mod) / ocfg.grad_accum
+                loss.backward()
+                total += float(loss.detach())
+            if w.size > 1:   # the logged loss is the global-batch mean
+                t = torch.tensor([total], device=self.device)
+                dist.all_reduce(t)
+                total = float(t) / w.size
+            gnorm = torch.nn.utils.clip_grad_norm_(params, ocfg.grad_clip if ocfg.grad_clip > 0 else float("inf"))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update(module)
+            done = step + 1
+            log.add(stage, done, total, lr, float(gnorm), every=self.cfg.log.every, wall=time.time() - t0)
+            progress.update(B, total)
+            due = done % ocfg.checkpoint_every == 0 or done == ocfg.steps or (
+                ocfg.checkpoint_minutes > 0 and time.time() - last_ckpt_time > 60 * ocfg.checkpoint_minutes)
+            if w.size > 1:   # every process must agree to enter the barrier
+                flag = torch.tensor([int(due)], device=self.device)
+                dist.broadcast(flag, 0)
+                due = bool(flag)
+            if due:
+                checkpoint(done)
+                last_ckpt_time = time.time()
+            if self.on_step is not None:
+                self.on_step(stage, done)
+        progress.close()
+        return ema
+
+    def _restore(self, extra: dict) -> None:
+        if "latent_scale" in extra:
+            self.latent_scale = float(extra["latent_scale"])
+
+    # ------------------------------------------------------------------ stages
+    def train_vae(self) -> None:
+        ocfg, vae = self.cfg.vae, self.vae
+        objective = VAEObjective(vae)
+        vcfg = vae.config
+        f = vcfg.downsample_factor
+        size = self.cfg.data.size
+
+        def micro_loss(gen, step, indices, lo, hi, mod):
+            # (B, embed_dim, H/f, W/f) posterior noise for the whole global batch, then our slice
+            noise = torch.randn(len(indices), vcfg.embed_dim, size // f, size // f, generator=gen)[lo:hi]
+            img = self._images(indices[lo:hi])
+            rec, kl = mod(img, noise.to(self.device))
+            err = (rec.float() - img).abs() if ocfg.recon == "l1" else (rec.float() - img) ** 2
+            return err.mean() + ocfg.kl_weight * kl.float().mean() / (3 * size * size)
+
+        ema = self._optimize("vae", objective, ocfg, micro_loss, on_checkpoint=self._vae_grid)
+        if ema is not None:
+            ema.copy_to(objective)
+        vae.eval().requires_grad_(False)
+
+    def _measure_latent_scale(self, n: int = 256) -> float:
+        """1 / std of the VAE latents (posterior mean) of the first n training items (SD: 0.18215)."""
+        z = []
+        with torch.no_grad():
+            for lo in range(0, n, 32):
+                z.append(self.vae.encode(self._images(list(range(lo, min(n, lo + 32))))).mode().float())
+        return float(1.0 / torch.cat(z).std())
+
+    def train_diffusion(self) -> None:
+        ocfg, mcfg = self.cfg.train, self.cfg.model
+        if self.vae is not None:
+            self.vae.eval().requires_grad_(False)
+            found = load_training_checkpoint(self.out, "diffusion") if self.resume else None
+            self.latent_scale = (float(found[2]["extra"]["latent_scale"]) if found else self._measure_latent_scale())
+            if self.world.main:
+                print(f"[diffusion] latent scale 1/std = {self.latent_scale:.5f}")
+        if ocfg.gradient_checkpointing:
+            self.model.unet.set_gradient_checkpointing(True)
+        flow = mcfg.prediction == "flow"
+        schedule = None if flow else DiscreteSchedule.from_betas(
+            betas(mcfg.schedule, mcfg.timesteps, beta_start=mcfg.beta_start, beta_end=mcfg.beta_end))
+        target = TrainingTarget(mcfg.prediction, schedule)
+        empty = self.tokenizer([""])[0]
+        drop_p = self.cfg.data.caption_dropout
+
+        def micro_loss(gen, step, indices, lo, hi, mod):
+            x0, ids = self._latents_and_ids(indices[lo:hi])
+            n = len(indices)
+            # every draw for the global batch (n rows) from the step generator, then our rows
+            t_all = target.sample(n, generator=gen)
+            noise = torch.randn(n, *x0.shape[1:], generator=gen)
+            if ocfg.offset_noise > 0:
+                noise = offset_noise(noise, ocfg.offset_noise, generator=gen)
+            drop = torch.rand(n, generator=gen) < drop_p
+            t, noise, drop = t_all[lo:hi], noise[lo:hi].to(self.device), drop[lo:hi]
+            ids = torch.where(drop[:, None].to(self.device), empty.to(self.device), ids)
+            pair = target(x0, noise, sigma=t) if flow else target(x0, noise, t)
+            pred = mod(pair.model_input, pair.timestep, ids)
+            weights = None
+            if ocfg.min_snr_gamma > 0 and not flow:
+                weights = min_snr_weights(target.snr(t), ocfg.min_snr_gamma, mcfg.prediction).float()
+            return weighted_mse(pred, pair.target, weights)
+
+        self._optimize("diffusion", self.model, ocfg, micro_loss, on_checkpoint=self._sample_grid,
+                       extra_state=lambda: {"latent_scale": self.latent_scale})
+
+    def train_decoder(self) -> None:
+        ocfg, vae, size = self.cfg.decoder, self.vae, self.cfg.data.size
+        vae.train()
+        vae.encoder.requires_grad_(False)
+        if vae.quant_conv is not None:
+            vae.quant_conv.requires_grad_(False)
+        for m in (vae.decoder, vae.post_quant_conv):
+            if m is not None:
+                m.requires_grad_(True)
+        objective = DecoderObjective(vae)
+
+        def micro_loss(gen, step, indices, lo, hi, mod):
+            img = self._images(indices[lo:hi])
+            rec = mod(img).float()
+            return (rec - img).abs().mean() if ocfg.recon == "l1" else ((rec - img) ** 2).mean()
+
+        ema = self._optimize("decoder", objective, ocfg, micro_loss,
+                             on_checkpoint=lambda step, m: self._vae_grid(step, m, "decoder"))
+        if ema is not None:
+            ema.copy_to(objective)
+        vae.eval().requires_grad_(False)
+
+    def run(self, stages: tuple[str, ...] = STAGES) -> Path:
+        """Train the configured stages among `stages` in order: vae, diffusion, decoder. A stage that
+        is left out but needed later (the VAE) is loaded from its newest checkpoint."""
+        unknown = sorted(set(stages) - set(STAGES))
+        if unknown:
+            raise ValueError(f"unknown stage(s) {unknown}; valid: {', '.join(STAGES)}")
+        if self.cfg.vae is not None:
+            if "vae" in stages:
+                self.train_vae()
+            else:
+                self._load_stage_weights("vae", VAEObjective(self.vae))
+        elif self.vae is not None:
+            raise ValueError("[model.vae] is given but there is no [vae] stage to train it")
+        if "diffusion" in stages:
+            self.train_diffusion()
+        if self.cfg.decoder is not None and "decoder" in stages:
+            self.train_decoder()
+        if self.world.main and tuple(stages) == STAGES:
+            (self.out / "DONE").write_text("finished\n")
+        return self.out
+
+    def _load_stage_weights(self, stage: str, module: nn.Module) -> None:
+        found = load_training_checkpoint(self.out, stage)
+        if found is None:
+            raise FileNotFoundError(f"{self.out} has no readable {stage} checkpoint to start from")
+        _load_module(module, found[1], found[2])
+
+    # ------------------------------------------------------------------ previews
+    def _vae_grid(self, step: int, objective: nn.Module, stage: str = "vae") -> None:
+        from ..media.grid import xy_grid
+        from .logs import tensor_images
+        vae = _unwrap(objective).vae
+        was = vae.training
+        vae.eval()
+        with torch.no_grad():
+            img = self._images(list(range(8)))
+            rec = vae.decode(vae.encode(img).mode())
+        vae.train(was)
+        grid = xy_grid([tensor_images(img), tensor_images(rec)], [str(i) for i in range(8)], ["data", "recon"])
+        _save_png(grid, self.out / "samples" / f"{stage}-{step:08d}.png")
+
+    def _sample_grid(self, step: int, model: nn.Module) -> None:
+        every = self.cfg.log.sample_every
+        if every and step % every and step != self.cfg.train.steps:
+            return
+        from ..media.grid import xy_grid
+        pipe = self.pipeline(model)
+        rows = []
+        for prompt in self.cfg.log.prompts:
+            row = []
+            for seed in self.cfg.log.sample_seeds:
+                row.extend(pipe.generate(self._params(prompt, seed)).images)
+            rows.append(row)
+        labels = [str(s) for s in self.cfg.log.sample_seeds]
+        grid = xy_grid(rows, labels, [p[:40] for p in self.cfg.log.prompts], title=f"step {step}")
+        _save_png(grid, self.out / "samples" / f"diffusion-{step:08d}.png")
+
+    def _params(self, prompt: str, seed: int):
+        from ..pipelines.params import GenerationParams
+        lg = self.cfg.log
+        return GenerationParams(prompt=prompt, steps=lg.sample_steps, sampler_name=lg.sample_sampler,
+                                scheduler=lg.sample_scheduler, cfg_scale=lg.sample_cfg, seed=seed,
+                                width=self.cfg.data.size, height=self.cfg.data.size)
+
+    def pipeline(self, model: nn.Module | None = None):
+        """A generation Pipeline over copies of the current (or given, e.g. EMA) weights."""
+        from ..models.loading import ModelParts
+        from ..pipelines.pipeline import Pipeline
+        model = copy.deepcopy(_unwrap(model if model is not None else self.model)).eval()
+        vae = copy.deepcopy(self.vae).eval() if self.vae is not None else None
+        parts = ModelParts(unet=model.unet, vae=vae, text_encoders=[model.text_encoder],
+                           tokenizers=[self.tokenizer], family=model_family(self.cfg, self.latent_scale),
+                           name="training")
+        return Pipeline(parts, device=self.device)
+
+
+def _load_module(module: nn.Module, weights: dict, state: dict) -> None:
+    """Checkpoint weights into `module`, then its EMA weights if the checkpoint has them."""
+    module.load_state_dict({k[len("model."):]: v for k, v in weights.items() if k.startswith("model.")})
+    if state.get("ema"):
+        e = EMA(module, state["ema"]["decay"])
+        e.load_state_dict(state["ema"])
+        e.copy_to(module)
+
+
+def _with_ema(module: nn.Module, ema: EMA) -> nn.Module:
+    shadow = copy.deepcopy(module)
+    ema.copy_to(shadow)
+    return shadow
+
+
+def _save_png(image, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    image.save(tmp)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------- entry points
+def train_from_config(path: str | Path, *, resume: bool = False, overrides: dict | None = None,
+                      stages: tuple[str, ...] = STAGES) -> Path:
+    """`diffusekit train CONFIG [--resume]`: train the stages of the config; returns the run folder."""
+    cfg = load_config(path, overrides)
+    return Trainer(cfg, resume=resume).run(stages)
+
+
+def load_run(out_dir: str | Path, *, ema: bool = True) -> tuple[TrainConfig, TextToImage, AutoencoderKL | None, float]:
+    """The config, trained (EMA) model, VAE and latent scale of a run's newest checkpoints."""
+    from .config import config_from_dict
+    out = Path(out_dir)
+    cfg = config_from_dict(json.loads((out / "config.json").read_text()), str(out / "config.json"))
+    model, vae = build_models(cfg)
+    found = load_training_checkpoint(out, "diffusion")
+    if found is None:
+        raise FileNotFoundError(f"{out} has no readable diffusion checkpoint")
+    step, weights, state, _ = found
+    model.load_state_dict({k[len("model."):]: v for k, v in weights.items() if k.startswith("model.")})
+    if ema and state["ema"]:
+        e = EMA(model, state["ema"]["decay"])
+        e.load_state_dict(state["ema"])
+        e.copy_to(model)
+    if vae is not None:
+        for stage in ("decoder", "vae"):   # a fine-tuned decoder replaces the VAE stage's weights
+            vfound = load_training_checkpoint(out, stage)
+            if vfound is not None:
+                _load_module(VAEObjective(vae), vfound[1], vfound[2] if ema else {"ema": {}})
+                break
+        else:
+            raise FileNotFoundError(f"{out} has no readable vae checkpoint")
+    scale = float(state["extra"].get("latent_scale", 1.0))
+    return cfg, model.eval(), vae.eval() if vae is not None else None, scale
+
+
+def export_model(out_dir: str | Path, path: str | Path, *, dtype: torch.dtype = torch.float16,
+                 metadata: dict | None = None) -> Path:
+    """Write a run's EMA weights as a single-file checkpoint that `Pipeline.from_pretrained` loads."""
+    from ..models.loading import save_checkpoint
+    cfg, model, vae, scale = load_run(out_dir)
+    fam = model_family(cfg, scale)
+    return save_checkpoint({"unet": model.unet, "vae": vae, "text_encoders": [model.text_encoder]}, path,
+                           family=fam, dtype=dtype, metadata=metadata)

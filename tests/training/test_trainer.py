@@ -1,0 +1,206 @@
+"""Trainer: exact resume, corrupt-checkpoint fallback, DDP == single process, schedules, export.
+
+Everything runs a toy latent model (16x16 shapes, factor-2 VAE, 16-wide CLIP, 16-channel UNet)
+for a few steps on one CPU thread. Tolerances: resume, accumulation and DDP compare weights with
+atol 1e-5 (float32 sums in a different order: micro-batches, all-reduce). AdamW's eps is 1e-2 here:
+with the default 1e-8 its first steps are ~lr * sign(grad), and the UNet's zero-initialised output
+layers have gradients ~1e-9 whose sign is float noise, so equal runs would differ by 2 lr."""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from diffusekit.training.checkpoint import list_checkpoints, load_training_checkpoint
+from diffusekit.training.config import OptimConfig, config_from_dict, load_config
+from diffusekit.training.trainer import DataOrder, Trainer, export_model, lr_at
+
+
+def tiny_tree(out_dir: Path, *, vae_steps: int = 2, steps: int = 4, batch: int = 4, **train) -> dict:
+    return {
+        "run": {"out_dir": str(out_dir), "seed": 3, "threads": 1},
+        "data": {"kind": "shapes", "size": 16, "length": 12, "seed": 0, "caption_dropout": 0.25},
+        "model": {"prediction": "eps",
+                  "vae": {"ch": 8, "ch_mult": [1, 2], "num_res_blocks": 1, "mid_attention": False, "norm_groups": 4},
+                  "text": {"width": 16, "layers": 1, "heads": 2, "mlp_dim": 32},
+                  "unet": {"model_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1,
+                           "transformer_depth": [0, 1], "transformer_depth_middle": 0, "num_heads": 2,
+                           "norm_num_groups": 8}},
+        "vae": {"steps": vae_steps, "batch_size": batch, "lr": 1e-3, "warmup": 1, "ema_decay": 0.0, "eps": 1e-2,
+                "checkpoint_every": 1},
+        "train": {"steps": steps, "batch_size": batch, "lr": 1e-3, "warmup": 2, "ema_decay": 0.9, "eps": 1e-2,
+                  "checkpoint_every": 2, "min_snr_gamma": 5.0, "offset_noise": 0.1, **train},
+        "log": {"every": 1, "sample_every": 10_000, "progress": False, "prompts": ["a red circle"],
+                "sample_seeds": [1], "sample_steps": 2},
+    }
+
+
+def final_weights(out_dir: Path, stage: str = "diffusion") -> dict[str, torch.Tensor]:
+    found = load_training_checkpoint(out_dir, stage)
+    assert found is not None
+    return found[1]
+
+
+def assert_same(a: dict, b: dict, atol: float = 1e-5) -> None:
+    assert a.keys() == b.keys()
+    worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    assert worst <= atol, worst
+
+
+class Stop(Exception):
+    pass
+
+
+def run_interrupted(tree: dict, stage: str, at: int) -> None:
+    trainer = Trainer(config_from_dict(tree))
+
+    def hook(s, step):
+        if s == stage and step == at:
+            raise Stop  # as a kill right after the checkpoint at `at` steps
+
+    trainer.on_step = hook
+    with pytest.raises(Stop):
+        trainer.run()
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("straight")
+    Trainer(config_from_dict(tiny_tree(out))).run()
+    return out
+
+
+def test_run_writes_logs_checkpoints_and_samples(straight):
+    assert (straight / "DONE").is_file()
+    assert [s for s, _ in list_checkpoints(straight, "diffusion")] == [2, 4]
+    rows = (straight / "loss.csv").read_text().splitlines()
+    assert rows[0] == "stage,step,loss,lr,grad_norm,wall_s" and len(rows) == 1 + 2 + 4
+    assert (straight / "loss.png").is_file()
+    assert (straight / "samples" / "diffusion-00000004.png").is_file()   # the last step always samples
+    assert (straight / "samples" / "vae-00000002.png").is_file()
+    state = load_training_checkpoint(straight, "diffusion")[2]
+    assert state["samples_seen"] == 16 and state["ema"]["num_updates"] == 4
+    assert state["extra"]["latent_scale"] > 0
+
+
+@pytest.mark.parametrize("stage,at", [("diffusion", 2), ("vae", 1)])
+def test_resume_equals_uninterrupted(straight, tmp_path, stage, at):
+    tree = tiny_tree(tmp_path)
+    run_interrupted(tree, stage, at)
+    assert not (tmp_path / "DONE").exists()
+    with pytest.raises(FileExistsError, match="resume"):
+        Trainer(config_from_dict(tree))                 # refuses to overwrite a run silently
+    Trainer(config_from_dict(tree), resume=True).run()
+    assert_same(final_weights(tmp_path), final_weights(straight))
+    assert_same(final_weights(tmp_path, "vae"), final_weights(straight, "vae"))
+    a = load_training_checkpoint(tmp_path, "diffusion")[2]["ema"]["shadow"]
+    b = load_training_checkpoint(straight, "diffusion")[2]["ema"]["shadow"]
+    assert_same(a, b)
+    # the loss curve continues the interrupted one: same rows as the straight run
+    rows = lambda p: [r.split(",")[:3] for r in (p / "loss.csv").read_text().splitlines()]
+    ra, rb = rows(tmp_path), rows(straight)
+    assert [r[:2] for r in ra] == [r[:2] for r in rb]
+    assert all(abs(float(x[2]) - float(y[2])) < 1e-4 for x, y in zip(ra[1:], rb[1:]))
+
+
+def test_corrupt_last_checkpoint_falls_back(tmp_path):
+    tree = tiny_tree(tmp_path, steps=4)
+    run_interrupted(tree, "diffusion", 4)   # both checkpoints (2, 4) exist
+    last = tmp_path / "checkpoints" / "diffusion-00000004" / "weights.safetensors"
+    last.write_bytes(last.read_bytes()[:100])   # a torn write
+    with pytest.warns(UserWarning, match="unreadable"):
+        step, *_ = load_training_checkpoint(tmp_path, "diffusion")
+    assert step == 2
+
+
+def test_grad_accumulation_matches_full_batch(tmp_path):
+    full, acc = tmp_path / "full", tmp_path / "acc"
+    Trainer(config_from_dict(tiny_tree(full, vae_steps=1, steps=2))).run()
+    t = tiny_tree(acc, vae_steps=1, steps=2, grad_accum=2)
+    Trainer(config_from_dict(t)).run()
+    assert_same(final_weights(full), final_weights(acc))
+
+
+def _ddp_worker(rank: int, world: int, port: int, tree: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    Trainer(config_from_dict(tree)).run()
+    torch.distributed.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_processes_equal_single_process(straight, tmp_path):
+    """torchrun-style 2-process gloo run with the same global batch (4 = 2 x 2) and seeds."""
+    tree = tiny_tree(tmp_path)
+    mp.spawn(_ddp_worker, args=(2, _free_port(), tree), nprocs=2, join=True)
+    assert_same(final_weights(tmp_path), final_weights(straight))
+    assert_same(final_weights(tmp_path, "vae"), final_weights(straight, "vae"))
+
+
+def test_export_loads_in_pipeline(straight, tmp_path):
+    from diffusekit import GenerationParams, Pipeline
+    path = export_model(straight, tmp_path / "m.safetensors")
+    pipe = Pipeline.from_pretrained(str(path))
+    assert pipe.family.name == "custom" and pipe.factor == 2
+    assert pipe.scale == pytest.approx(load_training_checkpoint(straight, "diffusion")[2]["extra"]["latent_scale"])
+    img = pipe.generate(GenerationParams(prompt="a red circle", steps=2, cfg_scale=5, seed=1, width=16,
+                                         height=16)).images[0]
+    assert img.size == (16, 16)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    c = OptimConfig(steps=110, lr=1.0, warmup=10, min_lr_ratio=0.1)
+    assert lr_at(0, c) == pytest.approx(0.1) and lr_at(9, c) == pytest.approx(1.0)
+    assert lr_at(10, c) == pytest.approx(1.0)
+    assert lr_at(60, c) == pytest.approx(0.55)          # half way down the cosine: (1 + 0.1) / 2
+    assert lr_at(110, c) == pytest.approx(0.1)
+
+
+def test_data_order_is_a_fixed_permutation_per_epoch():
+    o = DataOrder(5, seed=1)
+    first, second = o.indices(0, 5), o.indices(5, 5)
+    assert sorted(first) == sorted(second) == list(range(5)) and first != second
+    assert DataOrder(5, seed=1).indices(3, 4) == first[3:] + second[:2]
+
+
+def test_config_errors_teach(tmp_path):
+    with pytest.raises(ValueError, match="valid"):
+        config_from_dict({"data": {"kind": "cifar"}})
+    with pytest.raises(ValueError, match="unknown key"):
+        config_from_dict({"train": {"stepz": 3}})
+    cfg_file = tmp_path / "c.toml"
+    cfg_file.write_text('[train]\nsteps = 7\n[model.unet]\nmodel_channels = 8\n')
+    cfg = load_config(cfg_file, {"train.steps": 9, "model.unet.num_res_blocks": 1})
+    assert cfg.train.steps == 9 and cfg.model.unet == {"model_channels": 8, "num_res_blocks": 1}
+
+
+def test_shipped_configs_parse():
+    root = Path(__file__).resolve().parents[2] / "configs"
+    for name in ("shapes.toml", "digits.toml"):
+        cfg = load_config(root / name)
+        assert cfg.train.steps > 0
+
+
+def test_decoder_stage_keeps_the_encoder(straight, tmp_path):
+    """The [decoder] stage (sd-vae-ft-mse style) changes only the decoder, so latents stay valid."""
+    import shutil
+    out = tmp_path / "run"
+    shutil.copytree(straight, out)
+    tree = tiny_tree(out)
+    tree["decoder"] = dict(tree["vae"], steps=2)
+    Trainer(config_from_dict(tree), resume=True).run(("decoder",))
+    before, after = final_weights(out, "vae"), final_weights(out, "decoder")
+    enc = [k for k in before if ".encoder." in k or "quant_conv" in k and "post" not in k]
+    dec = [k for k in before if ".decoder." in k]
+    assert enc and all(torch.equal(before[k], after[k]) for k in enc)
+    assert any(not torch.equal(before[k], after[k]) for k in dec)
