@@ -34,6 +34,10 @@ def xy_grid(images: Sequence[Sequence[Image.Image]], col_labels: Sequence[str], 
         head += text_size(x_title, fs)[1] + 2 * pad
     left = label_w + ((text_size(y_title, fs)[1] + 2 * pad) if y_title else 0)
     w = left + cols * (tw + pad) + pad
+    if title:   # a long title is shortened to the grid's width rather than cut off at the left edge
+        while len(title) > 4 and text_size(title, fs + 2)[0] > w - 2 * pad:
+            title = title[: max(4, len(title) - 4)].rstrip() + "…"
+            title = title.replace("……", "…")
     h = head + label_h + rows * (th + pad) + pad
     out = Image.new("RGB", (w, h), (255, 255, 255))
     draw = ImageDraw.Draw(out)
