@@ -147,3 +147,57 @@ def test_errors_teach():
         ns(1.0, 1.0)
     with pytest.raises(ValueError, match="t0 < t1"):
         BrownianTree(1.0, 1.0, [1], (2,))
+
+
+def _reference_normals(seed: int, node: int, numel: int) -> torch.Tensor:
+    """Z_node of one row straight from the definition (module docstring), one formula step per line:
+    uniform e = top 53 bits of mix64(mix64(seed + G) ^ mix64((2 node + 1) G) + e G), e < 2 * pairs;
+    Box-Muller on (uniform e, uniform pairs + e) gives normals e (cos) and pairs + e (sin)."""
+    def signed(v: int) -> int:
+        v %= 2 ** 64
+        return v - 2 ** 64 if v >= 2 ** 63 else v
+    golden = signed(0x9E3779B97F4A7C15)
+    row_key = mix64(torch.tensor([signed(seed)]) + golden)
+    node_key = mix64(torch.tensor([signed(2 * node + 1)]) * golden)
+    pairs = (numel + 1) // 2
+    bits = mix64((row_key ^ node_key) + torch.arange(2 * pairs) * golden)
+    u = ((bits >> 11) & (2 ** 53 - 1)).to(torch.float64) * 2.0 ** -53
+    radius = (-2.0 * torch.log1p(-u[:pairs])).sqrt()
+    angle = (2.0 * math.pi) * u[pairs:]
+    return torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])[:numel]
+
+
+# odd sizes (the last normal dropped) and 70200 elements (three column blocks per row)
+@pytest.mark.parametrize("shape", [(3,), (5, 7), (2, 100, 351)])
+def test_node_values_follow_the_generator_definition(shape):
+    """W(t1) = sqrt(t1 - t0) Z_root and, at the first midpoint m, W(m) = W(t1) / 2 + sqrt((t1 - t0) / 4) Z_1,
+    with Z from the reference above: the blocked, in-place drawing computes the definition."""
+    seeds, numel = [42, 2 ** 63 - 1], math.prod(shape)
+    tree = BrownianTree(T0, T1, seeds, shape)
+    w1, wm = tree(T1), tree(0.5 * (T0 + T1))
+    for row, seed in enumerate(seeds):
+        z_root = _reference_normals(seed, 0, numel).reshape(shape)
+        z_1 = _reference_normals(seed, 1, numel).reshape(shape)
+        torch.testing.assert_close(w1[row], math.sqrt(T1 - T0) * z_root, rtol=0, atol=1e-12)
+        torch.testing.assert_close(wm[row], 0.5 * w1[row] + math.sqrt((T1 - T0) / 4) * z_1, rtol=0, atol=1e-12)
+
+
+def test_values_do_not_depend_on_blocking_or_threads():
+    """Large blocks split by 3 torch threads at arbitrary points, and tiny blocks (two column slices
+    per row), give the bits of the default single-threaded run; so does a single row."""
+    times = [T1, 7.0, 2.0, 0.5, 0.05, T0 + 1e-7, 3.3]
+    seeds, shape = list(range(150)), (3, 70)   # 105 pairs a row; a block of 150 rows is 31500 pairs
+    reference = [w.clone() for w in map(BrownianTree(T0, T1, seeds, shape), times)]
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        threaded = [BrownianTree(T0, T1, seeds, shape)(t) for t in times]
+    finally:
+        torch.set_num_threads(before)
+    tiny = BrownianTree(T0, T1, seeds[:4], shape)
+    tiny._block = 128    # 64 pairs per column slice: two slices (64 + 41 pairs) per (node, row)
+    single = BrownianTree(T0, T1, seeds[3:4], shape)
+    for k, t in enumerate(times):
+        assert torch.equal(threaded[k], reference[k]), t
+        assert torch.equal(tiny(t), reference[k][:4]), t
+        assert torch.equal(single(t), reference[k][3:4]), t

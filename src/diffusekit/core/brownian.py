@@ -20,6 +20,14 @@ Z_node is drawn by a counter-based generator: the splitmix64 finalizer (Steele e
 is thus computed for all batch rows and elements in a few vectorised integer ops, where a
 torch.Generator would need one object per (row, node). Integer ops are exact on every device, so the
 noise is the same on CPU and GPU (up to one ulp of log/cos).
+
+Speed: a query draws the ~20 nodes below the last query's path (sampler queries walk down in t), i.e.
+~20 x batch x latent-size normals, which is most of an SDE step. On the CPU they are drawn in blocks of
+`_CPU_BLOCK` elements per torch thread by in-place ops on two reused scratch buffers, so a block stays
+in cache; the bridge runs block by block for the same reason. Every op is elementwise, and torch's
+elementwise kernels give an element the same bits wherever it sits in a tensor, so a value does not
+depend on the blocking, the batch or the thread count; it is bit-for-bit the value of the
+straightforward formulation (one op per formula step over all nodes at once). The tests check both.
 """
 from __future__ import annotations
 
@@ -41,6 +49,9 @@ def _signed(v: int) -> int:
 _GOLDEN = _signed(0x9E3779B97F4A7C15)    # splitmix64 increment
 _MUL1 = _signed(0xBF58476D1CE4E5B9)
 _MUL2 = _signed(0x94D049BB133111EB)
+_CPU_BLOCK = 1 << 15   # elements per op and torch thread on the CPU (ATen's grain size): 256 KiB of int64
+_ALIGN = 64            # a long row is cut into column slices of a multiple of this many pairs
+_TWO_PI_ULP = 2.0 * math.pi * 2.0 ** -53   # 2 pi times the spacing of 53-bit uniforms (exact: a power of 2)
 
 
 def _srl(z: torch.Tensor, k: int) -> torch.Tensor:
@@ -55,13 +66,49 @@ def mix64(z: torch.Tensor) -> torch.Tensor:
     return z ^ _srl(z, 31)
 
 
+def _uniform_bits_(h: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
+    """In place: h <- the top 53 bits of mix64(h), a non-negative int64 (= `_srl(mix64(h), 11)`, bit for
+    bit, in 14 ops and no allocation); tmp: scratch of h's shape."""
+    for shift, mul in ((30, _MUL1), (27, _MUL2)):
+        torch.bitwise_right_shift(h, shift, out=tmp)   # arithmetic shift, then mask = logical shift
+        tmp &= (1 << (64 - shift)) - 1
+        h ^= tmp
+        h *= mul
+    # last round fused with the >> 11: srl(z ^ srl(z, 31), 11) = srl(z, 11) ^ srl(z, 42)
+    torch.bitwise_right_shift(h, 42, out=tmp)
+    tmp &= (1 << 22) - 1
+    h >>= 11
+    h &= (1 << 53) - 1
+    h ^= tmp
+    return h
+
+
+def _box_muller_(bits: torch.Tensor, u: torch.Tensor, radius: torch.Tensor, angle: torch.Tensor,
+                 out_cos: torch.Tensor, out_sin: torch.Tensor) -> None:
+    """Box-Muller (1958): bits (n, 2, c) 53-bit ints k, u = k 2^-53 uniform in [0, 1) -> out_cos, out_sin
+    (n, c) = r (cos, sin)(2 pi u[:, 1]), r = sqrt(-2 log1p(-u[:, 0])). u: float64 scratch (n, 2, c),
+    radius, angle: its views u[:, 0], u[:, 1]. Scaling by powers of two is exact, so this equals the
+    textbook op order bit for bit."""
+    u.copy_(bits)
+    radius *= -2.0 ** -53                  # -u, so log1p(-u) = log(1 - u) with 1 - u in (0, 1]
+    torch.log1p(radius, out=radius)
+    radius *= -2.0
+    radius.sqrt_()
+    angle *= _TWO_PI_ULP
+    torch.cos(angle, out=out_cos)
+    torch.sin(angle, out=out_sin)
+    out_cos *= radius
+    out_sin *= radius
+
+
 class BrownianTree:
     """One independent Brownian path per batch row on [t0, t1], W(t0) = 0, queried at any t.
 
     seeds: one int per row; shape: the event shape of one row; tol: the time resolution (leaves of the
     dyadic tree are shorter than tol, 1e-6 as in torchsde/k-diffusion); device: where node values are
     computed (CPU by default, so that a seed gives the same noise everywhere).
-    `__call__(t)` returns W(t) in float64, shape (len(seeds), *shape).
+    `__call__(t)` returns W(t) in float64, shape (len(seeds), *shape). Do not modify it in place: it is
+    cached (queries of a sampler step share their end points).
     """
 
     def __init__(self, t0: float, t1: float, seeds: Sequence[int], shape: Sequence[int], *, tol: float = 1e-6,
@@ -80,27 +127,91 @@ class BrownianTree:
         numel = math.prod(self.shape)
         self._pairs = (numel + 1) // 2                                 # Box-Muller gives 2 normals per pair
         rows = torch.tensor([_signed(s) for s in seeds], dtype=torch.int64, device=self.device)
-        self._row_keys = mix64(rows + _GOLDEN).view(-1, 1)             # (B, 1)
-        self._counters = torch.arange(2 * self._pairs, dtype=torch.int64, device=self.device) * _GOLDEN
+        self._row_keys = mix64(rows + _GOLDEN)                         # (B,)
+        # pair j's radius uniform is element j of the node's stream, its angle uniform element pairs + j
+        self._counters = torch.arange(2 * self._pairs, dtype=torch.int64, device=self.device).view(2, -1) * _GOLDEN
+        self._block = (1 << 62) if self.device.type != "cpu" else _CPU_BLOCK
+        self._buffers: torch.Tensor | None = None   # scratch (2, n) int64, see _scratch
         self._nodes: OrderedDict[int, torch.Tensor] = OrderedDict()  # midpoint values of recent paths
         self._points: OrderedDict[float, torch.Tensor] = OrderedDict()  # W at recent query times
         self._w1 = math.sqrt(t1 - t0) * self._normals([0])[0]                # W(t1); node 0 is the root's end
+        self._w0 = torch.zeros_like(self._w1)
 
     @property
     def batch(self) -> int:
         return self._row_keys.shape[0]
 
     def _normals(self, nodes: list[int]) -> torch.Tensor:
-        """Z_node for each node: standard normals (len(nodes), B, *shape), float64, each a pure
-        function of (row seed, node), drawn for all nodes, rows and elements in one vectorised pass."""
+        """Z_node for each node: standard normals (len(nodes), B, *shape), float64, each a pure function of
+        (row seed, node): uniform e of a (node, row) item is the top 53 bits of mix64(item key + counter e)."""
         node_ids = torch.tensor([_signed(2 * n + 1) for n in nodes], dtype=torch.int64, device=self.device)
-        node_keys = mix64(node_ids * _GOLDEN).view(-1, 1, 1)                       # (L, 1, 1)
-        bits = mix64((self._row_keys.unsqueeze(0) ^ node_keys) + self._counters)     # (L, B, 2 * pairs)
-        u = _srl(bits, 11).to(torch.float64) * 2.0 ** -53                          # uniform in [0, 1)
-        radius = (-2.0 * torch.log1p(-u[..., : self._pairs])).sqrt()               # 1 - u in (0, 1]
-        angle = (2.0 * math.pi) * u[..., self._pairs:]
-        z = torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)], dim=-1)
-        return z[..., : math.prod(self.shape)].reshape(len(nodes), self.batch, *self.shape)
+        node_keys = mix64(node_ids * _GOLDEN)
+        keys = (node_keys.view(-1, 1) ^ self._row_keys.view(1, -1)).view(-1, 1, 1)   # (L * B, 1, 1) item keys
+        out = torch.empty(keys.shape[0], 2, self._pairs, dtype=torch.float64, device=self.device)
+        self._draw(keys, out)
+        z = out.view(keys.shape[0], 2 * self._pairs)   # a row: (radius cos, radius sin) of its pairs
+        numel = math.prod(self.shape)
+        if numel < z.shape[1]:   # odd size: the last sin is not used
+            z = z[:, :numel]
+        return z.reshape(len(nodes), self.batch, *self.shape)
+
+    def _draw(self, keys: torch.Tensor, out: torch.Tensor) -> None:
+        """Fill out (items, 2, pairs) with Box-Muller normals of the item keys (items, 1, 1), block by block:
+        whole items when one fits in a block, else column slices of one (at multiples of 64 pairs)."""
+        items, pairs = out.shape[0], out.shape[2]
+        cols = max(1, min(pairs, max(_ALIGN, self._block // 2 // _ALIGN * _ALIGN)))   # pairs per block
+        rows = max(1, min(items, self._block_elements() // (2 * cols)))               # items per block
+        bits, scratch = (b.view(rows, 2, cols) for b in self._scratch(rows * 2 * cols, torch.int64, 2))
+
+        def views(n: int, c: int):   # (h, tmp, u, radius, angle) of an (n, 2, c) block of the scratch
+            h, tmp = bits[:n, :, :c], scratch[:n, :, :c]
+            u = tmp.view(torch.float64)   # tmp's storage, free once the bits are in h
+            return h, tmp, u, u[:, 0], u[:, 1]
+
+        full, out_cos, out_sin = views(rows, cols), out[:, 0], out[:, 1]   # made once: views cost ~2 us each
+        for i in range(0, items, rows):
+            k = keys[i:i + rows]
+            for j in range(0, pairs, cols):
+                n, c = min(rows, items - i), min(cols, pairs - j)
+                h, tmp, u, radius, angle = full if (n, c) == (rows, cols) else views(n, c)
+                torch.add(self._counters if c == pairs else self._counters[:, j:j + c], k, out=h)
+                _uniform_bits_(h, tmp)
+                _box_muller_(h, u, radius, angle, out_cos[i:i + n, j:j + c], out_sin[i:i + n, j:j + c])
+
+    def _scratch(self, numel: int, dtype: torch.dtype, count: int) -> list[torch.Tensor]:
+        """`count` flat scratch buffers of at least numel elements, kept between queries: fresh memory would
+        cost a page fault per 4 KiB on every query. The int64 and float64 buffers share storage."""
+        if self._buffers is None or self._buffers.shape[1] < numel:
+            self._buffers = torch.empty(2, numel, dtype=torch.int64, device=self.device)
+        return [self._buffers[k, :numel].view(dtype) for k in range(count)]
+
+    def _block_elements(self) -> int:
+        """Elements per op: on the CPU one block (~ATen's grain) per torch thread, so each thread's share
+        stays in its cache; elsewhere everything at once."""
+        return self._block * torch.get_num_threads() if self.device.type == "cpu" else self._block
+
+    def _bridge(self, schedule: list[tuple[torch.Tensor, float, torch.Tensor, torch.Tensor]]) -> None:
+        """Brownian bridge at the midpoints of a path: for (w, c, W(a), W(b)) in path order, in place on
+        w = Z: w <- (W(a) + W(b)) / 2 + c Z, c = sqrt((b - a) / 4). Halving is exact, so adding
+        0.5 * (W(a) + W(b)) rounds once, as the formula does. Done one block of (rows, elements) at a
+        time, all nodes per block, so the chain W(parent) -> W(child) stays in cache."""
+        batch, numel = self.batch, math.prod(self.shape)
+        cols = max(1, min(numel, self._block_elements()))            # elements per block
+        rows = max(1, min(batch, self._block_elements() // cols))    # batch rows per block
+        flat = [(w.view(batch, numel), c, wa.view(batch, numel), wb.view(batch, numel)) for w, c, wa, wb in schedule]
+        mean = self._scratch(rows * cols, torch.float64, 1)[0].view(rows, cols)
+        if (rows, cols) == (batch, numel):   # one block: no slicing
+            for w, c, wa, wb in flat:
+                torch.add(wa, wb, out=mean)
+                w.mul_(c).add_(mean, alpha=0.5)
+            return
+        for r in range(0, batch, rows):
+            for j in range(0, numel, cols):
+                n, k = min(rows, batch - r), min(cols, numel - j)
+                m = mean[:n, :k]
+                for w, c, wa, wb in flat:
+                    torch.add(wa[r:r + n, j:j + k], wb[r:r + n, j:j + k], out=m)
+                    w[r:r + n, j:j + k].mul_(c).add_(m, alpha=0.5)
 
     def __call__(self, t) -> torch.Tensor:
         t = float(t)
@@ -120,11 +231,12 @@ class BrownianTree:
             a, b, node = (a, m, 2 * node) if t < m else (m, b, 2 * node + 1)
         missing = [n for n, _, _ in path if n not in self._nodes]
         fresh = dict(zip(missing, self._normals(missing))) if missing else {}
-        wa, wb = torch.zeros_like(self._w1), self._w1
-        w = None
+        wa, wb = self._w0, self._w1
+        schedule, w = [], None   # the bridge steps of the fresh nodes, run after the walk (below)
         for n, a, b in path:
-            if n in fresh:   # the Brownian bridge at the midpoint of [a, b]
-                self._nodes[n] = 0.5 * (wa + wb) + math.sqrt((b - a) / 4) * fresh[n]
+            if n in fresh:   # holds Z until _bridge turns it into W(m) in place
+                schedule.append((fresh[n], math.sqrt((b - a) / 4), wa, wb))
+                self._nodes[n] = fresh[n]
             self._nodes.move_to_end(n)
             wm, m = self._nodes[n], 0.5 * (a + b)
             if t == m:
@@ -132,6 +244,13 @@ class BrownianTree:
                 break
             wa, wb = (wa, wm) if t < m else (wm, wb)
             a, b = (a, m) if t < m else (m, b)
+        if schedule:
+            try:
+                self._bridge(schedule)
+            except BaseException:   # never leave a half-made Z in the cache
+                for n in fresh:
+                    self._nodes.pop(n, None)
+                raise
         while len(self._nodes) > 2 * self.depth + 8:   # keep about two root-to-leaf paths
             self._nodes.popitem(last=False)
         if w is None:   # inside a leaf shorter than tol: the bridge mean (its std is below sqrt(tol) / 2)
