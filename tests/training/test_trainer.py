@@ -125,6 +125,27 @@ def test_grad_accumulation_matches_full_batch(tmp_path):
     assert_same(final_weights(full), final_weights(acc))
 
 
+def test_preloaded_data_trains_the_same_weights(straight, tmp_path):
+    """data.preload (all items drawn up front in worker processes, kept as uint8 + ids) changes where
+    the pixels come from, not what they are: the run equals the per-step-drawing run."""
+    tree = tiny_tree(tmp_path)
+    tree["data"].update(preload=True, workers=2)
+    Trainer(config_from_dict(tree)).run()
+    assert_same(final_weights(tmp_path, "vae"), final_weights(straight, "vae"), atol=1e-6)
+    assert_same(final_weights(tmp_path), final_weights(straight), atol=1e-6)
+
+
+def test_preload_matches_items_in_order():
+    from diffusekit.training.datasets import ShapesDataset, preload, to_tensor_array
+    ds = ShapesDataset(seed=4, size=16, length=9)
+    pixels, captions = preload(ds, workers=2, chunk=4)
+    assert pixels.shape == (9, 16, 16, 3) and pixels.dtype.name == "uint8"
+    for i in (0, 4, 8):
+        assert captions[i] == ds[i]["caption"]
+        assert (torch.from_numpy(pixels[i]).permute(2, 0, 1).float() / 127.5 - 1
+                == torch.from_numpy(to_tensor_array(ds[i]["image"]))).all()
+
+
 def _ddp_worker(rank: int, world: int, port: int, tree: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank))
@@ -204,3 +225,34 @@ def test_decoder_stage_keeps_the_encoder(straight, tmp_path):
     dec = [k for k in before if ".decoder." in k]
     assert enc and all(torch.equal(before[k], after[k]) for k in enc)
     assert any(not torch.equal(before[k], after[k]) for k in dec)
+
+
+def test_pixel_space_run_exports_and_generates(tmp_path):
+    """A config without [model.vae] trains the UNet on the pixels; its export carries a family with
+    vae=None and no VAE weights, and the pipeline samples, and starts img2img from, the pixels."""
+    import numpy as np
+    from PIL import Image
+
+    from diffusekit import GenerationParams, Pipeline
+    from diffusekit.models import read_safetensors_header
+    from diffusekit.training.trainer import model_family
+    tree = tiny_tree(tmp_path / "run", steps=2)
+    del tree["model"]["vae"], tree["vae"]
+    cfg = config_from_dict(tree)
+    Trainer(cfg).run()
+    fam = model_family(cfg)
+    assert fam.vae is None and (fam.unet.in_channels, fam.unet.out_channels, fam.latent_scale) == (3, 3, 1.0)
+    path = export_model(tmp_path / "run", tmp_path / "px.safetensors")
+    header, _ = read_safetensors_header(path)
+    assert not [k for k in header if k.startswith("first_stage_model.")]
+    pipe = Pipeline.from_pretrained(str(path))
+    assert pipe.vae is None and pipe.parts.vae is None and pipe.family == fam
+    assert (pipe.latent_channels, pipe.factor, pipe.scale) == (3, 1, 1.0)
+    p = GenerationParams(prompt="a red circle", steps=2, cfg_scale=5, seed=1, width=16, height=16)
+    img = pipe.generate(p).images[0]
+    assert img.size == (16, 16)
+    init = Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8))
+    same = pipe.generate(p.copy(init_images=[init], denoising_strength=0.0)).images[0]
+    assert np.array_equal(np.asarray(same), np.asarray(init))       # pixels are the latents: nothing to decode
+    moved = pipe.generate(p.copy(init_images=[init], denoising_strength=0.75)).images[0]
+    assert moved.size == (16, 16) and not np.array_equal(np.asarray(moved), np.asarray(init))

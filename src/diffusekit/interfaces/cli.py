@@ -3,6 +3,7 @@
     diffusekit generate PROMPT [--model shapes] [--steps 20] [--sampler "DPM++ 2M"] [--scheduler Karras] ...
     diffusekit generate --from IMAGE.png         the image again, bit for bit (ours; A1111's with RNG: CPU)
     diffusekit info IMAGE.png                     its generation parameters (ours or A1111's)
+    diffusekit info MODEL                         a checkpoint's family, spaces and shapes (no weights read)
     diffusekit compare PROMPT --samplers "Euler,DPM++ 2M" --schedulers "Normal,Karras" [--video]
     diffusekit train CONFIG [--resume]
     diffusekit serve [--host 127.0.0.1] [--port 7860] [--model shapes]
@@ -21,6 +22,7 @@ from pathlib import Path
 
 DEFAULT_MODEL = "shapes"
 DTYPES = ("fp32", "bf16", "fp16")
+MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 PROCESS_MODES = ("preview", "decode")
 
 # A1111 infotext key -> (GenerationParams field, type). "Size" arrives split as Size-1 (width), Size-2 (height).
@@ -261,10 +263,50 @@ def _display(fields: dict) -> list[tuple[str, str]]:
     return rows
 
 
+def _model_rows(name: str, fam) -> list[tuple[str, str]]:
+    """A ModelFamily as `Key: value` rows: what the checkpoint is and which space it samples in."""
+    u, b = fam.unet, fam.beta_schedule
+    if fam.pixel_space:
+        space = f"pixels: the UNet denoises {u.out_channels}-channel images in [-1, 1] directly (no VAE)"
+    else:
+        space = (f"latents: a VAE with {fam.latent_channels} channels at 1/{fam.latent_factor} of the image side, "
+                 f"latent scale {fam.latent_scale:g}")
+    rows = [("Model", name), ("Family", fam.name), ("Space", space),
+            ("UNet", f"{u.in_channels} -> {u.out_channels} channels, model_channels {u.model_channels}, "
+                     f"channel_mult {list(u.channel_mult)}, context {u.context_dim}")]
+    for i, s in enumerate(fam.text_encoders):
+        rows.append((f"Text encoder {i + 1}", f"{s.kind}, width {s.config.width}, {s.config.layers} layers, "
+                                              f"hidden layer {s.layer}" + (", pooled" if s.pooled else "")))
+    schedule = f"{b.kind} betas {b.beta_start:g} .. {b.beta_end:g}, {b.num_timesteps} steps"
+    rows += [("Prediction", fam.prediction_type),
+             ("Training schedule", schedule + (", zero terminal SNR" if fam.zero_terminal_snr else "")),
+             ("Native size", f"{fam.default_size}x{fam.default_size}")]
+    return rows
+
+
+def _model_info(path: Path, name: str, as_json: bool) -> int:
+    from ..models import read_family
+
+    fam = read_family(path)
+    if as_json:
+        print(json.dumps({"model": name, "pixel_space": fam.pixel_space, "family": fam.to_dict()}, indent=2))
+    else:
+        for key, value in _model_rows(name, fam):
+            print(f"{key}: {value}")
+    return 0
+
+
 def cmd_info(args) -> int:
     from ..pipelines.infotext import parse_infotext, read_infotext
+    from ..pipelines.shipped import SHIPPED, shipped_path
 
-    path = Path(args.image)
+    path, name = Path(args.image), Path(args.image).name
+    if not path.exists() and args.image in SHIPPED:
+        path, name = shipped_path(args.image), args.image
+    if path.is_dir() or path.suffix.lower() in MODEL_SUFFIXES:
+        if not path.exists():
+            raise FileNotFoundError(f"{args.image}: no such model file or folder")
+        return _model_info(path, name, args.json)
     if not path.is_file():
         raise FileNotFoundError(f"{args.image}: no such file")
     if path.suffix.lower() in (".mp4", ".gif", ".webm", ".mov", ".mkv") and not args.json:
@@ -466,9 +508,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reproduce an image from the parameters in its PNG (flags given here override them)")
     g.set_defaults(func=cmd_generate)
 
-    i = sub.add_parser("info", help="print the generation parameters stored in an image (ours or A1111's)")
-    i.add_argument("image")
-    i.add_argument("--json", action="store_true", help="print the parsed fields as JSON")
+    i = sub.add_parser("info", help="print the generation parameters stored in an image (ours or A1111's), "
+                                    "or describe a model (a checkpoint file, diffusers folder or shipped name)")
+    i.add_argument("image", help="an image or video, a .safetensors/.ckpt model, a diffusers folder or a shipped name")
+    i.add_argument("--json", action="store_true", help="print the parsed fields (a model: its family) as JSON")
     i.set_defaults(func=cmd_info)
 
     c = sub.add_parser("compare", help="one labelled X/Y grid of samplers x schedules / steps / CFG (same seed)",

@@ -95,11 +95,14 @@ class ModelFamily:
     (original_size (h, w), crop_coords (top, left), target_size (h, w); the refiner's
     aesthetic_score is one number). Empty for SD 1/2.
     vae_force_upcast: the VAE overflows in fp16 (the SDXL VAE): decode it in fp32.
+    vae: None for a pixel-space model (Ho et al. 2020's DDPM; the trainer's configs without
+    [model.vae]): the UNet denoises the images themselves in [-1, 1], so `latent_scale` and
+    `vae_force_upcast` do not apply and the latent space is the pixel space.
     """
 
     name: str
     unet: UNetConfig
-    vae: VAEConfig
+    vae: VAEConfig | None
     text_encoders: tuple[TextEncoderSpec, ...]
     prediction_type: str = "eps"  # "eps" | "v"
     latent_scale: float = 0.18215
@@ -115,12 +118,29 @@ class ModelFamily:
             raise ValueError(f"prediction_type={self.prediction_type!r}; valid: 'eps', 'v'")
 
     @property
+    def pixel_space(self) -> bool:
+        """No VAE: the diffusion runs on the pixels."""
+        return self.vae is None
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the space the UNet denoises: the VAE's latent (embed_dim, after quant_conv), or
+        the UNet's output channels in pixel space."""
+        return self.vae.embed_dim if self.vae is not None else self.unet.out_channels
+
+    @property
+    def latent_factor(self) -> int:
+        """Pixels per latent along each side: the VAE's downsampling factor, 1 in pixel space."""
+        return self.vae.downsample_factor if self.vae is not None else 1
+
+    @property
     def is_inpaint(self) -> bool:
-        """The UNet takes latent (4) + mask (1) + masked-image latent (4) = 9 channels."""
-        return self.unet.in_channels == 9
+        """The UNet takes latent + mask (1) + masked-image latent: 4 + 1 + 4 = 9 channels for SD."""
+        return self.unet.in_channels == 2 * self.latent_channels + 1
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able description (stored in checkpoints that `save_checkpoint` writes)."""
+        """JSON-able description (stored in checkpoints that `save_checkpoint` writes); "vae": null
+        for a pixel-space model."""
         return dataclasses.asdict(self)
 
     def to_json(self) -> str:
@@ -128,10 +148,12 @@ class ModelFamily:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelFamily:
-        """Inverse of `to_dict`; unknown fields are an error naming the valid ones."""
+        """Inverse of `to_dict`; unknown fields are an error naming the valid ones. "vae": null is a
+        pixel-space model; a missing "vae", like any missing field, takes the default."""
         data = dict(data)
         data["unet"] = _config(UNetConfig, data.get("unet", {}))
-        data["vae"] = _config(VAEConfig, data.get("vae", {}))
+        vae_data = data.get("vae", {})
+        data["vae"] = None if vae_data is None else _config(VAEConfig, vae_data)
         data["beta_schedule"] = _config(BetaSchedule, data.get("beta_schedule", {}))
         data["text_encoders"] = tuple(
             _config(TextEncoderSpec, {**spec, "config": _config(CLIPTextConfig, spec.get("config", {}))})
@@ -294,6 +316,9 @@ def detect_family(keys_and_shapes: Mapping[str, Sequence[int]]) -> str:
     in_ch = int(keys_and_shapes[_UNET_IN][1])
     if in_ch not in (4, 9):
         what = "an InstructPix2Pix model (8 channels)" if in_ch == 8 else f"a {in_ch}-channel UNet"
+        if in_ch in (1, 3) and not has("first_stage_model."):
+            what = ("a pixel-space model: no VAE; its layout is no published family, so load it with "
+                    "family=ModelFamily(..., vae=None) or from a file save_checkpoint wrote, which stores it")
         raise CheckpointError(f"the UNet takes {in_ch} input channels ({what}); supported: 4 (txt2img) "
                               "and 9 (inpainting)")
     suffix = "-inpaint" if in_ch == 9 else ""

@@ -21,7 +21,11 @@ the encoders' `ignored_keys` (position ids, logit scale); `v_pred` / `ztsnr` mar
 v-prediction fine-tunes) set the family's prediction type / zero-terminal-SNR flag.
 
 `save_checkpoint` writes the same single-file layout (a streamed safetensors writer, temp file +
-os.replace) with the `ModelFamily` as JSON metadata, so toy and custom models reload exactly.
+os.replace) with the `ModelFamily` as JSON metadata, so toy and custom models reload exactly. A
+pixel-space family (`family.vae is None`: the UNet denoises the pixels) has no `first_stage_model.*`
+keys and loads with `ModelParts.vae = None`; since no published layout looks like that, such a file
+is read by its stored family (or one passed in). The file formats themselves (safetensors header
+checks, memory-mapped and converting reads, weights-only pickles, the writer) live in `weight_files`.
 """
 
 from __future__ import annotations
@@ -29,16 +33,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pickle
-import struct
-import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
@@ -50,14 +50,14 @@ from .families import CheckpointError, ModelFamily, TextEncoderSpec, detect_fami
 from .tokenizer import CLIPTokenizer, find_bundled_bpe
 from .unet import UNetModel
 from .vae import AutoencoderKL
+from .weight_files import convert, open_file, read_safetensors_header, write_safetensors
 
-__all__ = ["CheckpointError", "ModelParts", "load_checkpoint", "save_checkpoint", "predicts_v",
+__all__ = ["CheckpointError", "ModelParts", "load_checkpoint", "save_checkpoint", "predicts_v", "read_family",
            "read_safetensors_header"]
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 FAMILY_METADATA_KEY = "diffusekit.family"
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 # LDM `DDPM.register_schedule` buffers and other entries that are not weights of the three parts.
 _SKIP_KEYS = frozenset({
@@ -67,166 +67,12 @@ _SKIP_KEYS = frozenset({
     "posterior_mean_coef1", "posterior_mean_coef2", "logvar", "model_ema.decay", "model_ema.num_updates"})
 _SKIP_PREFIXES = ("model_ema.", "first_stage_model.loss.")
 _MARKERS = ("v_pred", "ztsnr")  # empty tensors some SDXL fine-tunes carry (read by ComfyUI, sd.cpp)
-
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-              "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
-              "F8_E5M2": torch.float8_e5m2}
-_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+_write_safetensors = write_safetensors  # its name before weight_files.py (bench/load.py imports it)
 
 
 def _names(keys: Iterable[str], limit: int = 5) -> str:
     keys = list(keys)
     return ", ".join(keys[:limit]) + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
-
-
-# ------------------------------------------------------------------------------ reading tensors
-def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dict[str, str]]:
-    """({name: (dtype, shape)}, metadata) of a safetensors file, validated against the file size.
-    A truncated, corrupt or non-safetensors file is a CheckpointError saying which."""
-    entries, metadata, _ = _parse_header(Path(path))
-    return {k: (dtype, shape) for k, (dtype, shape, _, _) in entries.items()}, metadata
-
-
-def _parse_header(path: Path) -> tuple[dict[str, tuple[str, tuple[int, ...], int, int]], dict[str, str], int]:
-    """({name: (dtype, shape, begin, end)}, metadata, offset of the data) of a safetensors file.
-
-    Format (huggingface/safetensors): 8-byte little-endian header length N, N bytes of JSON
-    {name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {str: str}}, then the data.
-    A truncated, corrupt or non-safetensors file is a CheckpointError saying which."""
-    path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{path} is {size} bytes, too short for a safetensors file: truncated or empty")
-        n = struct.unpack("<Q", head)[0]
-        if n > size - 8 or n > 100_000_000:
-            if head[:2] == b"PK" or head[:1] == b"\x80":  # zip (torch.save) or pickle protocol 2+
-                raise CheckpointError(f"{path} is a PyTorch pickle/zip file, not safetensors; rename it to .ckpt "
-                                      "(it is then read with torch.load(weights_only=True))")
-            raise CheckpointError(f"{path}: the header claims {n} bytes but the file has {size}: not a "
-                                  "safetensors file, or truncated")
-        raw = f.read(n)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: the safetensors header is not valid JSON ({e}): a corrupt file") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: the safetensors header is not a JSON object: a corrupt file")
-    metadata = header.pop("__metadata__", None) or {}
-    data_size, end_max, entries = size - 8 - n, 0, {}
-    for name, info in header.items():
-        try:
-            dtype, shape, (begin, end) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
-            itemsize = _ST_DTYPES[dtype].itemsize
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: header entry {name!r} = {info!r} is malformed or has an unsupported "
-                                  f"dtype (supported: {', '.join(_ST_DTYPES)})") from None
-        numel = 1
-        for s in shape:
-            numel *= s
-        if end - begin != numel * itemsize or begin < 0:
-            raise CheckpointError(f"{path}: tensor {name!r} {dtype}{list(shape)} spans bytes [{begin}, {end}): "
-                                  "inconsistent header, a corrupt file")
-        if end > data_size:
-            raise CheckpointError(f"{path} is truncated: tensor {name!r} ends at data byte {end} but the file "
-                                  f"holds {data_size} (an interrupted download or copy?)")
-        end_max = max(end_max, end)
-        entries[name] = (dtype, shape, begin, end)
-    if end_max != data_size:
-        raise CheckpointError(f"{path}: {data_size - end_max} bytes after the last tensor: a corrupt file")
-    return entries, dict(metadata), 8 + n
-
-
-class _Source:
-    """Tensors of one checkpoint file: names and shapes without reading data, then the data."""
-
-    def __init__(self, shapes: dict[str, tuple[int, ...]], metadata: dict[str, str]):
-        self.shapes, self.metadata = shapes, metadata
-
-    def read(self, names: Iterable[str], dtype: torch.dtype | None = None,
-             device: torch.device = torch.device("cpu")) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, tensor converted by `_target` to dtype / device) for each name."""
-        raise NotImplementedError
-
-
-class _SafetensorsSource(_Source):
-    def __init__(self, path: Path):
-        self.entries, metadata, self.data_start = _parse_header(path)
-        super().__init__({k: e[1] for k, e in self.entries.items()}, metadata)
-        self.path = path
-
-    def read(self, names, dtype=None, device=torch.device("cpu")):
-        # Kept as is: the memory-mapped tensor itself (zero copy; the mapping lives as long as the
-        # parameter). Converted: read into a temporary buffer with plain file I/O, so no mapped page
-        # of the source stays resident while the converted copies accumulate (peak = the converted
-        # model + one tensor, not + the whole source file).
-        with safe_open(self.path, framework="pt") as f, open(self.path, "rb", buffering=0) as raw:
-            for name in names:
-                stored, shape, begin, end = self.entries[name]
-                stored = _ST_DTYPES[stored]
-                target = _target(stored, dtype)
-                if target == stored and device.type == "cpu":
-                    yield name, f.get_tensor(name)
-                    continue
-                buf = torch.empty(end - begin, dtype=torch.uint8)
-                view, done = memoryview(buf.numpy()), 0
-                raw.seek(self.data_start + begin)
-                while done < end - begin:
-                    got = raw.readinto(view[done:])
-                    if not got:
-                        raise CheckpointError(f"{self.path} ended while reading {name}: the file was truncated")
-                    done += got
-                yield name, buf.view(stored).reshape(shape).to(device=device, dtype=target)
-
-
-class _DictSource(_Source):
-    def __init__(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None):
-        super().__init__({k: tuple(v.shape) for k, v in tensors.items()}, metadata or {})
-        self.tensors = tensors
-
-    def read(self, names, dtype=None, device=torch.device("cpu")):
-        for name in names:
-            yield name, _convert(self.tensors[name], dtype, device)
-
-
-def _torch_load(path: Path) -> dict[str, torch.Tensor]:
-    """State dict of a .ckpt/.pt file, unpickling tensors and plain containers only."""
-    try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
-    except pickle.UnpicklingError as e:
-        try:
-            needed = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-        except Exception:  # noqa: BLE001 - only used to make the message better
-            needed = []
-        what = f" (it references {', '.join(needed)})" if needed else ""
-        raise CheckpointError(
-            f"{path} cannot be read without running arbitrary pickled code{what}; diffusekit only reads "
-            "tensors from pickles. Convert it to .safetensors in an environment you trust, or use a "
-            "safetensors / diffusers release of the model.") from None
-    except Exception as e:  # noqa: BLE001 - garbage input can fail inside torch.load in any way
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): "
-                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-
-
-def _open_file(path: Path) -> _Source:
-    if path.suffix == ".safetensors":
-        return _SafetensorsSource(path)
-    if path.suffix in PICKLE_SUFFIXES:
-        return _DictSource(_torch_load(path))
-    raise CheckpointError(f"{path}: unknown checkpoint extension {path.suffix!r}; valid: .safetensors, "
-                          f"{', '.join(PICKLE_SUFFIXES)}, or a diffusers folder with model_index.json")
 
 
 # ------------------------------------------------------------------------------ building modules
@@ -257,9 +103,10 @@ def _text_encoder(spec: TextEncoderSpec) -> nn.Module:
 
 
 def _components(family: ModelFamily) -> list[tuple[str, str, nn.Module]]:
-    """(label, key prefix, module on meta) for every part of the family."""
-    parts = [("unet", UNET_PREFIX, _build(UNetModel, family.unet)),
-             ("vae", VAE_PREFIX, _build(AutoencoderKL, family.vae))]
+    """(label, key prefix, module on meta) for every part of the family (no VAE for a pixel-space one)."""
+    parts = [("unet", UNET_PREFIX, _build(UNetModel, family.unet))]
+    if family.vae is not None:
+        parts.append(("vae", VAE_PREFIX, _build(AutoencoderKL, family.vae)))
     parts += [(f"text_encoder_{i}", spec.prefix, _text_encoder(spec)) for i, spec in enumerate(family.text_encoders)]
     return parts
 
@@ -271,21 +118,6 @@ def _module_key(module: nn.Module, key: str) -> str:
     return key
 
 
-def _target(stored: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
-    """The dtype a stored tensor is loaded as: `dtype` for floating tensors (None: as stored;
-    fp8-stored weights become bf16, since compute needs a real float type)."""
-    if dtype is None:
-        return torch.bfloat16 if stored in (torch.float8_e4m3fn, torch.float8_e5m2) else stored
-    return dtype if stored.is_floating_point else stored
-
-
-def _convert(t: torch.Tensor, dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:
-    target = _target(t.dtype, dtype)
-    if target == t.dtype and t.device == device:
-        return t  # zero copy (a memory-mapped safetensors tensor stays mapped)
-    return t.to(device=device, dtype=target)
-
-
 def _assign(module: nn.Module, tensors: dict[str, torch.Tensor], what: str) -> nn.Module:
     module.load_state_dict(tensors, strict=True, assign=True)
     left = [n for n, t in (*module.named_parameters(), *module.named_buffers()) if t.is_meta]
@@ -294,13 +126,19 @@ def _assign(module: nn.Module, tensors: dict[str, torch.Tensor], what: str) -> n
     return module.eval()
 
 
-def _load_single_file(path: Path, family, dtype, device, probe: bool) -> tuple[list[nn.Module], ModelFamily]:
-    src = _open_file(path)
+def _file_family(src, family, path: Path) -> tuple[ModelFamily, str, set[str]]:
+    """(family, how it was found, marker keys present) of a single file, from its keys and metadata."""
     markers = {k for k in _MARKERS if k in src.shapes}
     fam, how = _resolve_family(family, src.metadata, src.shapes, path)
     if how == "detected" and markers:
         fam = replace(fam, prediction_type="v" if "v_pred" in markers else fam.prediction_type,
                       zero_terminal_snr="ztsnr" in markers)
+    return fam, how, markers
+
+
+def _load_single_file(path: Path, family, dtype, device, probe: bool) -> tuple[dict[str, nn.Module], ModelFamily]:
+    src = open_file(path)
+    fam, how, markers = _file_family(src, family, path)
     components = _components(fam)
     plan = {label: {} for label, _, _ in components}
     unexpected, wrong, misshaped = [], [], set()
@@ -328,12 +166,12 @@ def _load_single_file(path: Path, family, dtype, device, probe: bool) -> tuple[l
     if missing or unexpected or wrong:
         _raise_mismatch(path, fam, how, src.shapes, missing, unexpected, wrong)
 
-    modules = []
+    modules = {}
     for label, _, module in components:
         names = {fkey: mkey for mkey, fkey in plan[label].items()}
         tensors = {names[fkey]: t for fkey, t in src.read(names, dtype, device)}
-        modules.append(_assign(module, tensors, f"{path} {label}"))
-    if how == "detected" and fam.name == "sd2-v" and probe and not predicts_v(modules[0]):
+        modules[label] = _assign(module, tensors, f"{path} {label}")
+    if how == "detected" and fam.name == "sd2-v" and probe and not predicts_v(modules["unet"]):
         fam = replace(get_family("sd2"), unet=fam.unet, vae=fam.vae, text_encoders=fam.text_encoders)
     return modules, fam
 
@@ -352,6 +190,13 @@ def _raise_mismatch(path, fam, how, shapes, missing, unexpected, wrong):
     elif fam.name != "custom":
         hint = (f" The keys say {fam.name!r} but the shapes are not the published {fam.name} ones; a "
                 "model of another size needs its ModelFamily (save_checkpoint stores it in the file).")
+    has_vae = any(k.startswith(VAE_PREFIX) for k in shapes)
+    if fam.vae is None and has_vae:
+        hint += (f" Family {fam.name!r} is a pixel-space model (vae=None) but the file holds a VAE "
+                 f"({VAE_PREFIX}*): give a family with its VAEConfig.")
+    elif fam.vae is not None and not has_vae:
+        hint += (f" The file holds no VAE ({VAE_PREFIX}*): a pixel-space model, whose family needs vae=None "
+                 "(save_checkpoint stores such a family in the file).")
     raise CheckpointError(f"{path} does not match family {fam.name!r}: " + "; ".join(parts) + "." + hint)
 
 
@@ -427,7 +272,7 @@ def _weight_files(folder: Path) -> list[Path]:
 def _component_tensors(folder: Path, dtype, device) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for file in _weight_files(folder):
-        src = _open_file(file)
+        src = open_file(file)
         out.update(src.read(list(src.shapes), dtype, device))
     return out
 
@@ -510,7 +355,8 @@ def _diffusers_family(folder: Path, family, ucfg, vcfg, vjson, te_configs, sched
     return fam
 
 
-def _load_diffusers(folder: Path, family, dtype, device) -> tuple[list[nn.Module], ModelFamily, dict | None, list[str]]:
+def _diffusers_configs(folder: Path, family) -> tuple[ModelFamily, dict | None, list[str]]:
+    """(family, scheduler config, text encoder folder names) of a diffusers folder, from its JSON files."""
     if not (folder / "model_index.json").is_file():
         raise CheckpointError(f"{folder} is a directory without model_index.json: not a diffusers model folder "
                               "(pass a .safetensors file or a folder saved by DiffusionPipeline.save_pretrained)")
@@ -538,23 +384,29 @@ def _load_diffusers(folder: Path, family, dtype, device) -> tuple[list[nn.Module
                   for n in ("text_encoder", "text_encoder_2") if present(n)]
     sched_file = folder / "scheduler" / "scheduler_config.json"
     sched = _read_json(sched_file) if sched_file.is_file() else None
-    fam = _diffusers_family(folder, family, ucfg, vcfg, vjson, te_configs, sched)
+    return _diffusers_family(folder, family, ucfg, vcfg, vjson, te_configs, sched), sched, [n for n, _ in te_configs]
 
-    def load(what: str, module: nn.Module, convert) -> nn.Module:
+
+def _load_diffusers(folder: Path, family, dtype, device) -> tuple[dict[str, nn.Module], ModelFamily, dict | None,
+                                                                  list[str]]:
+    fam, sched, te_names = _diffusers_configs(folder, family)
+
+    def load(what: str, module: nn.Module, rename) -> nn.Module:
         try:
-            sd = convert(_component_tensors(folder / what, dtype, device))
+            sd = rename(_component_tensors(folder / what, dtype, device))
         except ValueError as e:
             if isinstance(e, CheckpointError):
                 raise
             raise CheckpointError(f"{folder / what}: {e}") from None
-        return _assign(module, {k: _convert(t, dtype, device) for k, t in sd.items()}, f"{folder / what}")
+        return _assign(module, {k: convert(t, dtype, device) for k, t in sd.items()}, f"{folder / what}")
 
-    modules = [load("unet", _build(UNetModel, fam.unet), lambda sd: unet_state_dict_from_diffusers(sd, fam.unet)),
-               load("vae", _build(AutoencoderKL, fam.vae), lambda sd: vae_state_dict_from_diffusers(sd, fam.vae))]
-    for spec, (name, _) in zip(fam.text_encoders, te_configs):
+    modules = {
+        "unet": load("unet", _build(UNetModel, fam.unet), lambda sd: unet_state_dict_from_diffusers(sd, fam.unet)),
+        "vae": load("vae", _build(AutoencoderKL, fam.vae), lambda sd: vae_state_dict_from_diffusers(sd, fam.vae))}
+    for i, (spec, name) in enumerate(zip(fam.text_encoders, te_names)):
         rename = clip_state_dict_from_hf if spec.kind == "clip" else openclip_state_dict_from_hf
-        modules.append(load(name, _text_encoder(spec), lambda sd, s=spec, r=rename: r(sd, s.config)))
-    return modules, fam, sched, [n for n, _ in te_configs]
+        modules[f"text_encoder_{i}"] = load(name, _text_encoder(spec), lambda sd, s=spec, r=rename: r(sd, s.config))
+    return modules, fam, sched, te_names
 
 
 # ------------------------------------------------------------------------------ tokenizers
@@ -594,12 +446,13 @@ def _tokenizers(source: Path, tokenizer, te_names: list[str]) -> list[CLIPTokeni
 # ------------------------------------------------------------------------------ the public API
 @dataclass(eq=False)
 class ModelParts:
-    """A loaded model: `unet(x, t, context, y)`, `vae.encode/decode`, one text encoder and one
-    tokenizer per `family.text_encoders` spec (same order), the family conventions, the diffusers
-    scheduler config when the model came from a folder (else None), and its identity."""
+    """A loaded model: `unet(x, t, context, y)`, `vae.encode/decode` (None for a pixel-space model,
+    `family.vae is None`: the UNet works on the pixels), one text encoder and one tokenizer per
+    `family.text_encoders` spec (same order), the family conventions, the diffusers scheduler config
+    when the model came from a folder (else None), and its identity."""
 
     unet: UNetModel
-    vae: AutoencoderKL
+    vae: AutoencoderKL | None
     text_encoders: list[nn.Module]
     tokenizers: list[CLIPTokenizer]
     family: ModelFamily
@@ -656,9 +509,23 @@ def load_checkpoint(path: str | os.PathLike, family: str | ModelFamily | None = 
         modules, fam = _load_single_file(path, family, dtype, device, probe_prediction)
         sched, te_names, files = None, [f"text_encoder_{i}" for i in range(len(fam.text_encoders))], (path,)
     tokenizers = _tokenizers(path, tokenizer, te_names)
-    return ModelParts(unet=modules[0], vae=modules[1], text_encoders=modules[2:], tokenizers=tokenizers,
+    encoders = [modules[f"text_encoder_{i}"] for i in range(len(fam.text_encoders))]
+    return ModelParts(unet=modules["unet"], vae=modules.get("vae"), text_encoders=encoders, tokenizers=tokenizers,
                       family=fam, scheduler_config=sched, name=path.stem if path.is_file() else path.name,
                       path=path, files=files)
+
+
+def read_family(path: str | os.PathLike, family: str | ModelFamily | None = None) -> ModelFamily:
+    """The ModelFamily that `load_checkpoint(path, family)` would use, read without building any module:
+    a safetensors file's header (metadata, else key names and shapes), a pickle's tensor shapes, or a
+    diffusers folder's JSON files. A detected 4-channel SD 2 file reads as "sd2-v" (no v-prediction probe:
+    that needs the weights). Errors are CheckpointErrors, as for load_checkpoint."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist")
+    if path.is_dir():
+        return _diffusers_configs(path, family)[0]
+    return _file_family(open_file(path), family, path)[0]
 
 
 def save_checkpoint(parts: ModelParts | Mapping[str, object], path: str | os.PathLike, *,
@@ -666,8 +533,8 @@ def save_checkpoint(parts: ModelParts | Mapping[str, object], path: str | os.Pat
                     metadata: Mapping[str, str] | None = None) -> Path:
     """Write a single-file LDM-layout safetensors checkpoint, atomically (temp file + os.replace).
 
-    parts: a ModelParts, or a mapping {"unet", "vae", "text_encoders"} together with `family`.
-    The family is stored as JSON metadata ("diffusekit.family") so the file reloads with the same
+    parts: a ModelParts, or a mapping {"unet", "vae", "text_encoders"} together with `family`; for a
+    pixel-space family (family.vae is None) the VAE is None or left out. The family is stored as JSON metadata ("diffusekit.family") so the file reloads with the same
     configs; other tools read the file by its keys. dtype casts floating weights on the way out."""
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -677,14 +544,21 @@ def save_checkpoint(parts: ModelParts | Mapping[str, object], path: str | os.Pat
     else:
         if family is None:
             raise CheckpointError("save_checkpoint(mapping, ...) needs family=ModelFamily(...) to name the key layout")
-        missing = [k for k in ("unet", "vae", "text_encoders") if k not in parts]
+        needed = ("unet", "text_encoders") if family.vae is None else ("unet", "vae", "text_encoders")
+        missing = [k for k in needed if k not in parts]
         if missing:
-            raise CheckpointError(f"save_checkpoint: the mapping lacks {missing}; give unet, vae, text_encoders")
-        unet_m, vae_m, encoders, fam = parts["unet"], parts["vae"], list(parts["text_encoders"]), family
+            raise CheckpointError(f"save_checkpoint: the mapping lacks {missing}; give {', '.join(needed)}")
+        unet_m, vae_m, encoders, fam = parts["unet"], parts.get("vae"), list(parts["text_encoders"]), family
     if len(encoders) != len(fam.text_encoders):
         raise CheckpointError(f"family {fam.name!r} has {len(fam.text_encoders)} text encoder(s); got {len(encoders)}")
+    if (vae_m is None) != (fam.vae is None):
+        raise CheckpointError(
+            f"family {fam.name!r} is a pixel-space model (vae=None) but a {type(vae_m).__name__} VAE was given: "
+            "pass vae=None, or a family with the VAE's config" if fam.vae is None else
+            f"family {fam.name!r} has a VAE ({fam.vae}) but vae is None: give the AutoencoderKL, or "
+            "replace(family, vae=None) for a pixel-space model")
     tensors: dict[str, torch.Tensor] = {}
-    groups = [(UNET_PREFIX, unet_m), (VAE_PREFIX, vae_m)]
+    groups = [(UNET_PREFIX, unet_m)] + ([(VAE_PREFIX, vae_m)] if vae_m is not None else [])
     for spec, module in zip(fam.text_encoders, encoders):
         cls = CLIPTextModel if spec.kind == "clip" else OpenCLIPTextModel
         if not isinstance(module, cls):
@@ -694,44 +568,5 @@ def save_checkpoint(parts: ModelParts | Mapping[str, object], path: str | os.Pat
     for prefix, module in groups:
         tensors.update({prefix + k: t for k, t in module.state_dict().items()})
     meta = {"format": "pt", FAMILY_METADATA_KEY: fam.to_json(), **(metadata or {})}
-    _write_safetensors(path, tensors, meta, dtype)
+    write_safetensors(path, tensors, meta, dtype)
     return path
-
-
-def _write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
-                       dtype: torch.dtype | None = None) -> None:
-    """Stream tensors into the safetensors format, one (cast) tensor in memory at a time. Larger
-    elements first, so every tensor sits at a multiple of its element size (the header is padded
-    to 8 bytes), as the reference writer arranges them. `dtype` casts floating tensors."""
-    path = Path(path)
-    out_dtype = {k: dtype if dtype is not None and t.is_floating_point() else t.dtype for k, t in tensors.items()}
-    order = sorted(tensors, key=lambda k: (-out_dtype[k].itemsize, k))
-    header: dict[str, object] = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}}
-    offset = 0
-    for name in order:
-        if out_dtype[name] not in _ST_NAMES:
-            raise CheckpointError(f"tensor {name} has dtype {out_dtype[name]}, which safetensors cannot store")
-        nbytes = tensors[name].numel() * out_dtype[name].itemsize
-        header[name] = {"dtype": _ST_NAMES[out_dtype[name]], "shape": list(tensors[name].shape),
-                        "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(struct.pack("<Q", len(raw)))
-            f.write(raw)
-            for name in order:
-                t = tensors[name].detach().to(device="cpu", dtype=out_dtype[name]).contiguous()
-                if t.numel():
-                    f.write(t.reshape(-1).view(torch.uint8).numpy().data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

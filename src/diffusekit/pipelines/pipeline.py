@@ -159,6 +159,10 @@ class Pipeline:
     """Generation on one checkpoint. `Pipeline.from_pretrained(name_or_path)` then `.generate(params)`."""
 
     def __init__(self, parts: ModelParts, *, device: str | torch.device = "cpu"):
+        if (parts.vae is None) != parts.family.pixel_space:
+            raise ValueError(f"family {parts.family.name!r} " + (
+                "is pixel-space (vae=None) but the parts carry a VAE" if parts.family.pixel_space else
+                "has a VAE config but parts.vae is None (a pixel-space model needs a family with vae=None)"))
         self.parts = parts
         self.family = parts.family
         self.device = torch.device(device)
@@ -181,20 +185,34 @@ class Pipeline:
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, *, device: str = "cpu", dtype: torch.dtype | None = None,
                         family: str | None = None) -> "Pipeline":
-        """A shipped model name ("shapes"), a single-file checkpoint or a diffusers folder."""
+        """A shipped model name ("shapes"), a single-file checkpoint or a diffusers folder.
+
+        dtype=None keeps the file's precision on an accelerator and computes in float32 on the CPU,
+        where float16 arithmetic is emulated (~30x slower; A1111 likewise runs CPUs with --no-half)."""
         path = resolve_model(name_or_path)
+        if dtype is None and torch.device(device).type == "cpu":
+            dtype = torch.float32
         return cls(load_checkpoint(path, family=family, dtype=dtype, device="cpu"), device=device)
 
     @property
     def latent_channels(self) -> int:
-        return self.family.vae.z_channels if self.vae is not None else self.family.unet.out_channels
+        """Channels the sampler works in: the VAE latent's, or the image's for a pixel-space model."""
+        return self.family.latent_channels
 
     @property
     def factor(self) -> int:
-        return self.family.vae.downsample_factor if self.vae is not None else 1
+        return self.family.latent_factor
+
+    @property
+    def sample_space(self) -> str:
+        """What the sampler's x is, e.g. "4-channel latents at 1/8 size" or "3-channel pixels"."""
+        if self.family.pixel_space:
+            return f"{self.latent_channels}-channel pixels"
+        return f"{self.latent_channels}-channel latents at 1/{self.factor} size"
 
     @property
     def scale(self) -> float:
+        """Model-space latent = scale x VAE latent; 1 in pixel space, where the images are the latents."""
         return self.family.latent_scale if self.vae is not None else 1.0
 
     # ------------------------------------------------------------------ pixels <-> latents
@@ -225,7 +243,8 @@ class Pipeline:
         return out.clamp(-1, 1)
 
     def preview(self, latents: torch.Tensor):
-        """Cheap RGB previews of model-space latents (linear map; no VAE call)."""
+        """Cheap RGB previews of model-space latents (linear map; no VAE call). In pixel space the
+        latents are the images: the preview is the (clamped) image itself, equal to `decode`."""
         if self.vae is None:
             return tensor_to_pil(latents)
         if self._rgb is None:
@@ -386,8 +405,11 @@ class Pipeline:
             return None
         key = str(params.refiner_checkpoint)
         if key not in self._refiners:
-            self._refiners[key] = Pipeline.from_pretrained(key, device=str(self.device),
-                                                           dtype=next(self.unet.parameters()).dtype)
+            refiner = Pipeline.from_pretrained(key, device=str(self.device), dtype=next(self.unet.parameters()).dtype)
+            if refiner.sample_space != self.sample_space:
+                raise ValueError(f"refiner {key!r} samples {refiner.sample_space} but this model samples "
+                                 f"{self.sample_space}: a refiner must work in the base model's space")
+            self._refiners[key] = refiner
         return self._refiners[key]
 
     def _switch_index(self, sig: torch.Tensor, switch_at: float) -> int:

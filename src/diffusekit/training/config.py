@@ -4,7 +4,8 @@ A config has up to six tables; every key is optional and the defaults are the sh
 recipe's conventions (see `configs/shapes.toml`):
 
     [run]    out_dir, seed, threads
-    [data]   kind = "shapes" | "digits" | "folder", path (folder), size, length, seed, caption_dropout
+    [data]   kind = "shapes" | "digits" | "folder", path (folder), size, length, seed, caption_dropout,
+             preload, workers
     [model]  prediction = "eps" | "v" | "x0" | "flow", schedule = "scaled_linear" | "linear",
              beta_start, beta_end, timesteps; sub-tables [model.unet] (`UNetConfig` fields),
              [model.vae] (`VAEConfig` fields; absent = a pixel-space model) and [model.text]
@@ -45,6 +46,10 @@ class DataConfig:
     length: int = 10_000        # items per epoch (shapes: any index is valid; others: min(length, real size))
     seed: int = 0
     caption_dropout: float = 0.1   # empty caption this often, for classifier-free guidance (Ho & Salimans 2022)
+    preload: bool = False       # draw all `length` items up front (in `workers` processes) and keep them, as
+                                # uint8 images and token ids, on the training device: for a GPU, which the
+                                # per-step drawing on the CPU would otherwise starve
+    workers: int = 0            # processes for preloading; 0 = one per CPU core
 
 
 @dataclass
@@ -131,6 +136,8 @@ class TrainConfig:
             raise ValueError("a [vae] stage needs [model.vae] (the autoencoder's shape)")
         if self.decoder is not None and self.vae is None:
             raise ValueError("a [decoder] stage fine-tunes a VAE trained by the [vae] stage; add [vae] and [model.vae]")
+        if self.data.workers < 0:
+            raise ValueError(f"data.workers={self.data.workers}; must be >= 0 (0 = one per CPU core)")
         if not 0 <= self.data.caption_dropout < 1:
             raise ValueError(f"data.caption_dropout={self.data.caption_dropout}; must be in [0, 1)")
 

@@ -43,7 +43,7 @@ from ..models.unet import UNetConfig, UNetModel
 from ..models.vae import AutoencoderKL, VAEConfig
 from .checkpoint import list_checkpoints, load_training_checkpoint, save_training_checkpoint
 from .config import OptimConfig, TrainConfig, config_to_dict, load_config
-from .datasets import build_dataset, to_tensor_array
+from .datasets import build_dataset, preload, to_tensor_array
 from .ema import EMA
 from .logs import LossLog, Progress
 
@@ -173,14 +173,15 @@ def build_models(cfg: TrainConfig) -> tuple[TextToImage, AutoencoderKL | None]:
 
 
 def model_family(cfg: TrainConfig, latent_scale: float = 1.0) -> ModelFamily:
-    """The "custom" ModelFamily that the exported checkpoint carries in its metadata."""
+    """The "custom" ModelFamily that the exported checkpoint carries in its metadata; vae=None (a
+    pixel-space family, latent scale 1) for a config without [model.vae]."""
     if cfg.model.prediction not in ("eps", "v"):
         raise ValueError(f"only eps and v models can be exported as a generation checkpoint; this run "
                          f"predicts {cfg.model.prediction!r}")
     ucfg, vcfg, tcfg = build_configs(cfg)
     spec = TextEncoderSpec("clip", tcfg, SD_PREFIX_CLIP)
-    return ModelFamily("custom", ucfg, vcfg if vcfg is not None else VAEConfig.tiny(), (spec,),
-                       prediction_type=cfg.model.prediction, latent_scale=latent_scale,
+    return ModelFamily("custom", ucfg, vcfg, (spec,), prediction_type=cfg.model.prediction,
+                       latent_scale=latent_scale if vcfg is not None else 1.0,
                        default_size=cfg.data.size,
                        beta_schedule=BetaSchedule(cfg.model.schedule, cfg.model.beta_start, cfg.model.beta_end,
                                                   cfg.model.timesteps))
@@ -208,9 +209,22 @@ class Trainer:
         self.model.to(self.device)
         if self.vae is not None:
             self.vae.to(self.device)
+        if self.device.type == "cuda":   # TF32 tensor cores for fp32 matmuls and convolutions
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cudnn.benchmark = True
         self.latent_scale = 1.0
         self.on_step: Callable[[str, int], None] | None = None   # called after every optimizer step (tests, tools)
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._pool: tuple[torch.Tensor, torch.Tensor] | None = None   # preloaded (uint8 NCHW, ids) on device
+        self._pool_latents: torch.Tensor | None = None
+        if cfg.data.preload:
+            t0 = time.time()
+            pixels, captions = preload(self.dataset, cfg.data.workers)
+            self._pool = (torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous().to(self.device),
+                          self.tokenizer(captions).to(self.device))
+            if self.world.main:
+                print(f"[data] preloaded {len(captions)} items in {time.time() - t0:.1f} s")
         if self.world.main:
             if not resume and (list_checkpoints(self.out, "vae") or list_checkpoints(self.out, "diffusion")):
                 raise FileExistsError(f"{self.out} already holds checkpoints: pass resume=True (--resume) to "
@@ -220,21 +234,35 @@ class Trainer:
 
     # ------------------------------------------------------------------ data
     def _images(self, indices: list[int]) -> torch.Tensor:
+        if self._pool is not None:   # to_tensor_array's mapping, equal to within float32 rounding
+            idx = torch.tensor(indices, device=self.device)
+            return self._pool[0][idx].float() / 127.5 - 1.0
         arrs = [to_tensor_array(self.dataset[i]["image"]) for i in indices]
         return torch.from_numpy(np.stack(arrs)).to(self.device)
+
+    def _encode(self, img: torch.Tensor) -> torch.Tensor:
+        if self.vae is None:
+            return img
+        with torch.no_grad():
+            return self.vae.encode(img).mode().float() * self.latent_scale
 
     def _latents_and_ids(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, C, h, w) scaled latents (or pixels) and (B, 77) token ids, cached per item if asked."""
         use_cache = self.cfg.train.cache_latents
+        if self._pool is not None:
+            idx = torch.tensor(indices, device=self.device)
+            if not use_cache:
+                return self._encode(self._images(indices)), self._pool[1][idx]
+            if self._pool_latents is None:   # every item's latent, once
+                n = len(self._pool[1])
+                self._pool_latents = torch.cat([self._encode(self._images(list(range(lo, min(n, lo + 512)))))
+                                                for lo in range(0, n, 512)])
+            return self._pool_latents[idx], self._pool[1][idx]
         todo = [i for i in indices if i not in self._cache] if use_cache else list(indices)
         if todo:
             items = [self.dataset[i] for i in todo]
             img = torch.from_numpy(np.stack([to_tensor_array(it["image"]) for it in items])).to(self.device)
-            if self.vae is not None:
-                with torch.no_grad():
-                    x = self.vae.encode(img).mode().float() * self.latent_scale
-            else:
-                x = img
+            x = self._encode(img)
             ids = self.tokenizer([it["caption"] for it in items])
             fresh = {i: (x[k].cpu(), ids[k]) for k, i in enumerate(todo)}
             if use_cache:
@@ -378,7 +406,7 @@ class Trainer:
 
     def _measure_latent_scale(self, n: int = 256) -> float:
         """1 / std of the VAE latents (posterior mean) of the first n training items (SD: 0.18215)."""
-        z = []
+        z, n = [], min(n, len(self.dataset))
         with torch.no_grad():
             for lo in range(0, n, 32):
                 z.append(self.vae.encode(self._images(list(range(lo, min(n, lo + 32))))).mode().float())
@@ -579,9 +607,10 @@ def load_run(out_dir: str | Path, *, ema: bool = True) -> tuple[TrainConfig, Tex
 
 def export_model(out_dir: str | Path, path: str | Path, *, dtype: torch.dtype = torch.float16,
                  metadata: dict | None = None) -> Path:
-    """Write a run's EMA weights as a single-file checkpoint that `Pipeline.from_pretrained` loads."""
+    """Write a run's EMA weights as a single-file checkpoint that `Pipeline.from_pretrained` loads
+    (no first_stage_model.* weights for a pixel-space run: its family says vae=None)."""
     from ..models.loading import save_checkpoint
     cfg, model, vae, scale = load_run(out_dir)
     fam = model_family(cfg, scale)
-    return save_checkpoint({"unet": model.unet, "vae": vae, "text_encoders": [model.text_encoder]}, path,
-                           family=fam, dtype=dtype, metadata=metadata)
+    parts = {"unet": model.unet, "text_encoders": [model.text_encoder]} | ({"vae": vae} if vae is not None else {})
+    return save_checkpoint(parts, path, family=fam, dtype=dtype, metadata=metadata)

@@ -1,0 +1,44 @@
+"""`diffusekit info MODEL`: a checkpoint described from its header alone, pixel-space ones included."""
+import json
+from dataclasses import replace
+
+from diffusekit.interfaces.cli import main
+from diffusekit.models.clip import CLIPTextModel
+from diffusekit.models.families import tiny_family
+from diffusekit.models.loading import save_checkpoint
+from diffusekit.models.unet import UNetModel
+from diffusekit.models.vae import AutoencoderKL
+
+
+def info(capsys, *argv) -> tuple[int, str, str]:
+    rc = main(["info", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_info_describes_a_pixel_space_checkpoint(tmp_path, capsys):
+    base = tiny_family("custom")
+    fam = replace(base, vae=None, unet=replace(base.unet, in_channels=3, out_channels=3), latent_scale=1.0,
+                  default_size=32)
+    path = save_checkpoint({"unet": UNetModel(fam.unet), "text_encoders": [CLIPTextModel(fam.text_encoders[0].config)]},
+                           tmp_path / "digits.safetensors", family=fam)
+    rc, out, _ = info(capsys, path)
+    rows = dict(line.split(": ", 1) for line in out.splitlines())
+    assert rc == 0 and rows["Model"] == "digits.safetensors" and rows["Family"] == "custom"
+    assert rows["Space"].startswith("pixels: the UNet denoises 3-channel images") and "no VAE" in rows["Space"]
+    assert rows["UNet"].startswith("3 -> 3 channels") and rows["Native size"] == "32x32"
+    assert rows["Prediction"] == "eps" and rows["Text encoder 1"].startswith("clip, width 32, 3 layers")
+    rc, out, _ = info(capsys, path, "--json")
+    data = json.loads(out)
+    assert rc == 0 and data["pixel_space"] is True and data["family"]["vae"] is None
+
+
+def test_info_describes_a_latent_checkpoint_and_teaches_on_a_bad_path(tmp_path, capsys):
+    fam = tiny_family("sd1")
+    path = save_checkpoint({"unet": UNetModel(fam.unet), "vae": AutoencoderKL(fam.vae),
+                            "text_encoders": [CLIPTextModel(fam.text_encoders[0].config)]}, tmp_path / "m.safetensors",
+                           family=fam)
+    rc, out, _ = info(capsys, path)
+    assert rc == 0 and "Space: latents: a VAE with 4 channels at 1/8 of the image side, latent scale 0.18215" in out
+    rc, _, err = info(capsys, tmp_path / "missing.safetensors")
+    assert rc == 2 and "no such model file or folder" in err
