@@ -14,13 +14,7 @@ from scipy import integrate
 from diffusekit.core.mixture import GaussianMixture, reference_solution
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: on a shared 2-core machine torch's thread handoff costs more than the math."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _world_1d() -> GaussianMixture:

@@ -30,13 +30,7 @@ F64 = torch.float64
 IDS = list(deterministic.SAMPLERS)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: on a shared 2-core machine torch's thread handoff costs more than the math."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _karras(steps, sigma_min=0.002, sigma_max=80.0):

@@ -197,7 +197,10 @@ def format_markdown(result: dict) -> str:
     else:
         lines.append(f"| recognised digit (n={r['n']}) | {pct(r['recognised'])} |")
     lines.append(f"| FID, {r['feature_space']}, {r['fid_samples']} samples | {r['fid']:.3f} |")
-    lines.append(f"| FID floor (dataset vs dataset, same count) | {r['fid_floor']:.3f} |")
+    ref = ("the real images of the same prompts" if r["dataset"] == "shapes"
+           else f"{r['fid_samples']} held-out real digits")
+    lines.append(f"| (reference: {ref}) | |")
+    lines.append(f"| FID of other real dataset images, same count, same reference | {r['fid_floor']:.3f} |")
     return "\n".join(lines)
 
 

@@ -1,0 +1,56 @@
+"""The models the project ships: they load by name, compute in float32 on a CPU, and still do their
+job — a regression check on the committed weights (a handful of images; the full measurements are in
+the model cards, made by `diffusekit eval`)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffusekit import GenerationParams, Pipeline
+from diffusekit.evaluation import features as feats
+from diffusekit.evaluation.shapes_detector import detect, score
+from diffusekit.pipelines.shipped import available
+from diffusekit.training.datasets.digits import digit_caption
+from diffusekit.training.datasets.shapes import ShapesDataset
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def params(prompt: str, seed: int, size: int) -> GenerationParams:
+    return GenerationParams(prompt=prompt, steps=20, sampler_name="DPM++ 2M", scheduler="Karras", cfg_scale=5,
+                            seed=seed, width=size, height=size)
+
+
+def test_both_are_shipped_and_load_in_float32_on_cpu():
+    assert available() == ["shapes", "digits"]
+    pipe = Pipeline.from_pretrained("shapes")
+    assert {p.dtype for p in pipe.unet.parameters()} == {torch.float32}
+    assert {p.dtype for p in pipe.vae.parameters()} == {torch.float32}
+    assert pipe.family.default_size == 64 and pipe.factor == 4
+    half = Pipeline.from_pretrained("shapes", dtype=torch.float16)     # asked for: kept
+    assert {p.dtype for p in half.unet.parameters()} == {torch.float16}
+    digits = Pipeline.from_pretrained("digits")
+    assert digits.vae is None and digits.family.default_size == 32
+
+
+def test_shapes_draws_held_out_prompts():
+    """Six held-out (shape, colour, background) prompts, detector-scored; the card's 200 scored 100%."""
+    pipe = Pipeline.from_pretrained("shapes")
+    ds = ShapesDataset(seed=0, split="heldout")
+    hits = {"shape_color": 0, "background": 0}
+    for i in range(6):
+        item = ds[i]
+        img = pipe.generate(params(item["caption"], 1000 + i, 64)).images[0]
+        s = score(detect(img), item["scene"])
+        hits["shape_color"] += s["shape_color"]
+        hits["background"] += s["background"]
+    assert hits["background"] == 6 and hits["shape_color"] >= 5, hits
+
+
+def test_digits_draws_the_prompted_digit():
+    pipe = Pipeline.from_pretrained("digits")
+    wanted = [0, 3, 7, 9]
+    images = [pipe.generate(params(digit_caption(d), 10 + d, 32)).images[0] for d in wanted]
+    got = feats.classify_digits(feats.load_digits_classifier(), images)
+    assert (got == wanted).sum() >= 3, got
