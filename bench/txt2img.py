@@ -17,6 +17,7 @@ whole loop in bf16; ours keeps the sampler's latent in fp32 and runs the network
     python bench/txt2img.py                 # 256x256, fp32 and bf16
     python bench/txt2img.py --full          # also 512x512
     python bench/txt2img.py --dtypes fp32   # one precision
+    python bench/txt2img.py --device cuda --dtypes fp16 --full   # on a GPU: one warm-up generation, then timed
 """
 from __future__ import annotations
 
@@ -35,9 +36,10 @@ CHILD = r"""
 import json, resource, sys, time
 import numpy as np, torch
 from diffusekit.pipelines.latents import initial_noise
-impl, folder, size, dtype_name, out_npy, prompt, seed, steps, cfg = sys.argv[1:10]
+impl, folder, size, dtype_name, out_npy, prompt, seed, steps, cfg, device = sys.argv[1:11]
 size, seed, steps, cfg = int(size), int(seed), int(steps), float(cfg)
-dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+runs = 2 if device != "cpu" else 1        # a GPU's first call pays for kernel selection: time the second
 rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024        # Linux: kB -> MB
 t0 = time.perf_counter()
 if impl == "diffusers":
@@ -45,24 +47,27 @@ if impl == "diffusers":
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, safety_checker=None,
                                                              requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
+    pipe.to(device)
     load = time.perf_counter() - t0
     pipe.scheduler.set_timesteps(steps)
     sigma0 = float(pipe.scheduler.sigmas[0])
     noise, _ = initial_noise((1, 4, size // 8, size // 8), [seed])
-    latents = (noise * sigma0 / float(pipe.scheduler.init_noise_sigma)).to(dtype)
-    w, c = time.perf_counter(), time.process_time()
-    with torch.no_grad():
-        image = pipe(prompt, negative_prompt="", num_inference_steps=steps, guidance_scale=cfg, height=size,
-                     width=size, latents=latents, output_type="np").images[0]
+    latents = (noise * sigma0 / float(pipe.scheduler.init_noise_sigma)).to(device, dtype)
+    for _ in range(runs):
+        w, c = time.perf_counter(), time.process_time()
+        with torch.no_grad():
+            image = pipe(prompt, negative_prompt="", num_inference_steps=steps, guidance_scale=cfg, height=size,
+                         width=size, latents=latents, output_type="np").images[0]
     image = (image * 255).round().clip(0, 255).astype(np.uint8)
 else:
     from diffusekit import GenerationParams, Pipeline
-    pipe = Pipeline.from_pretrained(folder, dtype=None if dtype_name == "fp32" else dtype)
+    pipe = Pipeline.from_pretrained(folder, dtype=None if dtype_name == "fp32" else dtype, device=device)
     pipe.parts.hash10                                                            # the infotext's model hash
     load = time.perf_counter() - t0
-    w, c = time.perf_counter(), time.process_time()
-    r = pipe.generate(GenerationParams(prompt=prompt, steps=steps, sampler_name="Euler", scheduler="Karras",
-                                       cfg_scale=cfg, seed=seed, width=size, height=size))
+    for _ in range(runs):
+        w, c = time.perf_counter(), time.process_time()
+        r = pipe.generate(GenerationParams(prompt=prompt, steps=steps, sampler_name="Euler", scheduler="Karras",
+                                           cfg_scale=cfg, seed=seed, width=size, height=size))
     image = np.asarray(r.images[0])
 gen_wall, gen_cpu = time.perf_counter() - w, time.process_time() - c
 np.save(out_npy, image)
@@ -110,8 +115,9 @@ def setup(folder: Path) -> None:
     pipe.save_pretrained(folder)
 
 
-def run_case(impl: str, folder: Path, size: int, dtype: str, out: Path) -> dict:
-    args = [impl, str(folder), str(size), dtype, str(out), PROMPT, str(SEED), str(STEPS), str(CFG)]
+def run_case(impl: str, folder: Path, size: int, dtype: str, out: Path, steps: int = STEPS,
+             device: str = "cpu") -> dict:
+    args = [impl, str(folder), str(size), dtype, str(out), PROMPT, str(SEED), str(steps), str(CFG), device]
     proc = subprocess.run([sys.executable, "-c", CHILD, *args], capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
         raise RuntimeError(f"{impl} {size} {dtype} failed:\n{proc.stderr[-3000:]}")
@@ -121,7 +127,9 @@ def run_case(impl: str, folder: Path, size: int, dtype: str, out: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true", help="also 512x512 (slow on a CPU)")
-    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "diffusekit-bench" / "sd15-random"),
                         help="where the random-weight diffusers folder is kept between runs")
     args = parser.parse_args()
@@ -138,13 +146,15 @@ def main() -> None:
             res = {}
             for impl in ("diffusers", "ours"):
                 print(f"{size}x{size} {dtype} {impl} ...", file=sys.stderr, flush=True)
-                res[impl] = run_case(impl, folder, size, dtype, work / f"{impl}.npy")
+                res[impl] = run_case(impl, folder, size, dtype, work / f"{impl}.npy", args.steps, args.device)
             a = np.load(work / "ours.npy").astype(np.int16)
             b = np.load(work / "diffusers.npy").astype(np.int16)
             diff = np.abs(a - b)
             rows.append((size, dtype, res["diffusers"], res["ours"], int(diff.max()), float(diff.mean())))
-    print(f"\nSD 1.5 txt2img, random weights, {STEPS} Euler/Karras steps, CFG {CFG}, batch 1, "
-          f"torch {__import__('torch').__version__}, {__import__('os').cpu_count()} CPUs "
+    import torch
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{__import__('os').cpu_count()} CPUs"
+    print(f"\nSD 1.5 txt2img, random weights, {args.steps} Euler/Karras steps, CFG {CFG}, batch 1, "
+          f"torch {torch.__version__}, {where} "
           f"(total bench time {time.perf_counter() - t:.0f} s)\n")
     print("| size | dtype | diffusers gen s (cpu s) | ours gen s (cpu s) | ratio wall (cpu) | load s diffusers / ours "
           "| peak RSS MB diffusers / ours | image max/mean abs diff |")
