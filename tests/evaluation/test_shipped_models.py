@@ -28,6 +28,7 @@ def test_both_are_shipped_and_load_in_float32_on_cpu():
     assert {p.dtype for p in pipe.unet.parameters()} == {torch.float32}
     assert {p.dtype for p in pipe.vae.parameters()} == {torch.float32}
     assert pipe.family.default_size == 64 and pipe.factor == 4
+    assert pipe.name == "shapes"          # the infotext's "Model:" names the shipped model, not the file stem
     half = Pipeline.from_pretrained("shapes", dtype=torch.float16)     # asked for: kept
     assert {p.dtype for p in half.unet.parameters()} == {torch.float16}
     digits = Pipeline.from_pretrained("digits")

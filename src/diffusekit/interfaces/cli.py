@@ -34,6 +34,7 @@ INFOTEXT_FIELDS = {
     "Mask blur": ("mask_blur", int), "Eta": ("eta", float), "CFG rescale": ("cfg_rescale", float),
     "Hires upscale": ("hr_scale", float), "Hires upscaler": ("hr_upscaler", str),
     "Hires steps": ("hr_second_pass_steps", int), "Refiner switch at": ("refiner_switch_at", float),
+    "SDE noise": ("sde_noise", str),
 }
 _INFOTEXT_META = {"Prompt", "Negative prompt", "Model", "Model hash", "Version", "RNG", "ENSD", "Refiner"}
 
@@ -44,7 +45,7 @@ FLAG_FIELDS = {
     "width": "width", "height": "height", "batch_size": "batch_size", "n_iter": "n_iter", "clip_skip": "clip_skip",
     "denoising_strength": "denoising_strength", "mask_blur": "mask_blur", "eta": "eta", "cfg_rescale": "cfg_rescale",
     "hires_scale": "hr_scale", "hires_steps": "hr_second_pass_steps", "hires_upscaler": "hr_upscaler",
-    "refiner": "refiner_checkpoint", "refiner_switch_at": "refiner_switch_at",
+    "refiner": "refiner_checkpoint", "refiner_switch_at": "refiner_switch_at", "sde_noise": "sde_noise",
 }
 
 
@@ -70,6 +71,10 @@ def params_from_infotext(fields: dict) -> tuple[dict, list[str]]:
     if rng != "CPU":
         notes.append(f"the image's noise came from A1111's {rng} generator (RNG: {rng}); diffusekit draws noise on "
                      "the CPU (A1111's RNG: CPU), so the same seed gives a different image")
+    ours = fields.get("Version", "").startswith("diffusekit")
+    if "SDE" in fields.get("Sampler", "") and "SDE noise" not in fields and not ours:
+        notes.append("A1111 and ComfyUI draw the SDE samplers' noise from torchsde's Brownian tree: add "
+                     "--sde-noise a1111 (or comfyui) to draw the same")
     if fields.get("ENSD", "0") not in ("0", ""):
         notes.append(f"ENSD {fields['ENSD']} (eta noise seed delta) is not supported: ancestral samplers will differ")
     unused = [k for k in fields if k not in INFOTEXT_FIELDS and k not in _INFOTEXT_META]
@@ -129,7 +134,8 @@ def _load_pipeline(args):
     from ..pipelines.pipeline import Pipeline
 
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    return Pipeline.from_pretrained(args.model or DEFAULT_MODEL, device=args.device, dtype=dtype)
+    return Pipeline.from_pretrained(args.model or DEFAULT_MODEL, device=args.device, dtype=dtype,
+                                    lora_dir=getattr(args, "lora_dir", None))
 
 
 class StepBars:
@@ -170,6 +176,7 @@ def _generate_params(args) -> tuple[object, list[str], dict]:
                              "(no PNG 'parameters' text chunk or EXIF UserComment)")
         source = parse_infotext(text)
         fields, notes = params_from_infotext(source)
+        notes = [n for n in notes if not (args.sde_noise and "--sde-noise" in n)]
     elif args.prompt is None:
         raise ValueError("give a PROMPT (\"\" makes an unconditional image) or --from IMAGE")
     if args.prompt is not None:
@@ -449,6 +456,8 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
                    help=f"a shipped model name (default {DEFAULT_MODEL!r}), a .safetensors/.ckpt file or a diffusers folder")
     p.add_argument("--device", default="cpu", help="torch device (default cpu; 'cuda' for a GPU)")
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="weights' precision (default fp32)")
+    p.add_argument("--lora-dir", default=None,
+                   help="folder of LoRA .safetensors files that <lora:NAME:WEIGHT> in the prompt names")
 
 
 def _sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -489,6 +498,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--subseed-strength", type=float, default=None, help="variation strength in [0, 1]")
     g.add_argument("--eta", type=float, default=None, help="ancestral / DDIM eta (default: the sampler's)")
     g.add_argument("--cfg-rescale", type=float, default=None, help="CFG rescale phi in [0, 1] (Lin et al. 2023)")
+    g.add_argument("--sde-noise", choices=("diffusekit", "a1111", "comfyui"), default=None,
+                   help="SDE samplers' Brownian noise: diffusekit (default) or torchsde's tree seeded as A1111 / ComfyUI "
+                        "do, to reproduce their CPU renders (needs torchsde)")
     g.add_argument("--init-image", default=None, help="img2img: the starting image")
     g.add_argument("--denoising-strength", type=float, default=None,
                    help="img2img / hires strength in [0, 1] (default 0.75): 0 returns the image, 1 ignores it")

@@ -8,6 +8,8 @@ from typing import Any, Optional
 
 MAX_PROMPT_CHARS = 20_000   # longer prompts are refused (A1111 would encode hundreds of chunks)
 MAX_SIDE = 4096
+# where the SDE samplers' Brownian noise comes from (see pipelines/sde_noise.py)
+SDE_NOISE_MODES = ("diffusekit", "a1111", "comfyui")
 
 
 @dataclass
@@ -26,6 +28,10 @@ class GenerationParams:
     hr_upscaler: "Latent" (bilinear), "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic
     antialiased)", "Latent (nearest)", "Latent (nearest-exact)", "Nearest"; any other name resizes the
     decoded image with Lanczos (A1111's "Lanczos"; its model upscalers do not exist here).
+    sde_noise picks the Brownian noise of the SDE samplers (DPM++ SDE, 2M SDE, 3M SDE): "diffusekit" (our
+    counter-based tree, the default), "a1111" or "comfyui" (torchsde's tree built as those tools build it,
+    so a CPU render at the same seed comes out the same; needs `pip install torchsde`). Other samplers
+    ignore it.
     """
 
     prompt: str = ""
@@ -57,6 +63,7 @@ class GenerationParams:
     s_tmax: float = math.inf
     s_noise: float = 1.0
     cfg_rescale: float = 0.0
+    sde_noise: str = "diffusekit"               # "diffusekit" | "a1111" | "comfyui" (pipelines/sde_noise.py)
     # two-stage generation
     refiner_checkpoint: Optional[str] = None
     refiner_switch_at: Optional[float] = None   # fraction of the steps after which the refiner takes over
@@ -109,6 +116,9 @@ class GenerationParams:
             bad("cfg_scale", "must be a number from 0 to 100")
         if not 0.0 <= float(self.cfg_rescale) <= 1.0:
             bad("cfg_rescale", "must be in [0, 1]")
+        if self.sde_noise not in SDE_NOISE_MODES:
+            bad("sde_noise", "valid are 'diffusekit' (the default, our Brownian tree), 'a1111' and 'comfyui' "
+                             "(torchsde's Brownian tree as AUTOMATIC1111 / ComfyUI seed it)")
         if not isinstance(self.batch_size, int) or not 1 <= self.batch_size <= 64:
             bad("batch_size", "must be an integer from 1 to 64")
         if not isinstance(self.n_iter, int) or not 1 <= self.n_iter <= 100:

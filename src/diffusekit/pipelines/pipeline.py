@@ -39,12 +39,15 @@ from ..core.denoisers import EpsDenoiser, VDenoiser
 from ..core.guidance import cfg
 from ..core.schedules import DiscreteSchedule
 from ..models.loading import ModelParts, load_checkpoint
+from ..models.lora import LoRATargets, merged
 from . import infotext as infotext_mod
+from .loras import LoraLibrary, extract_loras, lora_hashes_text
 from .conditioning import Conditioning, TextConditioner, adm_vector
 from .latents import (LATENT_RGB, fill_masked, fit_latent_rgb, initial_noise, latent_mask, overlay_mask,
                       pil_to_tensor, prepare_mask, preview, tensor_to_pil)
 from .params import GenerationParams, GenerationResult, StepInfo
-from .shipped import resolve_model
+from .sde_noise import BROWNIAN_SAMPLERS, pass_noise, require_torchsde
+from .shipped import SHIPPED, resolve_model
 
 SCHEDULE_LABELS = {v: k for k, v in sigma_schedules.DISPLAY_NAMES.items()}
 
@@ -158,7 +161,10 @@ class _InitImages:
 class Pipeline:
     """Generation on one checkpoint. `Pipeline.from_pretrained(name_or_path)` then `.generate(params)`."""
 
-    def __init__(self, parts: ModelParts, *, device: str | torch.device = "cpu"):
+    def __init__(self, parts: ModelParts, *, device: str | torch.device = "cpu",
+                 lora_dir: str | Path | None = None):
+        self.lora_dir = lora_dir                 # where <lora:NAME:W> finds NAME.safetensors (pipelines/loras.py)
+        self._lora_targets: LoRATargets | None = None
         if (parts.vae is None) != parts.family.pixel_space:
             raise ValueError(f"family {parts.family.name!r} " + (
                 "is pixel-space (vae=None) but the parts carry a VAE" if parts.family.pixel_space else
@@ -184,15 +190,35 @@ class Pipeline:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, *, device: str = "cpu", dtype: torch.dtype | None = None,
-                        family: str | None = None) -> "Pipeline":
+                        family: str | None = None, lora_dir: str | Path | None = None) -> "Pipeline":
         """A shipped model name ("shapes"), a single-file checkpoint or a diffusers folder.
 
         dtype=None keeps the file's precision on an accelerator and computes in float32 on the CPU,
-        where float16 arithmetic is emulated (~30x slower; A1111 likewise runs CPUs with --no-half)."""
+        where float16 arithmetic is emulated (~30x slower; A1111 likewise runs CPUs with --no-half).
+        lora_dir: the folder of LoRA files that `<lora:NAME:WEIGHT>` prompt tags name."""
         path = resolve_model(name_or_path)
         if dtype is None and torch.device(device).type == "cpu":
             dtype = torch.float32
-        return cls(load_checkpoint(path, family=family, dtype=dtype, device="cpu"), device=device)
+        parts = load_checkpoint(path, family=family, dtype=dtype, device="cpu")
+        if str(name_or_path) in SHIPPED:   # infotext "Model: shapes", not the file's stem "model"
+            parts.name = str(name_or_path)
+        return cls(parts, device=device, lora_dir=lora_dir)
+
+    @property
+    def lora_dir(self) -> Path | None:
+        return None if self._loras is None else self._loras.folder
+
+    @lora_dir.setter
+    def lora_dir(self, folder: str | Path | None) -> None:
+        self._loras = None if folder is None else LoraLibrary(folder)
+
+    def _prompt_loras(self, prompt: str) -> list:
+        """[(LoraRef, LoRA)] of the prompt's `<lora:...>` tags, read from `lora_dir`."""
+        _, refs = extract_loras(prompt)
+        if refs and self._loras is None:
+            raise ValueError(f"the prompt names LoRAs ({', '.join(r.name for r in refs)}) but no LoRA folder is set: "
+                             "pass lora_dir= to Pipeline / from_pretrained (CLI: --lora-dir)")
+        return [(r, self._loras.load(r.name, te_count=len(self.family.text_encoders))) for r in refs]
 
     @property
     def latent_channels(self) -> int:
@@ -256,11 +282,28 @@ class Pipeline:
     # ------------------------------------------------------------------ the public entry
     def generate(self, params: GenerationParams, callback: Callable[[StepInfo], None] | None = None,
                  should_stop: Callable[[], bool] | None = None) -> GenerationResult:
+        """Run `params`. `<lora:NAME:WEIGHT>` tags are cut out of the prompt (A1111) and the LoRAs they name
+        (files in `lora_dir`) are merged into this model's weights for this call only: restored bit for bit
+        afterwards, also after an error or an interrupt. A refiner model gets no LoRA."""
         params.validate()
+        loras = self._prompt_loras(params.prompt)
+        if not loras:
+            return self._generate(params, params, callback, should_stop)
+        if self._lora_targets is None:
+            self._lora_targets = LoRATargets.of(self.parts)
+        text_params = params.copy(prompt=extract_loras(params.prompt)[0])
+        with merged(self._lora_targets, [(lora, ref.te, ref.unet) for ref, lora in loras]):
+            return self._generate(params, text_params, callback, should_stop)
+
+    def _generate(self, params: GenerationParams, text_params: GenerationParams, callback, should_stop) -> GenerationResult:
+        """`generate` once the LoRAs are merged: `text_params` is `params` with the prompt the text encoders
+        read (LoRA tags removed); the infotext and the result keep `params`."""
         sampler_id, scheduler = split_sampler_name(params.sampler_name, params.scheduler)
         schedule_id = sigma_schedules.resolve(scheduler)
         if schedule_id == "automatic":
             schedule_id = sampler_registry.INFO[sampler_id].default_schedule
+        if params.sde_noise != "diffusekit" and sampler_id in BROWNIAN_SAMPLERS:
+            require_torchsde(params.sde_noise)                     # before any model work
         width = params.width or self.family.default_size
         height = params.height or self.family.default_size
         if width % self.factor or height % self.factor:
@@ -279,7 +322,7 @@ class Pipeline:
                 interrupted = True
                 break
             job_seeds, job_subseeds = image_seeds(seed, subseed, params.subseed_strength, job * bs, bs)
-            j = _Job(params, sampler_id, schedule_id, job_seeds, job_subseeds, callback, should_stop, process,
+            j = _Job(text_params, sampler_id, schedule_id, job_seeds, job_subseeds, callback, should_stop, process,
                      job, params.n_iter, cache)
             try:
                 latent = self._run_job(j, width, height, init)
@@ -370,7 +413,7 @@ class Pipeline:
         refiner = self._refiner(p)
         x = self._pass(job, sig, x, gens, None if hires else refiner, width=width, height=height,
                        cond=(len(sig) - 1, None), pass_name="txt2img" if init is None else "img2img",
-                       signal=init_latent, init_latent=init_latent, mask=mask, init=init)
+                       signal=init_latent, init_latent=init_latent, mask=mask, init=init, schedule=full)
         if hires:
             x = self._hires(job, x, width, height, refiner)
         return x
@@ -395,10 +438,11 @@ class Pipeline:
             return x
         steps = p.hr_second_pass_steps or p.steps
         total = int(steps / min(float(strength), 0.999))
-        sig = self._sigmas(job.schedule_id, total)[total - steps:]
+        full = self._sigmas(job.schedule_id, total)
+        sig = full[total - steps:]
         noise, gens = initial_noise(x.shape, job.seeds, job.subseeds, p.subseed_strength)
         return self._pass(job, sig, x + noise.to(x.device) * sig[0], gens, refiner, width=hw, height=hh,
-                          cond=(p.steps, steps), pass_name="hires", signal=x)
+                          cond=(p.steps, steps), pass_name="hires", signal=x, schedule=full)
 
     def _refiner(self, params) -> "Pipeline | None":
         if not params.refiner_checkpoint or params.refiner_switch_at is None:
@@ -423,16 +467,20 @@ class Pipeline:
         return len(sig) - 1
 
     def _pass(self, job: _Job, sig, x, gens, refiner, *, width, height, cond, pass_name, signal=None,
-              init_latent=None, mask=None, init=None) -> torch.Tensor:
+              init_latent=None, mask=None, init=None, schedule=None) -> torch.Tensor:
         """One sampling pass over `sig` from `x` (whose x0 part is `signal`, None = 0), handed over to
-        `refiner` at A1111's switch point when one is given; returns the final latent in this model's space."""
+        `refiner` at A1111's switch point when one is given; returns the final latent in this model's space.
+        `schedule`: the whole schedule `sig` is the tail of (None = sig), which bounds A1111's Brownian tree."""
         b = x.shape[0]
         cut = len(sig) - 1 if refiner is None else self._switch_index(sig, job.params.refiner_switch_at)
         x0 = signal
+        sde_noise = pass_noise(job.params.sde_noise, job.sampler_id, x, sig if schedule is None else schedule,
+                               job.seeds)
         if cut > 0:
             x, x0 = self._sample(job, sig[:cut + 1], x, gens, width=width, height=height, cond=cond, pass_name=pass_name,
                                  init_latent=init_latent, mask=mask,
-                                 concat=self._inpaint_concat(job, b, width, height, init))
+                                 concat=self._inpaint_concat(job, b, width, height, init),
+                                 noise_sampler=sde_noise(sig[:cut + 1]))
         if cut == len(sig) - 1:
             return x
         r = refiner.scale / self.scale
@@ -440,7 +488,8 @@ class Pipeline:
             x, x0 = refiner._sample(job, sig[cut:], _rescale_signal(x, x0, r), gens, width=width, height=height,
                                     cond=cond, pass_name="refiner", step_offset=cut,
                                     init_latent=None if init_latent is None else init_latent * r, mask=mask,
-                                    concat=refiner._inpaint_concat(job, b, width, height, init), log_scale=1 / r)
+                                    concat=refiner._inpaint_concat(job, b, width, height, init), log_scale=1 / r,
+                                    noise_sampler=sde_noise(sig[cut:]))
         except Interrupted as stop:
             raise Interrupted(stop.latent / r) from None
         return _rescale_signal(x, x0, 1 / r)
@@ -473,10 +522,11 @@ class Pipeline:
         return kw
 
     def _sample(self, job: _Job, sig, x, gens, *, width, height, cond, pass_name, step_offset=0, init_latent=None,
-                mask=None, concat=None, log_scale=1.0):
+                mask=None, concat=None, log_scale=1.0, noise_sampler=None):
         """Run the sampler over `sig` from `x`; returns (final x, last x0 estimate). The prompt-editing step
         counter starts at `step_offset` (a refiner continues the count of the pass it takes over); process
-        records are stored in the base model's latent space (`log_scale` converts a refiner's)."""
+        records are stored in the base model's latent space (`log_scale` converts a refiner's).
+        `noise_sampler`: the SDE noise source (sde_noise.pass_noise); None = the sampler's own."""
         p = job.params
         steps = len(sig) - 1
         guided = self._guided(job, cond, width, height)
@@ -504,8 +554,11 @@ class Pipeline:
                 raise Interrupted(d["denoised"])
 
         fn = sampler_registry.SAMPLERS[job.sampler_id]
+        knobs = _knobs_for(fn, p)
+        if noise_sampler is not None:
+            knobs["noise_sampler"] = noise_sampler
         with torch.no_grad():
-            out = fn(denoiser, x, sig.to(x.device), callback=on_step, generator=gens, **_knobs_for(fn, p))
+            out = fn(denoiser, x, sig.to(x.device), callback=on_step, generator=gens, **knobs)
         if mask is not None and float(sig[-1]) == 0.0:
             out = init_latent * (1 - mask) + out * mask
         return out, state["denoised"]
@@ -533,6 +586,8 @@ class Pipeline:
             d["Eta"] = params.eta
         if params.cfg_rescale:
             d["CFG rescale"] = params.cfg_rescale
+        if params.sde_noise != "diffusekit" and sampler_id in BROWNIAN_SAMPLERS:
+            d["SDE noise"] = params.sde_noise               # ours; only where it changes the image
         if params.enable_hr:
             d["Hires upscale"] = params.hr_scale
             if params.hr_second_pass_steps:                 # A1111 writes it only when set (0 = same as steps)
@@ -542,6 +597,9 @@ class Pipeline:
                                        else params.denoising_strength)
         if params.refiner_checkpoint and params.refiner_switch_at is not None:
             d.update({"Refiner": Path(str(params.refiner_checkpoint)).stem, "Refiner switch at": params.refiner_switch_at})
+        lora_hashes = lora_hashes_text(self._prompt_loras(params.prompt)) if self._loras is not None else None
+        if lora_hashes:
+            d["Lora hashes"] = lora_hashes                  # A1111: "name: <12 hex>, ..." (quoted by format_infotext)
         d["Version"] = f"diffusekit {__version__}"
         return infotext_mod.format_infotext(params.prompt, params.negative_prompt, d)
 

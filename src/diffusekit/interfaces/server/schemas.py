@@ -55,7 +55,7 @@ _MODEL = ConfigDict(extra="allow", populate_by_name=True, allow_inf_nan=False, p
 
 
 class Txt2ImgRequest(BaseModel):
-    """POST /sdapi/v1/txt2img. A1111's fields; `save_process` and `cfg_rescale` are diffusekit additions."""
+    """POST /sdapi/v1/txt2img. A1111's fields; `save_process`, `cfg_rescale` and `sde_noise` are diffusekit additions."""
 
     model_config = _MODEL
 
@@ -118,6 +118,8 @@ class Txt2ImgRequest(BaseModel):
     # diffusekit additions
     save_process: Optional[bool] = Field(False, description="keep every step for GET /diffusekit/v1/video")
     cfg_rescale: Optional[float] = Field(0.0, description="CFG rescale phi (Lin et al. 2023), 0 = off")
+    sde_noise: Optional[str] = Field(None, description="SDE samplers' Brownian noise: 'diffusekit' (null), 'a1111' "
+                                                       "or 'comfyui' (torchsde's tree seeded as those tools do)")
 
 
 class Img2ImgRequest(Txt2ImgRequest):
@@ -242,7 +244,7 @@ def to_generation_params(req: Txt2ImgRequest, *, init_images=None, mask=None, cl
         clip_skip=clip_skip, eta=req.eta, s_churn=float(_or(req.s_churn, 0.0)), s_tmin=float(_or(req.s_tmin, 0.0)),
         s_tmax=float(_or(req.s_tmax, math.inf)), s_noise=float(_or(req.s_noise, 1.0)),
         cfg_rescale=float(_or(req.cfg_rescale, 0.0)), refiner_switch_at=req.refiner_switch_at,
-        save_process=bool(req.save_process),
+        save_process=bool(req.save_process), sde_noise=_or(req.sde_noise, "diffusekit"),
     )
     if req.denoising_strength is not None:
         p.denoising_strength = float(req.denoising_strength)
