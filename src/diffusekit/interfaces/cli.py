@@ -6,7 +6,7 @@
     diffusekit info MODEL                         a checkpoint's family, spaces and shapes (no weights read)
     diffusekit compare PROMPT --samplers "Euler,DPM++ 2M" --schedulers "Normal,Karras" [--video]
     diffusekit train CONFIG [--resume]
-    diffusekit serve [--host 127.0.0.1] [--port 7860] [--model shapes]
+    diffusekit serve [--host 127.0.0.1] [--port 7860] [--model shapes] [--lora-dir DIR]
     diffusekit study samplers [--quick]
 
 Bad input is one line on stderr and exit status 2, never a traceback (`diffusekit --debug ...` shows it).
@@ -407,6 +407,8 @@ def cmd_serve(args) -> int:
                   api_auth=args.api_auth, queue_size=args.queue_size)
     if args.device is not None:
         kwargs["device"] = args.device
+    if args.lora_dir is not None:
+        kwargs["lora_dir"] = args.lora_dir
     serve(**kwargs)
     return 0
 
@@ -564,6 +566,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--api-auth", default=None, help="user:password HTTP basic auth")
     s.add_argument("--queue-size", type=int, default=8, help="jobs that may wait behind the running one (default 8)")
     s.add_argument("--device", default=None, help="torch device (default: the server's choice)")
+    s.add_argument("--lora-dir", default=None,
+                   help="folder of LoRA .safetensors files that <lora:NAME:WEIGHT> in the prompt names "
+                        "(listed at GET /sdapi/v1/loras)")
     s.set_defaults(func=cmd_serve)
 
 

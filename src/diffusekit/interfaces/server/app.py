@@ -31,6 +31,7 @@ from ...core import samplers as sampler_registry
 from ...core import sigmas as sigma_schedules
 from .checkpoints import ModelStore
 from .jobs import QueueFull, ShuttingDown, Worker
+from .loras import LoraCatalog, check_prompt_loras
 from .schemas import (CompareRequest, GenerationResponse, Img2ImgRequest, Limits, PngInfoRequest, PngInfoResponse,
                       RequestError, Txt2ImgRequest, to_generation_params, unsupported_fields, validate_params)
 from .service import Service, sampler_labels
@@ -176,20 +177,23 @@ def encode_png(img: Image.Image) -> str:
 # ------------------------------------------------------------------------------------ the app
 def create_app(*, model: str | None = "shapes", models_dir: str | os.PathLike | None = None,
                api_auth: str | None = None, queue_size: int = 8, device: str | None = None,
-               limits: Limits | None = None, preload: bool = True, **limit_overrides) -> FastAPI:
+               limits: Limits | None = None, preload: bool = True, lora_dir: str | os.PathLike | None = None,
+               **limit_overrides) -> FastAPI:
     """Build the FastAPI app. `model`: a name in the models folder, a shipped name or a path (None = none
-    selected yet); `limit_overrides`: any field of `Limits` (max_pixels=..., max_steps=...)."""
+    selected yet); `lora_dir`: the folder `<lora:NAME:WEIGHT>` prompt tags read (GET /sdapi/v1/loras lists it);
+    `limit_overrides`: any field of `Limits` (max_pixels=..., max_steps=...)."""
     unknown = set(limit_overrides) - set(Limits().as_dict())
     if unknown:
         raise ValueError(f"unknown server option(s) {sorted(unknown)}; the limits are {sorted(Limits().as_dict())}")
     limits = limits or Limits(**limit_overrides)
     allowed_users = parse_api_auth(api_auth) if api_auth else []
     store = ModelStore(models_dir)
-    service = Service(store, model, limits=limits, device=device)
+    loras = LoraCatalog(lora_dir) if lora_dir is not None else None
+    service = Service(store, model, limits=limits, device=device, loras=loras)
     worker = Worker(queue_size)
     flags = {"host": None, "port": None, "model": model, "models_dir": str(store.models_dir) if store.models_dir else None,
-             "api_auth": bool(api_auth), "queue_size": queue_size, "device": service.device, **limits.as_dict(),
-             "api": True, "nowebui": False}
+             "lora_dir": str(loras.folder) if loras else None, "api_auth": bool(api_auth), "queue_size": queue_size,
+             "device": service.device, **limits.as_dict(), "api": True, "nowebui": False}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -257,6 +261,7 @@ def create_app(*, model: str | None = "shapes", models_dir: str | os.PathLike | 
         unsupported = unsupported_fields(req, has_mask=mask is not None)
         p = to_generation_params(req, init_images=images, mask=mask, clip_skip=service.clip_skip)
         sampler_labels(p.sampler_name, p.scheduler)              # unknown names: 422 before queueing
+        check_prompt_loras(loras, p.prompt)                       # unknown LoRAs too, before a model loads
         overrides = req.override_settings or {}
         entry = None
         if overrides.get("sd_model_checkpoint") not in (None, ""):
@@ -336,6 +341,18 @@ def create_app(*, model: str | None = "shapes", models_dir: str | os.PathLike | 
     @app.post("/sdapi/v1/refresh-checkpoints", tags=["sdapi"])
     async def refresh_checkpoints():
         return {}                                  # the folder is rescanned on every listing
+
+    @app.get("/sdapi/v1/loras", tags=["sdapi"])
+    async def list_loras():
+        """The LoRA folder's files as A1111 lists them: [{name, alias, path, metadata}] ([] without --lora-dir)."""
+        return await run_in_threadpool(loras.describe) if loras else []
+
+    @app.post("/sdapi/v1/refresh-loras", tags=["sdapi"])
+    async def refresh_loras():
+        """Re-scan the LoRA folder, so files added since the start (or the last refresh) are listed."""
+        if loras:
+            await run_in_threadpool(loras.refresh)
+        return None
 
     @app.get("/sdapi/v1/sd-vae", tags=["sdapi"])
     async def sd_vae():
@@ -417,6 +434,7 @@ def create_app(*, model: str | None = "shapes", models_dir: str | os.PathLike | 
     @app.post("/diffusekit/v1/compare", tags=["diffusekit"])
     async def compare(req: CompareRequest):
         """An X/Y grid: the samplers across, `y_axis` (scheduler | steps | cfg_scale | seed) down."""
+        await run_in_threadpool(check_prompt_loras, loras, req.prompt)
         cells, cols, rows = await run_in_threadpool(_compare_cells, req, limits)
         grid, info = await run_job("compare", lambda ctx: service.compare(ctx, cells, cols, rows, req.y_axis))
         return {"image": await run_in_threadpool(encode_png, grid), "info": info}

@@ -17,6 +17,7 @@ from ...pipelines.params import GenerationParams
 from ...pipelines.pipeline import Pipeline, image_seeds, split_sampler_name
 from .checkpoints import ModelEntry, ModelStore
 from .jobs import JobContext
+from .loras import LoraCatalog
 from .schemas import Limits, RequestError, validate_params
 
 GRID_MIN_TILE = 192          # px: compare-grid tiles smaller than this are enlarged so the labels fit
@@ -63,9 +64,10 @@ class Service:
     """The model the server generates with, and the jobs it runs on it."""
 
     def __init__(self, store: ModelStore, model: str | None, *, limits: Limits, device: str | None = None,
-                 dtype=None):
+                 dtype=None, loras: LoraCatalog | None = None):
         import torch
         self.store = store
+        self.loras = loras                      # every pipeline built here reads <lora:...> files from its folder
         self.limits = limits
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = dtype
@@ -99,7 +101,8 @@ class Service:
                                "{\"sd_model_checkpoint\": ...}", status=409)
         if self._pipe is None or self._pipe_entry != entry:
             self._pipe = None                       # free the old weights before loading the new ones
-            self._pipe = Pipeline.from_pretrained(entry.path, device=self.device, dtype=self.dtype)
+            self._pipe = Pipeline.from_pretrained(entry.path, device=self.device, dtype=self.dtype,
+                                                  lora_dir=self.loras.folder if self.loras else None)
             self._pipe_entry = entry
             self.store.remember_hash(entry, list(self._pipe.parts.files))
         return self._pipe
@@ -150,6 +153,12 @@ class Service:
             self._keep_video(pipe, last)
         sampler_label, schedule_label = sampler_labels(p.sampler_name, p.scheduler)
         n = len(images)
+        extra = {}
+        if infotexts:                            # A1111 also reports the LoRAs in extra_generation_params
+            from ...pipelines.infotext import parse_infotext
+            lora_hashes = parse_infotext(infotexts[0]).get("Lora hashes")
+            if lora_hashes:
+                extra["Lora hashes"] = lora_hashes
         info = {
             "prompt": p.prompt, "all_prompts": [p.prompt] * n, "negative_prompt": p.negative_prompt,
             "all_negative_prompts": [p.negative_prompt] * n, "seed": seed, "all_seeds": seeds,
@@ -160,7 +169,7 @@ class Service:
             "sd_model_hash": pipe.parts.hash10, "sd_vae_name": None, "sd_vae_hash": None,
             "seed_resize_from_w": -1, "seed_resize_from_h": -1,
             "denoising_strength": p.denoising_strength if (p.is_img2img or p.enable_hr) else None,
-            "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": infotexts, "styles": [],
+            "extra_generation_params": extra, "index_of_first_image": 0, "infotexts": infotexts, "styles": [],
             "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "clip_skip": p.clip_skip,
             "is_using_inpainting_conditioning": bool(pipe.family.is_inpaint and p.mask is not None),
             "version": f"diffusekit {__version__}", "interrupted": interrupted, "skipped_batches": skipped,
