@@ -135,7 +135,8 @@ def _load_pipeline(args):
 
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     return Pipeline.from_pretrained(args.model or DEFAULT_MODEL, device=args.device, dtype=dtype,
-                                    lora_dir=getattr(args, "lora_dir", None))
+                                    lora_dir=getattr(args, "lora_dir", None),
+                                    embeddings_dir=getattr(args, "embeddings_dir", None))
 
 
 class StepBars:
@@ -460,6 +461,9 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="weights' precision (default fp32)")
     p.add_argument("--lora-dir", default=None,
                    help="folder of LoRA .safetensors files that <lora:NAME:WEIGHT> in the prompt names")
+    p.add_argument("--embeddings-dir", default=None,
+                   help="folder of textual-inversion embeddings (.pt/.bin/.safetensors); a file's name written in "
+                        "the prompt or negative prompt stands for its vectors (A1111's embeddings/)")
 
 
 def _sampling_flags(p: argparse.ArgumentParser) -> None:

@@ -93,7 +93,12 @@ class _TextEncoder(nn.Module):
 
     config: CLIPTextConfig
 
-    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, W)
+    def token_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids -> (B, T, W) rows of the token-embedding table, before positions are added: the
+        vectors a textual-inversion embedding replaces (`forward(..., inputs_embeds=)`)."""
+        raise NotImplementedError
+
+    def _add_positions(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, W) + (T, W)
         raise NotImplementedError
 
     def _blocks(self) -> nn.ModuleList:
@@ -129,6 +134,7 @@ class _TextEncoder(nn.Module):
         layer: int = -1,
         final_norm: bool = True,
         need_pooled: bool = True,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> TextEncoderOutput:
         """input_ids (B, T) int -> (hidden (B, T, W), pooled (B, P) or None).
 
@@ -136,12 +142,19 @@ class _TextEncoder(nn.Module):
         the final LayerNorm iff `final_norm`. pooled: the final-normed last-layer state at the EOS
         position (argmax of input_ids, as CLIP does: EOS 49407 is the largest id), then the text
         projection if the model has one. With need_pooled=False the layers after `layer` are
-        skipped and pooled is None."""
+        skipped and pooled is None.
+
+        inputs_embeds: (B, T, W) token embeddings used instead of `token_embeddings(input_ids)`, as
+        transformers' `CLIPTextEmbeddings(inputs_embeds=)` (positions are still added); textual
+        inversion puts its vectors there. `input_ids` still gives the length and the EOS position."""
         self._check_input(input_ids, layer)
+        if inputs_embeds is not None and inputs_embeds.shape != (*input_ids.shape, self.config.width):
+            raise ValueError(f"inputs_embeds has shape {tuple(inputs_embeds.shape)}; expected "
+                             f"{(*input_ids.shape, self.config.width)} (batch, tokens, width)")
         n = self.config.layers
         stop = layer % n  # index of the requested layer
         blocks = self._blocks()
-        x = self._embed(input_ids)  # (B, T, W)
+        x = self._add_positions(self.token_embeddings(input_ids) if inputs_embeds is None else inputs_embeds)  # (B, T, W)
         hidden = x
         for i in range(n if need_pooled else stop + 1):
             x = blocks[i](x)
@@ -265,8 +278,11 @@ class CLIPTextModel(_TextEncoder):
             self.text_projection = nn.Linear(config.width, config.projection_dim, bias=False)
         self.reset_parameters(generator)
 
-    def _embed(self, input_ids):
-        return self.text_model.embeddings(input_ids)
+    def token_embeddings(self, input_ids):
+        return self.text_model.embeddings.token_embedding(input_ids)
+
+    def _add_positions(self, x):
+        return x + self.text_model.embeddings.position_embedding.weight[: x.shape[1]]
 
     def _blocks(self):
         return self.text_model.encoder.layers
@@ -344,8 +360,11 @@ class OpenCLIPTextModel(_TextEncoder):
             self.text_projection = nn.Parameter(torch.empty(config.width, config.projection_dim))  # x @ P
         self.reset_parameters(generator)
 
-    def _embed(self, input_ids):
-        return self.token_embedding(input_ids) + self.positional_embedding[: input_ids.shape[1]]
+    def token_embeddings(self, input_ids):
+        return self.token_embedding(input_ids)
+
+    def _add_positions(self, x):
+        return x + self.positional_embedding[: x.shape[1]]
 
     def _blocks(self):
         return self.transformer.resblocks

@@ -7,13 +7,15 @@ the family's layer (A1111 "Clip skip" moves SD1's layer), gets its emphasis appl
 prompt, as A1111 does), and the chunks are concatenated along the token axis. SDXL concatenates its
 two encoders along channels (768 + 1280 = 2048) and puts bigG's pooled output of the first chunk,
 with sinusoidal embeddings of the size and crop numbers, into the UNet's `y` vector; an empty SDXL
-negative prompt is all zeros, as in A1111 and diffusers. Prompt editing (`[from:to:when]`, `[a|b]`)
+negative prompt is all zeros, as in A1111 and diffusers. Textual-inversion embeddings (`set_embeddings`)
+replace their name's tokens by their vectors in every encoder's token-embedding rows (A1111
+`EmbeddingsWithFixes`: after the token lookup, before positions are added). Prompt editing (`[from:to:when]`, `[a|b]`)
 gives one conditioning per schedule entry; `ConditioningSchedule.at(step)` picks the one in force.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterable, Mapping, Sequence
 
 import torch
 
@@ -53,12 +55,36 @@ class TextConditioner:
       for SD2 and (by default, `sdxl_clip_l_skip` off) for SDXL too, so the result is the same.
     """
 
-    def __init__(self, family: ModelFamily, encoders: Sequence[torch.nn.Module], tokenizers: Sequence):
+    def __init__(self, family: ModelFamily, encoders: Sequence[torch.nn.Module], tokenizers: Sequence,
+                 embeddings: Mapping[str, Sequence[torch.Tensor]] | None = None):
         if len(encoders) != len(family.text_encoders):
             raise ValueError(f"family {family.name} has {len(family.text_encoders)} text encoders, got {len(encoders)}")
         if not tokenizers:
             raise ValueError("no tokenizer: a text-conditioned model needs the CLIP BPE vocabulary")
         self.family, self.encoders, self.tokenizer = family, list(encoders), tokenizers[0]
+        self.set_embeddings(embeddings or {})
+
+    def set_embeddings(self, embeddings: Mapping[str, Sequence[torch.Tensor]]) -> None:
+        """Textual-inversion embeddings the prompts may name: {name: one (N, W_e) tensor per text encoder,
+        in the family's encoder order} (`models.embeddings.EmbeddingLibrary.vectors()`)."""
+        widths = [spec.config.width for spec in self.family.text_encoders]
+        for name, parts in embeddings.items():
+            shapes = [tuple(v.shape) for v in parts]
+            if len(parts) != len(widths) or any(len(s) != 2 or s[1] != w or s[0] != shapes[0][0]
+                                                for s, w in zip(shapes, widths)):
+                raise ValueError(f"embedding {name!r} has vectors {shapes}; this model needs one (N, W) tensor "
+                                 f"per text encoder with widths {widths}")
+        self.embeddings = {name: tuple(parts) for name, parts in embeddings.items()}
+        self._matcher = (P.EmbeddingMatcher({n: p[0].shape[0] for n, p in self.embeddings.items()}, self.tokenizer.encode)
+                         if self.embeddings else None)
+
+    def embeddings_used(self, texts: Iterable[str]) -> list[str]:
+        """Names of the embeddings `texts` use, in order of first use."""
+        names: dict[str, None] = {}
+        for text in texts:
+            for chunk in self.chunks(text):
+                names.update((name, None) for _, name in chunk.fixes)
+        return list(names)
 
     @property
     def zeroes_empty_negative(self) -> bool:
@@ -73,7 +99,7 @@ class TextConditioner:
         return spec.layer
 
     def chunks(self, text: str) -> list[P.Chunk]:
-        return P.tokenize_weighted(text, self.tokenizer.encode)
+        return P.tokenize_weighted(text, self.tokenizer.encode, find_embedding=self._matcher)
 
     @torch.no_grad()
     def encode_chunks(self, chunks: Sequence[P.Chunk], clip_skip: int = 1) -> Conditioning:
@@ -89,7 +115,7 @@ class TextConditioner:
         n = max(len(c) for c in texts)
         padded = [list(c) + [P.empty_chunk()] * (n - len(c)) for c in texts]
         hidden_parts, pooled = [], None
-        for spec, enc in zip(self.family.text_encoders, self.encoders):
+        for e, (spec, enc) in enumerate(zip(self.family.text_encoders, self.encoders)):
             device = next(enc.parameters()).device
             per_position = []
             for i in range(n):
@@ -97,7 +123,7 @@ class TextConditioner:
                 ids = torch.tensor([P.build_ids(c, pad=spec.pad_id) for c in batch], device=device)   # (T, 77)
                 weights = torch.tensor([P.build_weights(c) for c in batch], device=device)           # (T, 77)
                 out = enc(ids, layer=self._layer(spec, clip_skip), final_norm=spec.final_norm,
-                          need_pooled=spec.pooled and i == 0)
+                          need_pooled=spec.pooled and i == 0, inputs_embeds=self._inputs_embeds(enc, e, ids, batch))
                 h = out.hidden
                 # no emphasis anywhere in the batch: A1111's rescale is the identity; skipping it also avoids
                 # 0/0 when a final LayerNorm makes the mean exactly 0
@@ -109,6 +135,18 @@ class TextConditioner:
             hidden_parts.append(torch.cat(per_position, dim=1))                                 # (T, 77n, W)
         context = torch.cat(hidden_parts, dim=-1)                                               # (T, 77n, C)
         return [Conditioning(context[j:j + 1], None if pooled is None else pooled[j:j + 1]) for j in range(len(texts))]
+
+    def _inputs_embeds(self, enc, e: int, ids: torch.Tensor, batch: Sequence[P.Chunk]) -> torch.Tensor | None:
+        """Token embeddings (T, 77, W) of `ids` with encoder e's vectors of each chunk's embeddings written
+        at their positions (+1 for BOS), or None when no chunk of the batch has one."""
+        if not any(c.fixes for c in batch):
+            return None
+        x = enc.token_embeddings(ids).clone()                                                   # (T, 77, W)
+        for row, chunk in enumerate(batch):
+            for offset, name in chunk.fixes:
+                v = self.embeddings[name][e]                                                    # (N, W)
+                x[row, 1 + offset:1 + offset + v.shape[0]] = v.to(x)
+        return x
 
     def schedule(self, prompt: str, steps: int, clip_skip: int = 1, min_chunks: int = 1, *,
                  hires_steps: int | None = None, zero_if_empty: bool = False) -> ConditioningSchedule:

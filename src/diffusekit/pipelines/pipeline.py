@@ -38,10 +38,12 @@ from ..core import sigmas as sigma_schedules
 from ..core.denoisers import EpsDenoiser, VDenoiser
 from ..core.guidance import cfg
 from ..core.schedules import DiscreteSchedule
+from ..models.embeddings import EmbeddingLibrary
 from ..models.loading import ModelParts, load_checkpoint
 from ..models.lora import LoRATargets, merged
 from . import infotext as infotext_mod
 from .loras import LoraLibrary, extract_loras, lora_hashes_text
+from . import prompts as prompt_mod
 from .conditioning import Conditioning, TextConditioner, adm_vector
 from .latents import (LATENT_RGB, fill_masked, fit_latent_rgb, initial_noise, latent_mask, overlay_mask,
                       pil_to_tensor, prepare_mask, preview, tensor_to_pil)
@@ -162,7 +164,7 @@ class Pipeline:
     """Generation on one checkpoint. `Pipeline.from_pretrained(name_or_path)` then `.generate(params)`."""
 
     def __init__(self, parts: ModelParts, *, device: str | torch.device = "cpu",
-                 lora_dir: str | Path | None = None):
+                 lora_dir: str | Path | None = None, embeddings_dir: str | Path | None = None):
         self.lora_dir = lora_dir                 # where <lora:NAME:W> finds NAME.safetensors (pipelines/loras.py)
         self._lora_targets: LoRATargets | None = None
         if (parts.vae is None) != parts.family.pixel_space:
@@ -186,23 +188,27 @@ class Pipeline:
         self.denoiser = wrapper(UNetAdapter(self.unet), self.schedule)
         self._rgb = None
         self._refiners: dict[str, Pipeline] = {}
+        self.embeddings_dir = embeddings_dir     # textual-inversion files named by their stem in prompts
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, *, device: str = "cpu", dtype: torch.dtype | None = None,
-                        family: str | None = None, lora_dir: str | Path | None = None) -> "Pipeline":
+                        family: str | None = None, lora_dir: str | Path | None = None,
+                        embeddings_dir: str | Path | None = None) -> "Pipeline":
         """A shipped model name ("shapes"), a single-file checkpoint or a diffusers folder.
 
         dtype=None keeps the file's precision on an accelerator and computes in float32 on the CPU,
         where float16 arithmetic is emulated (~30x slower; A1111 likewise runs CPUs with --no-half).
-        lora_dir: the folder of LoRA files that `<lora:NAME:WEIGHT>` prompt tags name."""
+        lora_dir: the folder of LoRA files that `<lora:NAME:WEIGHT>` prompt tags name.
+        embeddings_dir: the folder of textual-inversion embeddings (A1111's `embeddings/`): a file's stem
+        written in a prompt or negative prompt stands for its vectors."""
         path = resolve_model(name_or_path)
         if dtype is None and torch.device(device).type == "cpu":
             dtype = torch.float32
         parts = load_checkpoint(path, family=family, dtype=dtype, device="cpu")
         if str(name_or_path) in SHIPPED:   # infotext "Model: shapes", not the file's stem "model"
             parts.name = str(name_or_path)
-        return cls(parts, device=device, lora_dir=lora_dir)
+        return cls(parts, device=device, lora_dir=lora_dir, embeddings_dir=embeddings_dir)
 
     @property
     def lora_dir(self) -> Path | None:
@@ -211,6 +217,46 @@ class Pipeline:
     @lora_dir.setter
     def lora_dir(self, folder: str | Path | None) -> None:
         self._loras = None if folder is None else LoraLibrary(folder)
+
+    @property
+    def embeddings_dir(self) -> Path | None:
+        return None if self._embeddings is None else self._embeddings.folder
+
+    @embeddings_dir.setter
+    def embeddings_dir(self, folder: str | Path | None) -> None:
+        widths = [spec.config.width for spec in self.family.text_encoders]
+        self._embeddings = None if folder is None else EmbeddingLibrary(Path(folder), widths)
+        if self.text is not None:
+            self.text.set_embeddings({})
+        self.refresh_embeddings()
+
+    @property
+    def embeddings(self) -> EmbeddingLibrary | None:
+        """The textual-inversion embeddings of `embeddings_dir` (`.loaded`, `.skipped` with reasons, `.failed`)."""
+        return self._embeddings
+
+    def refresh_embeddings(self) -> None:
+        """Rescan `embeddings_dir` (done at every generate(), as A1111 does when the folder changed)."""
+        if self._embeddings is not None and self._embeddings.refresh() and self.text is not None:
+            self.text.set_embeddings(self._embeddings.vectors())
+
+    def _ti_hashes(self, params: GenerationParams) -> str | None:
+        """A1111's "TI hashes" value: `name: <first 12 hex of the file's sha256>` for each embedding the
+        prompt or negative prompt (any prompt-editing variant) uses; ":" and "," dropped from names."""
+        if self._embeddings is None or self.text is None or not self.text.embeddings:
+            return None
+        texts = []
+        for text in (extract_loras(params.prompt)[0], params.negative_prompt):
+            steps = [(params.steps, None)] + ([(params.steps, params.hr_second_pass_steps or params.steps)]
+                                              if params.enable_hr else [])
+            for n, hires in steps:
+                texts += [t for _, t in prompt_mod.get_schedules(text, n, hires_steps=hires)]
+        parts = []
+        for name in self.text.embeddings_used(dict.fromkeys(texts)):
+            ti = self._embeddings.loaded[name]
+            if ti.shorthash:
+                parts.append(f"{name.replace(':', '').replace(',', '')}: {ti.shorthash}")
+        return ", ".join(parts) or None
 
     def _prompt_loras(self, prompt: str) -> list:
         """[(LoraRef, LoRA)] of the prompt's `<lora:...>` tags, read from `lora_dir`."""
@@ -286,6 +332,7 @@ class Pipeline:
         (files in `lora_dir`) are merged into this model's weights for this call only: restored bit for bit
         afterwards, also after an error or an interrupt. A refiner model gets no LoRA."""
         params.validate()
+        self.refresh_embeddings()
         loras = self._prompt_loras(params.prompt)
         if not loras:
             return self._generate(params, params, callback, should_stop)
@@ -600,6 +647,9 @@ class Pipeline:
         lora_hashes = lora_hashes_text(self._prompt_loras(params.prompt)) if self._loras is not None else None
         if lora_hashes:
             d["Lora hashes"] = lora_hashes                  # A1111: "name: <12 hex>, ..." (quoted by format_infotext)
+        ti_hashes = self._ti_hashes(params)
+        if ti_hashes:
+            d["TI hashes"] = ti_hashes                      # A1111: "name: <12 hex of the file's sha256>, ..."
         d["Version"] = f"diffusekit {__version__}"
         return infotext_mod.format_infotext(params.prompt, params.negative_prompt, d)
 

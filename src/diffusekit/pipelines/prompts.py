@@ -13,7 +13,11 @@ written for A1111 conditions the model the same way here:
 * `apply_emphasis` - the "Original" emphasis: scale each token's hidden state by its weight, then
   restore the mean (modules/sd_emphasis.py).
 
-Textual-inversion embeddings and the "AND" composition split are not handled here.
+* textual-inversion embeddings: `tokenize_weighted(find_embedding=)` puts an embedding's N vectors
+  in place of its name's tokens (A1111 `tokenize_line` with `EmbeddingDatabase.find_embedding_at_position`);
+  `Chunk.fixes` says where, `conditioning.TextConditioner` writes the vectors.
+
+The "AND" composition split is not handled here.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch
 __all__ = [
     "BREAK",
     "Chunk",
+    "EmbeddingMatcher",
     "apply_emphasis",
     "build_ids",
     "build_weights",
@@ -377,10 +382,36 @@ def prompt_at_step(schedules: Sequence[tuple[int, str]], step: int) -> str:
 class Chunk:
     """One text-encoder window of a prompt: `tokens` and `weights` of length `chunk_len` (75),
     without BOS/EOS; the tail is EOS padding of weight 1.0. `build_ids` / `build_weights` add
-    the two special positions (77 in all)."""
+    the two special positions (77 in all).
+
+    `fixes`: ((offset, name), ...) textual-inversion embeddings whose vectors fill the positions
+    offset .. offset + N - 1 of `tokens` (placeholder id 0 there, as A1111; +1 after BOS in the ids)."""
 
     tokens: tuple[int, ...]
     weights: tuple[float, ...]
+    fixes: tuple[tuple[int, str], ...] = ()
+
+
+class EmbeddingMatcher:
+    """Finds embedding names in token sequences, as A1111 `EmbeddingDatabase.find_embedding_at_position`:
+    each name is tokenized like prompt text; at a position the longest name whose token ids follow
+    there wins. `names`: {name: number of vectors}; `encode`: the tokenizer's str -> ids."""
+
+    def __init__(self, names: dict[str, int], encode: Callable[[str], list[int]]):
+        self.by_first: dict[int, list[tuple[tuple[int, ...], str, int]]] = {}
+        for name, count in names.items():
+            ids = tuple(encode(name))
+            if ids:
+                self.by_first.setdefault(ids[0], []).append((ids, name, int(count)))
+        for options in self.by_first.values():
+            options.sort(key=lambda o: len(o[0]), reverse=True)  # stable: equal lengths keep insertion order
+
+    def __call__(self, tokens: Sequence[int], position: int) -> tuple[str, int, int] | None:
+        """(name, tokens matched, vectors) of the embedding whose name starts at `position`, or None."""
+        for ids, name, count in self.by_first.get(tokens[position], ()):
+            if tuple(tokens[position:position + len(ids)]) == ids:
+                return name, len(ids), count
+        return None
 
 
 def tokenize_weighted(
@@ -392,6 +423,7 @@ def tokenize_weighted(
     eos_id: int = EOS_ID,
     comma_backtrack: int = 20,
     emphasis: bool = True,
+    find_embedding: Callable[[Sequence[int], int], tuple[str, int, int] | None] | None = None,
 ) -> list[Chunk]:
     """Split a prompt into weighted chunks the way A1111 does before the text encoder.
 
@@ -404,6 +436,12 @@ def tokenize_weighted(
     * BREAK ends the current chunk, even an empty one;
     * chunks are padded with `eos_id` at weight 1.0; an empty prompt gives one chunk of padding.
     `emphasis=False` is A1111's emphasis mode "None": the text is encoded as is, all weights 1.
+    `find_embedding(tokens, i)` (an `EmbeddingMatcher`) names a textual-inversion embedding whose name
+    starts at token i of a segment: its N vectors take N positions (placeholder id 0, the segment's
+    weight), recorded in `Chunk.fixes`; when they do not fit in the current chunk it is closed first,
+    so an embedding never straddles two chunks (A1111). Unlike A1111, comma backtracking moves an
+    embedding that lies after the comma along with its tokens (A1111 leaves the fix behind, writing its
+    vectors over the padding of the closed chunk).
     """
     if chunk_len < 1:
         raise ValueError(f"chunk_len={chunk_len} must be >= 1 (CLIP: 75 = 77 - BOS - EOS)")
@@ -412,33 +450,52 @@ def tokenize_weighted(
     chunks: list[Chunk] = []
     tokens: list[int] = []
     weights: list[float] = []
+    fixes: list[tuple[int, str]] = []
     last_comma = -1  # index in `tokens` of the latest comma of the current chunk
 
     def close_chunk() -> None:
-        nonlocal tokens, weights, last_comma
+        nonlocal tokens, weights, fixes, last_comma
         pad = chunk_len - len(tokens)
-        chunks.append(Chunk(tuple(tokens + [eos_id] * pad), tuple(weights + [1.0] * pad)))
-        tokens, weights, last_comma = [], [], -1
+        chunks.append(Chunk(tuple(tokens + [eos_id] * pad), tuple(weights + [1.0] * pad), tuple(fixes)))
+        tokens, weights, fixes, last_comma = [], [], [], -1
 
     for segment, weight in segments:
         if segment == BREAK[0] and weight == BREAK[1]:
             close_chunk()
             continue
-        for token in encode(segment):
+        ids = encode(segment)
+        position = 0
+        while position < len(ids):
+            token = ids[position]
             if token == comma_id:
                 last_comma = len(tokens)
             elif (comma_backtrack and len(tokens) == chunk_len and last_comma != -1
                   and len(tokens) - last_comma <= comma_backtrack):
-                # move the words after the last comma into the next chunk
+                # move the words (and embeddings) after the last comma into the next chunk
                 cut = last_comma + 1
                 moved_tokens, moved_weights = tokens[cut:], weights[cut:]
+                moved_fixes = [(off - cut, name) for off, name in fixes if off >= cut]
                 tokens, weights = tokens[:cut], weights[:cut]
+                fixes = [f for f in fixes if f[0] < cut]
                 close_chunk()
-                tokens, weights = moved_tokens, moved_weights
+                tokens, weights, fixes = moved_tokens, moved_weights, moved_fixes
             if len(tokens) == chunk_len:
                 close_chunk()
-            tokens.append(token)
-            weights.append(weight)
+            found = find_embedding(ids, position) if find_embedding is not None else None
+            if found is None:
+                tokens.append(token)
+                weights.append(weight)
+                position += 1
+                continue
+            name, matched, count = found
+            if count > chunk_len:
+                raise ValueError(f"embedding {name!r} has {count} vectors; at most {chunk_len} fit in a prompt chunk")
+            if len(tokens) + count > chunk_len:
+                close_chunk()
+            fixes.append((len(tokens), name))
+            tokens.extend([0] * count)
+            weights.extend([weight] * count)
+            position += matched
 
     if tokens or not chunks:
         close_chunk()
