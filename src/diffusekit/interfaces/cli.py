@@ -220,6 +220,37 @@ def _generate_params(args) -> tuple[object, list[str], dict]:
     return params, notes, source
 
 
+class _FirstInterrupt:
+    """Ctrl-C during generation: the first one asks the pipeline to stop after the current step, so the
+    images (the last x0 estimate, as A1111's Interrupt) are still saved; a second one aborts at once.
+    Installed only in the main thread (signal handlers cannot be set elsewhere)."""
+
+    def __init__(self):
+        self._set, self._old = False, None
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def _handler(self, signum, frame):
+        if self._set:
+            raise KeyboardInterrupt
+        self._set = True
+        _note("interrupted: saving the image(s) after this step (Ctrl-C again to abort without saving)")
+
+    def __enter__(self):
+        import signal
+        import threading
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        return False
+
+
 def cmd_generate(args) -> int:
     from ..media.process import write_process_video
     from ..pipelines.infotext import save_png_with_infotext
@@ -236,8 +267,10 @@ def cmd_generate(args) -> int:
         _note(f"{args.from_image} was made with model {source.get('Model', '?')!r} (hash {want}); this is "
               f"{pipe.name!r} (hash {pipe.parts.hash10}), so the image will differ: pass --model with that checkpoint")
     bars = StepBars()
+    stop = _FirstInterrupt()
     try:
-        result = pipe.generate(params, callback=bars)
+        with stop:
+            result = pipe.generate(params, callback=bars, should_stop=stop.is_set)
     finally:
         bars.close()
     out = Path(args.out)
