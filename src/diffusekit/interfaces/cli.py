@@ -6,7 +6,7 @@
     diffusekit info MODEL                         a checkpoint's family, spaces and shapes (no weights read)
     diffusekit compare PROMPT --samplers "Euler,DPM++ 2M" --schedulers "Normal,Karras" [--video]
     diffusekit train CONFIG [--resume]
-    diffusekit serve [--host 127.0.0.1] [--port 7860] [--model shapes] [--lora-dir DIR]
+    diffusekit serve [--host 127.0.0.1] [--port 7860] [--model shapes] [--lora-dir DIR] [--embeddings-dir DIR]
     diffusekit study samplers [--quick]
 
 Bad input is one line on stderr and exit status 2, never a traceback (`diffusekit --debug ...` shows it).
@@ -443,6 +443,8 @@ def cmd_serve(args) -> int:
         kwargs["device"] = args.device
     if args.lora_dir is not None:
         kwargs["lora_dir"] = args.lora_dir
+    if args.embeddings_dir is not None:
+        kwargs["embeddings_dir"] = args.embeddings_dir
     serve(**kwargs)
     return 0
 
@@ -606,6 +608,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lora-dir", default=None,
                    help="folder of LoRA .safetensors files that <lora:NAME:WEIGHT> in the prompt names "
                         "(listed at GET /sdapi/v1/loras)")
+    s.add_argument("--embeddings-dir", default=None,
+                   help="folder of textual-inversion embeddings that prompts may name (GET /sdapi/v1/embeddings)")
     s.set_defaults(func=cmd_serve)
 
 

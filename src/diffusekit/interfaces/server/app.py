@@ -178,9 +178,10 @@ def encode_png(img: Image.Image) -> str:
 def create_app(*, model: str | None = "shapes", models_dir: str | os.PathLike | None = None,
                api_auth: str | None = None, queue_size: int = 8, device: str | None = None,
                limits: Limits | None = None, preload: bool = True, lora_dir: str | os.PathLike | None = None,
-               **limit_overrides) -> FastAPI:
+               embeddings_dir: str | os.PathLike | None = None, **limit_overrides) -> FastAPI:
     """Build the FastAPI app. `model`: a name in the models folder, a shipped name or a path (None = none
     selected yet); `lora_dir`: the folder `<lora:NAME:WEIGHT>` prompt tags read (GET /sdapi/v1/loras lists it);
+    `embeddings_dir`: textual-inversion files whose names prompts may use (GET /sdapi/v1/embeddings lists them);
     `limit_overrides`: any field of `Limits` (max_pixels=..., max_steps=...)."""
     unknown = set(limit_overrides) - set(Limits().as_dict())
     if unknown:
@@ -189,10 +190,14 @@ def create_app(*, model: str | None = "shapes", models_dir: str | os.PathLike | 
     allowed_users = parse_api_auth(api_auth) if api_auth else []
     store = ModelStore(models_dir)
     loras = LoraCatalog(lora_dir) if lora_dir is not None else None
-    service = Service(store, model, limits=limits, device=device, loras=loras)
+    if embeddings_dir is not None and not Path(embeddings_dir).is_dir():
+        raise FileNotFoundError(f"embeddings_dir={str(embeddings_dir)!r} is not a folder")
+    service = Service(store, model, limits=limits, device=device, loras=loras,
+                      embeddings_dir=Path(embeddings_dir).resolve() if embeddings_dir is not None else None)
     worker = Worker(queue_size)
     flags = {"host": None, "port": None, "model": model, "models_dir": str(store.models_dir) if store.models_dir else None,
-             "lora_dir": str(loras.folder) if loras else None, "api_auth": bool(api_auth), "queue_size": queue_size,
+             "lora_dir": str(loras.folder) if loras else None,
+             "embeddings_dir": str(service.embeddings_dir) if service.embeddings_dir else None, "api_auth": bool(api_auth), "queue_size": queue_size,
              "device": service.device, **limits.as_dict(), "api": True, "nowebui": False}
 
     @asynccontextmanager
@@ -369,7 +374,14 @@ def create_app(*, model: str | None = "shapes", models_dir: str | os.PathLike | 
 
     @app.get("/sdapi/v1/embeddings", tags=["sdapi"])
     async def embeddings():
-        return {"loaded": {}, "skipped": {}}
+        """A1111's listing: {"loaded": {name: {step, sd_checkpoint, sd_checkpoint_name, shape, vectors}},
+        "skipped": {...}} for the loaded model (embeddings that do not fit its text encoders are skipped)."""
+        return await run_in_threadpool(service.embeddings_listing)
+
+    @app.post("/sdapi/v1/refresh-embeddings", tags=["sdapi"])
+    async def refresh_embeddings():
+        await run_in_threadpool(service.embeddings_listing, True)
+        return None
 
     # ---------------------------------------------------------------- options
     def current_options() -> dict:

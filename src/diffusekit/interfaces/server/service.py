@@ -64,10 +64,11 @@ class Service:
     """The model the server generates with, and the jobs it runs on it."""
 
     def __init__(self, store: ModelStore, model: str | None, *, limits: Limits, device: str | None = None,
-                 dtype=None, loras: LoraCatalog | None = None):
+                 dtype=None, loras: LoraCatalog | None = None, embeddings_dir=None):
         import torch
         self.store = store
         self.loras = loras                      # every pipeline built here reads <lora:...> files from its folder
+        self.embeddings_dir = embeddings_dir    # and textual-inversion embeddings from this one
         self.limits = limits
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = dtype
@@ -102,10 +103,26 @@ class Service:
         if self._pipe is None or self._pipe_entry != entry:
             self._pipe = None                       # free the old weights before loading the new ones
             self._pipe = Pipeline.from_pretrained(entry.path, device=self.device, dtype=self.dtype,
-                                                  lora_dir=self.loras.folder if self.loras else None)
+                                                  lora_dir=self.loras.folder if self.loras else None,
+                                                  embeddings_dir=self.embeddings_dir)
             self._pipe_entry = entry
             self.store.remember_hash(entry, list(self._pipe.parts.files))
         return self._pipe
+
+    def embeddings_listing(self, refresh: bool = False) -> dict:
+        """GET /sdapi/v1/embeddings of the model in memory (nothing before one is loaded)."""
+        pipe = self._pipe
+        lib = pipe.embeddings if pipe is not None else None
+        if lib is None:
+            return {"loaded": {}, "skipped": {}}
+        if refresh:
+            pipe.refresh_embeddings()
+
+        def row(ti):
+            return {"step": ti.step, "sd_checkpoint": ti.sd_checkpoint, "sd_checkpoint_name": ti.sd_checkpoint_name,
+                    "shape": ti.shape, "vectors": ti.count}
+        return {"loaded": {n: row(t) for n, t in lib.loaded.items()},
+                "skipped": {n: row(t) for n, (t, _) in lib.skipped.items()}}
 
     def select(self, ctx: JobContext, entry: ModelEntry) -> dict:
         """POST /options sd_model_checkpoint: load it now, so errors surface in the request that asked."""
@@ -159,6 +176,9 @@ class Service:
             lora_hashes = parse_infotext(infotexts[0]).get("Lora hashes")
             if lora_hashes:
                 extra["Lora hashes"] = lora_hashes
+            ti_hashes = parse_infotext(infotexts[0]).get("TI hashes")
+            if ti_hashes:
+                extra["TI hashes"] = ti_hashes
         info = {
             "prompt": p.prompt, "all_prompts": [p.prompt] * n, "negative_prompt": p.negative_prompt,
             "all_negative_prompts": [p.negative_prompt] * n, "seed": seed, "all_seeds": seeds,
