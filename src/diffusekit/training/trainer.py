@@ -507,10 +507,10 @@ class Trainer:
         was = vae.training
         vae.eval()
         with torch.no_grad():
-            img = self._images(list(range(8)))
+            img = self._images(list(range(min(8, len(self.dataset)))))
             rec = vae.decode(vae.encode(img).mode())
         vae.train(was)
-        grid = xy_grid([tensor_images(img), tensor_images(rec)], [str(i) for i in range(8)], ["data", "recon"])
+        grid = xy_grid([tensor_images(img), tensor_images(rec)], [str(i) for i in range(len(img))], ["data", "recon"])
         _save_png(grid, self.out / "samples" / f"{stage}-{step:08d}.png")
 
     def _sample_grid(self, step: int, model: nn.Module) -> None:
