@@ -66,7 +66,7 @@ def extract_loras(prompt: str) -> tuple[str, list[LoraRef]]:
     return _TAG.sub(found, prompt), refs
 
 
-def _alias(name: str) -> str:
+def infotext_name(name: str) -> str:
     return name.replace(":", "").replace(",", "")
 
 
@@ -110,5 +110,5 @@ def lora_hashes_text(items: list[tuple[LoraRef, LoRA]]) -> str | None:
         h = lora.hash
         if h and ref.name not in seen:
             seen.add(ref.name)
-            parts.append(f"{_alias(ref.name)}: {h[:12]}")
+            parts.append(f"{infotext_name(ref.name)}: {h[:12]}")
     return ", ".join(parts) or None

@@ -42,7 +42,7 @@ from ..models.embeddings import EmbeddingLibrary
 from ..models.loading import ModelParts, load_checkpoint
 from ..models.lora import LoRATargets, merged
 from . import infotext as infotext_mod
-from .loras import LoraLibrary, extract_loras, lora_hashes_text
+from .loras import LoraLibrary, extract_loras, infotext_name, lora_hashes_text
 from . import prompts as prompt_mod
 from .conditioning import Conditioning, TextConditioner, adm_vector
 from .latents import (LATENT_RGB, fill_masked, fit_latent_rgb, initial_noise, latent_mask, overlay_mask,
@@ -240,13 +240,14 @@ class Pipeline:
         if self._embeddings is not None and self._embeddings.refresh() and self.text is not None:
             self.text.set_embeddings(self._embeddings.vectors())
 
-    def _ti_hashes(self, params: GenerationParams) -> str | None:
+    def _ti_hashes(self, params: GenerationParams, prompt: str) -> str | None:
         """A1111's "TI hashes" value: `name: <first 12 hex of the file's sha256>` for each embedding the
-        prompt or negative prompt (any prompt-editing variant) uses; ":" and "," dropped from names."""
+        prompt (`prompt`: params.prompt without its LoRA tags) or negative prompt (any prompt-editing
+        variant) uses; ":" and "," dropped from names."""
         if self._embeddings is None or self.text is None or not self.text.embeddings:
             return None
         texts = []
-        for text in (extract_loras(params.prompt)[0], params.negative_prompt):
+        for text in (prompt, params.negative_prompt):
             steps = [(params.steps, None)] + ([(params.steps, params.hr_second_pass_steps or params.steps)]
                                               if params.enable_hr else [])
             for n, hires in steps:
@@ -255,16 +256,16 @@ class Pipeline:
         for name in self.text.embeddings_used(dict.fromkeys(texts)):
             ti = self._embeddings.loaded[name]
             if ti.shorthash:
-                parts.append(f"{name.replace(':', '').replace(',', '')}: {ti.shorthash}")
+                parts.append(f"{infotext_name(name)}: {ti.shorthash}")
         return ", ".join(parts) or None
 
-    def _prompt_loras(self, prompt: str) -> list:
-        """[(LoraRef, LoRA)] of the prompt's `<lora:...>` tags, read from `lora_dir`."""
-        _, refs = extract_loras(prompt)
+    def _prompt_loras(self, prompt: str) -> tuple[str, list]:
+        """(the prompt without its `<lora:...>` tags, [(LoraRef, LoRA)] of those tags, read from `lora_dir`)."""
+        clean, refs = extract_loras(prompt)
         if refs and self._loras is None:
             raise ValueError(f"the prompt names LoRAs ({', '.join(r.name for r in refs)}) but no LoRA folder is set: "
                              "pass lora_dir= to Pipeline / from_pretrained (CLI: --lora-dir)")
-        return [(r, self._loras.load(r.name, te_count=len(self.family.text_encoders))) for r in refs]
+        return clean, [(r, self._loras.load(r.name, te_count=len(self.family.text_encoders))) for r in refs]
 
     @property
     def latent_channels(self) -> int:
@@ -333,18 +334,22 @@ class Pipeline:
         afterwards, also after an error or an interrupt. A refiner model gets no LoRA."""
         params.validate()
         self.refresh_embeddings()
-        loras = self._prompt_loras(params.prompt)
+        clean, loras = self._prompt_loras(params.prompt)
+        hashes = {"Lora hashes": lora_hashes_text(loras) if loras else None,   # A1111: "name: <12 hex>, ..."
+                  "TI hashes": self._ti_hashes(params, clean)}                # A1111: "name: <12 hex of sha256>, ..."
+        hashes = {k: v for k, v in hashes.items() if v}
         if not loras:
-            return self._generate(params, params, callback, should_stop)
+            return self._generate(params, params, callback, should_stop, hashes)
         if self._lora_targets is None:
             self._lora_targets = LoRATargets.of(self.parts)
-        text_params = params.copy(prompt=extract_loras(params.prompt)[0])
         with merged(self._lora_targets, [(lora, ref.te, ref.unet) for ref, lora in loras]):
-            return self._generate(params, text_params, callback, should_stop)
+            return self._generate(params, params.copy(prompt=clean), callback, should_stop, hashes)
 
-    def _generate(self, params: GenerationParams, text_params: GenerationParams, callback, should_stop) -> GenerationResult:
+    def _generate(self, params: GenerationParams, text_params: GenerationParams, callback, should_stop,
+                  hashes: dict[str, str]) -> GenerationResult:
         """`generate` once the LoRAs are merged: `text_params` is `params` with the prompt the text encoders
-        read (LoRA tags removed); the infotext and the result keep `params`."""
+        read (LoRA tags removed); the infotext and the result keep `params`; `hashes`: the infotext's
+        "Lora hashes" / "TI hashes" fields, computed once per call."""
         sampler_id, scheduler = split_sampler_name(params.sampler_name, params.scheduler)
         schedule_id = sigma_schedules.resolve(scheduler)
         if schedule_id == "automatic":
@@ -379,7 +384,8 @@ class Pipeline:
             if init is not None and init.overlay is not None:   # A1111's inpaint overlay of the original pixels
                 pixels = _rows(init.originals, bs) * (1 - init.overlay) + pixels * init.overlay
             for i, img in enumerate(tensor_to_pil(pixels)):
-                text = self.infotext(params, sampler_id, schedule_id, job_seeds[i], job_subseeds[i], width, height)
+                text = self.infotext(params, sampler_id, schedule_id, job_seeds[i], job_subseeds[i], width, height,
+                                     hashes)
                 img.info["parameters"] = text
                 images.append(img)
                 infotexts.append(text)
@@ -611,7 +617,8 @@ class Pipeline:
         return out, state["denoised"]
 
     # ------------------------------------------------------------------ infotext
-    def infotext(self, params, sampler_id, schedule_id, seed, subseed, width, height) -> str:
+    def infotext(self, params, sampler_id, schedule_id, seed, subseed, width, height,
+                 hashes: dict[str, str] | None = None) -> str:
         info = sampler_registry.INFO[sampler_id]
         d = {
             "Steps": params.steps, "Sampler": info.label,
@@ -644,12 +651,7 @@ class Pipeline:
                                        else params.denoising_strength)
         if params.refiner_checkpoint and params.refiner_switch_at is not None:
             d.update({"Refiner": Path(str(params.refiner_checkpoint)).stem, "Refiner switch at": params.refiner_switch_at})
-        lora_hashes = lora_hashes_text(self._prompt_loras(params.prompt)) if self._loras is not None else None
-        if lora_hashes:
-            d["Lora hashes"] = lora_hashes                  # A1111: "name: <12 hex>, ..." (quoted by format_infotext)
-        ti_hashes = self._ti_hashes(params)
-        if ti_hashes:
-            d["TI hashes"] = ti_hashes                      # A1111: "name: <12 hex of the file's sha256>, ..."
+        d.update(hashes or {})                              # Lora / TI hashes (quoted by format_infotext)
         d["Version"] = f"diffusekit {__version__}"
         return infotext_mod.format_infotext(params.prompt, params.negative_prompt, d)
 

@@ -380,7 +380,8 @@ def create_app(*, model: str | None = "shapes", models_dir: str | os.PathLike | 
 
     @app.post("/sdapi/v1/refresh-embeddings", tags=["sdapi"])
     async def refresh_embeddings():
-        await run_in_threadpool(service.embeddings_listing, True)
+        # on the worker: rescanning swaps the vectors of the pipeline a running job is using
+        await run_job("refresh embeddings", lambda ctx: service.embeddings_listing(refresh=True))
         return None
 
     # ---------------------------------------------------------------- options

@@ -110,7 +110,8 @@ class Service:
         return self._pipe
 
     def embeddings_listing(self, refresh: bool = False) -> dict:
-        """GET /sdapi/v1/embeddings of the model in memory (nothing before one is loaded)."""
+        """GET /sdapi/v1/embeddings of the model in memory (nothing before one is loaded); refresh=True
+        rescans the folder first (worker thread only: it changes the pipeline's text conditioning)."""
         pipe = self._pipe
         lib = pipe.embeddings if pipe is not None else None
         if lib is None:
