@@ -223,10 +223,12 @@ def _generate_params(args) -> tuple[object, list[str], dict]:
 class _FirstInterrupt:
     """Ctrl-C during generation: the first one asks the pipeline to stop after the current step, so the
     images (the last x0 estimate, as A1111's Interrupt) are still saved; a second one aborts at once.
-    Installed only in the main thread (signal handlers cannot be set elsewhere)."""
+    Installed only in the main thread (signal handlers cannot be set elsewhere), and not at all when SIGINT
+    is ignored at start (a background job: `cmd &`, nohup), as well-behaved programs do; on exit the previous
+    handler, whatever it was, is put back."""
 
     def __init__(self):
-        self._set, self._old = False, None
+        self._set, self._installed, self._old = False, False, None
 
     def is_set(self) -> bool:
         return self._set
@@ -240,14 +242,17 @@ class _FirstInterrupt:
     def __enter__(self):
         import signal
         import threading
-        if threading.current_thread() is threading.main_thread():
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN):
             self._old = signal.signal(signal.SIGINT, self._handler)
+            self._installed = True
         return self
 
     def __exit__(self, *exc):
         import signal
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        if self._installed:   # None: the previous handler was not set from Python; SIG_DFL restores that
+            signal.signal(signal.SIGINT, signal.SIG_DFL if self._old is None else self._old)
+            self._installed = False
         return False
 
 
