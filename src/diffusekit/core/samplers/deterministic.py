@@ -23,11 +23,7 @@ import torch
 
 from diffusekit.core.noise import randn_like
 
-
-def _sigma_batch(x: torch.Tensor, sigma: float, sigmas: torch.Tensor) -> torch.Tensor:
-    """sigma as a (batch,) tensor for the denoiser; at least float32 even when x is half precision."""
-    dtype = torch.promote_types(torch.promote_types(x.dtype, sigmas.dtype), torch.float32)
-    return torch.full((x.shape[0],), sigma, dtype=dtype, device=x.device)
+from .common import report, setup
 
 
 def _to_d(x: torch.Tensor, sigma: float, denoised: torch.Tensor) -> torch.Tensor:
@@ -35,37 +31,42 @@ def _to_d(x: torch.Tensor, sigma: float, denoised: torch.Tensor) -> torch.Tensor
     return (x - denoised) / sigma
 
 
-def _churn(x, sigma: float, steps: int, s_churn: float, s_tmin: float, s_tmax: float, s_noise: float,
-           generator) -> tuple[torch.Tensor, float]:
+def _churn(x, sigma: float, sigma_next: float, steps: int, s_churn: float, s_tmin: float, s_tmax: float,
+           s_noise: float, noise_sampler, generator) -> tuple[torch.Tensor, float]:
     """Stochastic churn of Algorithm 2 (Karras et al. 2022): raise sigma to sigma_hat = sigma (1 + gamma)
-    by adding fresh noise of variance sigma_hat^2 - sigma^2. gamma = 0 (the default) is the pure ODE."""
+    by adding fresh noise of variance sigma_hat^2 - sigma^2. gamma = 0 (the default) is the pure ODE.
+    A given `noise_sampler` is called on every step (k-diffusion's stream); otherwise the noise is drawn
+    from `generator` where gamma > 0 only."""
     gamma = min(s_churn / steps, math.sqrt(2.0) - 1.0) if s_tmin <= sigma <= s_tmax else 0.0
+    if noise_sampler is not None:
+        eps = noise_sampler(sigma, sigma_next)
+    elif gamma > 0.0:
+        eps = randn_like(x, generator)
     if gamma <= 0.0:
         return x, sigma
     sigma_hat = sigma * (1.0 + gamma)
-    noise = randn_like(x, generator) * s_noise
-    return x + noise * math.sqrt(sigma_hat ** 2 - sigma ** 2), sigma_hat
-
-
-def _report(callback, i, x, sigma, sigma_hat, denoised):
-    if callback is not None:
-        callback({"i": i, "x": x, "sigma": sigma, "sigma_hat": sigma_hat, "denoised": denoised})
+    return x + eps * (s_noise * math.sqrt(sigma_hat ** 2 - sigma ** 2)), sigma_hat
 
 
 @torch.no_grad()
 def sample_euler(denoiser, x, sigmas, *, extra_args=None, callback=None, generator=None,
                  s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"),
-                 s_noise: float = 1.0):
+                 s_noise: float = 1.0, noise_sampler=None):
     """Euler steps with optional churn: Algorithm 2 of Karras et al. 2022, "Elucidating the Design Space
     of Diffusion-Based Generative Models", first-order branch. With s_churn = 0 it is the explicit Euler
-    method on the probability-flow ODE (order 1); the churn noise comes from `generator`."""
-    extra_args = extra_args or {}
-    sig = sigmas.tolist()
+    method on the probability-flow ODE (order 1).
+
+    Churn noise: by default drawn from `generator` on the steps that churn only, so without churn (or
+    outside [s_tmin, s_tmax]) the generator is not touched. A `noise_sampler(sigma, sigma_next)` given
+    instead is called on every step, churning or not, as k-diffusion (and so A1111) calls randn_like:
+    that is the stream that reproduces A1111's image with a churn window (pipelines/sde_noise.py)."""
+    extra_args, sig, batch = setup(x, sigmas, extra_args)
     steps = len(sig) - 1
     for i in range(steps):
-        x, sigma_hat = _churn(x, sig[i], steps, s_churn, s_tmin, s_tmax, s_noise, generator)
-        denoised = denoiser(x, _sigma_batch(x, sigma_hat, sigmas), **extra_args)
-        _report(callback, i, x, sig[i], sigma_hat, denoised)
+        x, sigma_hat = _churn(x, sig[i], sig[i + 1], steps, s_churn, s_tmin, s_tmax, s_noise, noise_sampler,
+                              generator)
+        denoised = denoiser(x, batch(sigma_hat), **extra_args)
+        report(callback, i, x, sig[i], sigma_hat, denoised)
         x = x + _to_d(x, sigma_hat, denoised) * (sig[i + 1] - sigma_hat)
     return x
 
@@ -73,24 +74,25 @@ def sample_euler(denoiser, x, sigmas, *, extra_args=None, callback=None, generat
 @torch.no_grad()
 def sample_heun(denoiser, x, sigmas, *, extra_args=None, callback=None, generator=None,
                 s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"),
-                s_noise: float = 1.0):
+                s_noise: float = 1.0, noise_sampler=None):
     """Heun's method with optional churn: Algorithm 2 of Karras et al. 2022 (second-order correction,
     i.e. the explicit trapezoidal rule). The step into sigma = 0 is a plain Euler step, since the
-    derivative at sigma = 0 is undefined. Two model evaluations per step; order 2."""
-    extra_args = extra_args or {}
-    sig = sigmas.tolist()
+    derivative at sigma = 0 is undefined. Churn knobs and noise as in `sample_euler`. Two model
+    evaluations per step; order 2."""
+    extra_args, sig, batch = setup(x, sigmas, extra_args)
     steps = len(sig) - 1
     for i in range(steps):
-        x, sigma_hat = _churn(x, sig[i], steps, s_churn, s_tmin, s_tmax, s_noise, generator)
-        denoised = denoiser(x, _sigma_batch(x, sigma_hat, sigmas), **extra_args)
-        _report(callback, i, x, sig[i], sigma_hat, denoised)
+        x, sigma_hat = _churn(x, sig[i], sig[i + 1], steps, s_churn, s_tmin, s_tmax, s_noise, noise_sampler,
+                              generator)
+        denoised = denoiser(x, batch(sigma_hat), **extra_args)
+        report(callback, i, x, sig[i], sigma_hat, denoised)
         d = _to_d(x, sigma_hat, denoised)
         dt = sig[i + 1] - sigma_hat
         if sig[i + 1] == 0:
             x = x + d * dt
             continue
         x_2 = x + d * dt
-        denoised_2 = denoiser(x_2, _sigma_batch(x, sig[i + 1], sigmas), **extra_args)
+        denoised_2 = denoiser(x_2, batch(sig[i + 1]), **extra_args)
         d_2 = _to_d(x_2, sig[i + 1], denoised_2)
         x = x + (d + d_2) * (0.5 * dt)
     return x
@@ -99,25 +101,25 @@ def sample_heun(denoiser, x, sigmas, *, extra_args=None, callback=None, generato
 @torch.no_grad()
 def sample_dpm_2(denoiser, x, sigmas, *, extra_args=None, callback=None, generator=None,
                  s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"),
-                 s_noise: float = 1.0):
+                 s_noise: float = 1.0, noise_sampler=None):
     """DPM-Solver-2 in the form of k-diffusion's `sample_dpm_2` (Lu et al. 2022, "DPM-Solver", Algorithm 1
     with r = 1/2, written as a midpoint rule in sigma): an Euler half step to the geometric midpoint
     sigma_mid = sqrt(sigma_hat * sigma_next), then the full step with the midpoint derivative. The step
-    into sigma = 0 is Euler. Churn knobs as in `sample_euler`. Two model evaluations per step; order 2."""
-    extra_args = extra_args or {}
-    sig = sigmas.tolist()
+    into sigma = 0 is Euler. Churn knobs and noise as in `sample_euler`. Two model evaluations per step; order 2."""
+    extra_args, sig, batch = setup(x, sigmas, extra_args)
     steps = len(sig) - 1
     for i in range(steps):
-        x, sigma_hat = _churn(x, sig[i], steps, s_churn, s_tmin, s_tmax, s_noise, generator)
-        denoised = denoiser(x, _sigma_batch(x, sigma_hat, sigmas), **extra_args)
-        _report(callback, i, x, sig[i], sigma_hat, denoised)
+        x, sigma_hat = _churn(x, sig[i], sig[i + 1], steps, s_churn, s_tmin, s_tmax, s_noise, noise_sampler,
+                              generator)
+        denoised = denoiser(x, batch(sigma_hat), **extra_args)
+        report(callback, i, x, sig[i], sigma_hat, denoised)
         d = _to_d(x, sigma_hat, denoised)
         if sig[i + 1] == 0:
             x = x + d * (sig[i + 1] - sigma_hat)
             continue
         sigma_mid = math.exp(0.5 * (math.log(sigma_hat) + math.log(sig[i + 1])))
         x_2 = x + d * (sigma_mid - sigma_hat)
-        denoised_2 = denoiser(x_2, _sigma_batch(x, sigma_mid, sigmas), **extra_args)
+        denoised_2 = denoiser(x_2, batch(sigma_mid), **extra_args)
         x = x + _to_d(x_2, sigma_mid, denoised_2) * (sig[i + 1] - sigma_hat)
     return x
 
@@ -150,12 +152,11 @@ def sample_lms(denoiser, x, sigmas, *, extra_args=None, callback=None, generator
     One model evaluation per step."""
     if order < 1:
         raise ValueError(f"lms order must be >= 1, got {order}")
-    extra_args = extra_args or {}
-    sig = sigmas.tolist()
+    extra_args, sig, batch = setup(x, sigmas, extra_args)
     ds: list[torch.Tensor] = []                     # newest last; each shaped like x
     for i in range(len(sig) - 1):
-        denoised = denoiser(x, _sigma_batch(x, sig[i], sigmas), **extra_args)
-        _report(callback, i, x, sig[i], sig[i], denoised)
+        denoised = denoiser(x, batch(sig[i]), **extra_args)
+        report(callback, i, x, sig[i], sig[i], denoised)
         ds.append(_to_d(x, sig[i], denoised))
         if len(ds) > order:
             ds.pop(0)
@@ -172,12 +173,11 @@ def sample_dpmpp_2m(denoiser, x, sigmas, *, extra_args=None, callback=None, gene
     h = lambda_next - lambda, x_next = (sigma_next / sigma) x + (1 - sigma_next / sigma) D', where D' extrapolates
     the two latest x0 estimates: D' = (1 + 1/(2r)) D_i - 1/(2r) D_{i-1}, r = h_last / h. The first step and
     the step into sigma = 0 are first order (D' = D_i). One model evaluation per step; order 2."""
-    extra_args = extra_args or {}
-    sig = sigmas.tolist()
+    extra_args, sig, batch = setup(x, sigmas, extra_args)
     old_denoised = None
     for i in range(len(sig) - 1):
-        denoised = denoiser(x, _sigma_batch(x, sig[i], sigmas), **extra_args)
-        _report(callback, i, x, sig[i], sig[i], denoised)
+        denoised = denoiser(x, batch(sig[i]), **extra_args)
+        report(callback, i, x, sig[i], sig[i], denoised)
         if sig[i + 1] == 0:
             x = denoised
         else:
@@ -204,12 +204,11 @@ def sample_ddim(denoiser, x, sigmas, *, extra_args=None, callback=None, generato
     One model evaluation per step; order 1."""
     if eta < 0:
         raise ValueError(f"ddim eta must be >= 0, got {eta}")
-    extra_args = extra_args or {}
-    sig = sigmas.tolist()
+    extra_args, sig, batch = setup(x, sigmas, extra_args)
     for i in range(len(sig) - 1):
         s, s_next = sig[i], sig[i + 1]
-        denoised = denoiser(x, _sigma_batch(x, s, sigmas), **extra_args)
-        _report(callback, i, x, s, s, denoised)
+        denoised = denoiser(x, batch(s), **extra_args)
+        report(callback, i, x, s, s, denoised)
         sigma_up = min(s_next, eta * s_next * math.sqrt(max(0.0, 1.0 - (s_next / s) ** 2)))
         sigma_down = math.sqrt(s_next ** 2 - sigma_up ** 2)
         x = denoised + (x - denoised) * (sigma_down / s)
@@ -255,14 +254,13 @@ def _uni_pc(denoiser, x, sigmas, extra_args, callback, order: int, lower_order_f
     """The UniPC loop shared by the bh1 and bh2 variants (see `sample_uni_pc`)."""
     if order < 1:
         raise ValueError(f"uni_pc order must be >= 1, got {order}")
-    extra_args = extra_args or {}
-    sig = sigmas.tolist()
+    extra_args, sig, batch = setup(x, sigmas, extra_args)
     steps = len(sig) - 1
     lam = [-math.log(s) if s > 0 else math.inf for s in sig]      # lambda = -log sigma (VE form)
     history: list[torch.Tensor] = []                # x0 estimates at sigma_i, sigma_{i-1}, ... (newest first)
     x_last, last_order = None, 0
     for i in range(steps):
-        denoised = denoiser(x, _sigma_batch(x, sig[i], sigmas), **extra_args)
+        denoised = denoiser(x, batch(sig[i]), **extra_args)
         if x_last is not None:
             # UniC: correct x_i with the x0 estimate just computed there (no extra evaluation).
             h = lam[i] - lam[i - 1]
@@ -273,7 +271,7 @@ def _uni_pc(denoiser, x, sigmas, extra_args, callback, order: int, lower_order_f
             for k, rho in enumerate(rhos[:-1]):
                 corr = corr + (history[k + 1] - m0) * (rho / rks[k])
             x = x_last * math.exp(-h) - m0 * math.expm1(-h) - corr * b_h
-        _report(callback, i, x, sig[i], sig[i], denoised)
+        report(callback, i, x, sig[i], sig[i], denoised)
         history = [denoised] + history[: order - 1]
         this_order = min(order, steps - i) if lower_order_final else order
         this_order = min(this_order, len(history))
@@ -323,11 +321,10 @@ def sample_euler_flow(denoiser, x, sigmas, *, extra_args=None, callback=None, ge
     velocity eps - x0), (x - D) / t = v exactly, so the k-diffusion Euler step x += (t_next - t) (x - D) / t
     is the Euler method on the flow ODE dx/dt = v, the same update as diffusers'
     FlowMatchEulerDiscreteScheduler. `x` starts as pure noise at t = 1 (no sigma_max scaling)."""
-    extra_args = extra_args or {}
-    sig = sigmas.tolist()
+    extra_args, sig, batch = setup(x, sigmas, extra_args)
     for i in range(len(sig) - 1):
-        denoised = denoiser(x, _sigma_batch(x, sig[i], sigmas), **extra_args)
-        _report(callback, i, x, sig[i], sig[i], denoised)
+        denoised = denoiser(x, batch(sig[i]), **extra_args)
+        report(callback, i, x, sig[i], sig[i], denoised)
         x = x + _to_d(x, sig[i], denoised) * (sig[i + 1] - sig[i])
     return x
 

@@ -23,42 +23,10 @@ import torch
 from .. import noise as _noise
 from .. import sigmas as _sigmas
 from ..brownian import BrownianTreeNoiseSampler
+from .common import ancestral_step, check_eta, fresh_noise, report, setup
 
 
-# --- shared pieces ---
-
-def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[float, float]:
-    """(sigma_down, sigma_up) splitting a step sigma -> sigma_next into a deterministic move to
-    sigma_down plus fresh noise of std sigma_up, with sigma_down^2 + sigma_up^2 = sigma_next^2.
-
-    eta = 1 is the DDPM posterior variance sigma_up^2 = sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2
-    (Ho et al. 2020 in the variance-exploding view; k-diffusion's get_ancestral_step); eta = 0 is
-    deterministic.
-    """
-    if not eta or sigma_next == 0:
-        return sigma_next, 0.0
-    up = min(sigma_next, eta * math.sqrt(sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2))
-    return math.sqrt(max(sigma_next ** 2 - up ** 2, 0.0)), up
-
-
-def _setup(x, sigmas, extra_args):
-    """(extra_args dict, sigmas as float64 Python floats, function making the (B,) sigma tensor).
-
-    The denoiser's sigma is at least float32 even for a half-precision latent (as in deterministic.py).
-    """
-    values = [float(s) for s in sigmas.detach().to("cpu", torch.float64)]
-    dtype = torch.promote_types(torch.promote_types(x.dtype, sigmas.dtype), torch.float32)
-
-    def batch(s: float) -> torch.Tensor:
-        return torch.full((x.shape[0],), s, dtype=dtype, device=x.device)
-
-    return ({} if extra_args is None else extra_args), values, batch
-
-
-def _fresh_noise(x: torch.Tensor, generator):
-    """Per-step Gaussian noise from the per-image generators (ancestral samplers)."""
-    return lambda sigma, sigma_next: _noise.randn_like(x, generator)
-
+# --- shared pieces (the rest are in common.py) ---
 
 def _brownian_noise(x: torch.Tensor, sig: list[float], generator) -> BrownianTreeNoiseSampler:
     """A Brownian tree per image over [smallest positive sigma, largest sigma] (SDE samplers)."""
@@ -67,17 +35,6 @@ def _brownian_noise(x: torch.Tensor, sig: list[float], generator) -> BrownianTre
     if lo == hi:   # a single positive sigma: the tree needs an interval, any one containing it works
         lo = hi / 2
     return BrownianTreeNoiseSampler(x, lo, hi, _noise.seeds_from_generators(generator, x.shape[0]))
-
-
-def _report(callback, i, x, sigma: float, sigma_hat: float, denoised):
-    """callback(dict(i, x, sigma, sigma_hat, denoised)) with sigma as Python floats (as deterministic.py)."""
-    if callback is not None:
-        callback({"i": i, "x": x, "sigma": sigma, "sigma_hat": sigma_hat, "denoised": denoised})
-
-
-def _check_eta(eta, s_noise):
-    if eta < 0 or s_noise < 0:
-        raise ValueError(f"eta and s_noise must be >= 0, got eta={eta}, s_noise={s_noise}")
 
 
 # --- ancestral samplers ---
@@ -89,14 +46,14 @@ def sample_euler_ancestral(denoiser, x, sigmas, *, extra_args=None, callback=Non
     fresh noise of std sigma_up (k-diffusion sample_euler_ancestral; Karras et al. 2022's ODE in the
     ancestral split of Ho et al. 2020). With eta = 1 each step is exactly the DDPM posterior step.
     """
-    _check_eta(eta, s_noise)
-    extra_args, sig, batch = _setup(x, sigmas, extra_args)
+    check_eta(eta, s_noise)
+    extra_args, sig, batch = setup(x, sigmas, extra_args)
     if noise_sampler is None:
-        noise_sampler = _fresh_noise(x, generator)
+        noise_sampler = fresh_noise(x, generator)
     for i in range(len(sig) - 1):
         s, s_next = sig[i], sig[i + 1]
         denoised = denoiser(x, batch(s), **extra_args)
-        _report(callback, i, x, s, s, denoised)
+        report(callback, i, x, s, s, denoised)
         s_down, s_up = ancestral_step(s, s_next, eta)
         x = denoised + (s_down / s) * (x - denoised)   # = x + d * (s_down - s), d = (x - denoised) / s
         if s_next > 0:
@@ -112,14 +69,14 @@ def sample_dpm_2_ancestral(denoiser, x, sigmas, *, extra_args=None, callback=Non
     at the geometric mean sqrt(sigma * sigma_down), then noise of std sigma_up. The last step
     (sigma_down = 0) is an Euler step.
     """
-    _check_eta(eta, s_noise)
-    extra_args, sig, batch = _setup(x, sigmas, extra_args)
+    check_eta(eta, s_noise)
+    extra_args, sig, batch = setup(x, sigmas, extra_args)
     if noise_sampler is None:
-        noise_sampler = _fresh_noise(x, generator)
+        noise_sampler = fresh_noise(x, generator)
     for i in range(len(sig) - 1):
         s, s_next = sig[i], sig[i + 1]
         denoised = denoiser(x, batch(s), **extra_args)
-        _report(callback, i, x, s, s, denoised)
+        report(callback, i, x, s, s, denoised)
         s_down, s_up = ancestral_step(s, s_next, eta)
         d = (x - denoised) / s
         if s_down == 0:
@@ -140,14 +97,14 @@ def sample_dpmpp_2s_ancestral(denoiser, x, sigmas, *, extra_args=None, callback=
     Algorithm 1 with r = 1/2, data prediction, in lambda = -log sigma) from sigma to sigma_down, then
     noise of std sigma_up (k-diffusion sample_dpmpp_2s_ancestral). The last step is an Euler step.
     """
-    _check_eta(eta, s_noise)
-    extra_args, sig, batch = _setup(x, sigmas, extra_args)
+    check_eta(eta, s_noise)
+    extra_args, sig, batch = setup(x, sigmas, extra_args)
     if noise_sampler is None:
-        noise_sampler = _fresh_noise(x, generator)
+        noise_sampler = fresh_noise(x, generator)
     for i in range(len(sig) - 1):
         s, s_next = sig[i], sig[i + 1]
         denoised = denoiser(x, batch(s), **extra_args)
-        _report(callback, i, x, s, s, denoised)
+        report(callback, i, x, s, s, denoised)
         s_down, s_up = ancestral_step(s, s_next, eta)
         if s_down == 0:
             x = denoised + (s_down / s) * (x - denoised)
@@ -174,17 +131,17 @@ def sample_dpmpp_sde(denoiser, x, sigmas, *, extra_args=None, callback=None, gen
     the intermediate sigma_s = sigma^(1-r) sigma_next^r, stage 2 to sigma_next using
     (1 - 1/(2r)) D + 1/(2r) D_s. Noise: Brownian-tree increments over each stage.
     """
-    _check_eta(eta, s_noise)
+    check_eta(eta, s_noise)
     if not 0 < r <= 1:
         raise ValueError(f"r (the intermediate point's fraction of the step in log sigma) must be in (0, 1], got {r}")
-    extra_args, sig, batch = _setup(x, sigmas, extra_args)
+    extra_args, sig, batch = setup(x, sigmas, extra_args)
     if noise_sampler is None:
         noise_sampler = _brownian_noise(x, sig, generator)
     fac = 1 / (2 * r)
     for i in range(len(sig) - 1):
         s, s_next = sig[i], sig[i + 1]
         denoised = denoiser(x, batch(s), **extra_args)
-        _report(callback, i, x, s, s, denoised)
+        report(callback, i, x, s, s, denoised)
         if s_next == 0:
             x = denoised   # the Euler step to sigma = 0
             continue
@@ -213,17 +170,17 @@ def sample_dpmpp_2m_sde(denoiser, x, sigmas, *, extra_args=None, callback=None, 
     c = (1 - e^{-(1+eta)h}) / 2 for solver_type "midpoint", (1 - e^{-(1+eta)h}) / (-(1+eta) h) + 1 for "heun".
     The first step is first order; the step to sigma = 0 returns D. z: Brownian-tree increments.
     """
-    _check_eta(eta, s_noise)
+    check_eta(eta, s_noise)
     if solver_type not in ("midpoint", "heun"):
         raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
-    extra_args, sig, batch = _setup(x, sigmas, extra_args)
+    extra_args, sig, batch = setup(x, sigmas, extra_args)
     if noise_sampler is None:
         noise_sampler = _brownian_noise(x, sig, generator)
     old_denoised, h_last = None, None
     for i in range(len(sig) - 1):
         s, s_next = sig[i], sig[i + 1]
         denoised = denoiser(x, batch(s), **extra_args)
-        _report(callback, i, x, s, s, denoised)
+        report(callback, i, x, s, s, denoised)
         if s_next == 0:
             x = denoised
             h = None
@@ -254,8 +211,8 @@ def sample_dpmpp_3m_sde(denoiser, x, sigmas, *, extra_args=None, callback=None, 
     differences of the last three data estimates in lambda = -log sigma. Orders 1, 2, 3 on the first
     steps; the step to sigma = 0 returns D. Noise: Brownian-tree increments.
     """
-    _check_eta(eta, s_noise)
-    extra_args, sig, batch = _setup(x, sigmas, extra_args)
+    check_eta(eta, s_noise)
+    extra_args, sig, batch = setup(x, sigmas, extra_args)
     if noise_sampler is None:
         noise_sampler = _brownian_noise(x, sig, generator)
     denoised_1 = denoised_2 = None
@@ -263,7 +220,7 @@ def sample_dpmpp_3m_sde(denoiser, x, sigmas, *, extra_args=None, callback=None, 
     for i in range(len(sig) - 1):
         s, s_next = sig[i], sig[i + 1]
         denoised = denoiser(x, batch(s), **extra_args)
-        _report(callback, i, x, s, s, denoised)
+        report(callback, i, x, s, s, denoised)
         if s_next == 0:
             x = denoised
             h = None
@@ -306,13 +263,13 @@ def sample_ddpm(denoiser, x, sigmas, *, extra_args=None, callback=None, generato
     `sigmas`). Back in x = x0 + sigma eps this is algebraically the Euler-ancestral step with eta = 1
     (mean (s/t)^2 x + (1 - (s/t)^2) D, variance s^2 (t^2 - s^2) / t^2): the test checks the two agree.
     """
-    extra_args, sig, batch = _setup(x, sigmas, extra_args)
+    extra_args, sig, batch = setup(x, sigmas, extra_args)
     if noise_sampler is None:
-        noise_sampler = _fresh_noise(x, generator)
+        noise_sampler = fresh_noise(x, generator)
     for i in range(len(sig) - 1):
         s, s_next = sig[i], sig[i + 1]
         denoised = denoiser(x, batch(s), **extra_args)
-        _report(callback, i, x, s, s, denoised)
+        report(callback, i, x, s, s, denoised)
         abar_t, abar_s = 1 / (1 + s * s), 1 / (1 + s_next * s_next)
         alpha = abar_t / abar_s
         beta = 1 - alpha
@@ -334,13 +291,13 @@ def sample_lcm(denoiser, x, sigmas, *, extra_args=None, callback=None, generator
     count when D is a consistency function (the ODE's endpoint map); with a posterior-mean denoiser it
     loses variance at every step. An LCM's boundary scalings c_skip / c_out belong to its denoiser.
     """
-    extra_args, sig, batch = _setup(x, sigmas, extra_args)
+    extra_args, sig, batch = setup(x, sigmas, extra_args)
     if noise_sampler is None:
-        noise_sampler = _fresh_noise(x, generator)
+        noise_sampler = fresh_noise(x, generator)
     for i in range(len(sig) - 1):
         s, s_next = sig[i], sig[i + 1]
         denoised = denoiser(x, batch(s), **extra_args)
-        _report(callback, i, x, s, s, denoised)
+        report(callback, i, x, s, s, denoised)
         x = denoised
         if s_next > 0:
             x = x + s_next * noise_sampler(s, s_next)
@@ -397,16 +354,16 @@ def sample_restart(denoiser, x, sigmas, *, extra_args=None, callback=None, gener
     """
     if s_noise < 0:
         raise ValueError(f"s_noise must be >= 0, got {s_noise}")
-    extra_args, sig, batch = _setup(x, sigmas, extra_args)
+    extra_args, sig, batch = setup(x, sigmas, extra_args)
     if noise_sampler is None:
-        noise_sampler = _fresh_noise(x, generator)
+        noise_sampler = fresh_noise(x, generator)
     plan = _restart_plan(sig, restart_list)
     last = None
     for step, (s, s_next) in enumerate(plan):
         if last is not None and last < s:   # the restart jump: forward-noise from `last` up to s
             x = x + noise_sampler(last, s) * (s_noise * math.sqrt(s * s - last * last))
         denoised = denoiser(x, batch(s), **extra_args)
-        _report(callback, step, x, s, s, denoised)
+        report(callback, step, x, s, s, denoised)
         d = (x - denoised) / s
         if s_next == 0:
             x = x + d * (s_next - s)
