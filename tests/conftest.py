@@ -13,3 +13,42 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+KDIFFUSION_VERSION = "0.1.1.post1"
+
+
+@pytest.fixture(scope="session")
+def k_sampling():
+    """k-diffusion's own sampling.py (the code A1111 runs, and ComfyUI forked), version 0.1.1.post1, loaded
+    alone: the package's __init__ imports its training stack (torchvision, kornia, wandb, ...), while
+    sampling.py needs only scipy, torchdiffeq, torchsde, tqdm and `utils.append_dims`, which is compiled here
+    from k-diffusion's utils.py source. Installed by scripts/test.sh (pip install --no-deps)."""
+    import ast
+    import importlib.metadata
+    import importlib.util
+    import sys
+    import types
+
+    try:
+        dist = importlib.metadata.distribution("k-diffusion")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip(f"k-diffusion is not installed: pip install --no-deps k-diffusion=={KDIFFUSION_VERSION} "
+                    "torchdiffeq (scripts/test.sh does)")
+    assert dist.version == KDIFFUSION_VERSION, f"k-diffusion {dist.version}: the comparison pins {KDIFFUSION_VERSION}"
+    root = "_kdiffusion_reference"                    # a private package name: never shadows a real k_diffusion
+    if root + ".sampling" in sys.modules:
+        return sys.modules[root + ".sampling"]
+    utils_src = dist.locate_file("k_diffusion/utils.py").read_text()
+    append_dims = next(n for n in ast.parse(utils_src).body if isinstance(n, ast.FunctionDef) and n.name == "append_dims")
+    utils = types.ModuleType(root + ".utils")
+    exec(compile(ast.Module(body=[append_dims], type_ignores=[]), "k_diffusion/utils.py", "exec"), utils.__dict__)
+    package = types.ModuleType(root)
+    package.__path__ = []
+    package.utils = utils
+    sys.modules[root], sys.modules[root + ".utils"] = package, utils
+    spec = importlib.util.spec_from_file_location(root + ".sampling", dist.locate_file("k_diffusion/sampling.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -30,8 +30,9 @@ class GenerationParams:
     decoded image with Lanczos (A1111's "Lanczos"; its model upscalers do not exist here).
     sde_noise picks the Brownian noise of the SDE samplers (DPM++ SDE, 2M SDE, 3M SDE): "diffusekit" (our
     counter-based tree, the default), "a1111" or "comfyui" (torchsde's tree built as those tools build it,
-    so a CPU render at the same seed comes out the same; needs `pip install torchsde`). Other samplers
-    ignore it.
+    so a CPU render at the same seed comes out the same; needs `pip install torchsde`). "a1111" also draws
+    the churn noise of Euler / Heun / DPM2 as A1111 does (a draw on every step, so an s_tmin / s_tmax
+    window gives A1111's image). Other samplers ignore it.
     """
 
     prompt: str = ""

@@ -48,7 +48,7 @@ from .conditioning import Conditioning, TextConditioner, adm_vector
 from .latents import (LATENT_RGB, fill_masked, fit_latent_rgb, initial_noise, latent_mask, overlay_mask,
                       pil_to_tensor, prepare_mask, preview, tensor_to_pil)
 from .params import GenerationParams, GenerationResult, StepInfo
-from .sde_noise import BROWNIAN_SAMPLERS, pass_noise, require_torchsde
+from .sde_noise import BROWNIAN_SAMPLERS, changes_image, pass_noise, require_torchsde
 from .shipped import SHIPPED, resolve_model
 
 SCHEDULE_LABELS = {v: k for k, v in sigma_schedules.DISPLAY_NAMES.items()}
@@ -528,7 +528,7 @@ class Pipeline:
         cut = len(sig) - 1 if refiner is None else self._switch_index(sig, job.params.refiner_switch_at)
         x0 = signal
         sde_noise = pass_noise(job.params.sde_noise, job.sampler_id, x, sig if schedule is None else schedule,
-                               job.seeds)
+                               job.seeds, gens)
         if cut > 0:
             x, x0 = self._sample(job, sig[:cut + 1], x, gens, width=width, height=height, cond=cond, pass_name=pass_name,
                                  init_latent=init_latent, mask=mask,
@@ -607,7 +607,7 @@ class Pipeline:
                 raise Interrupted(d["denoised"])
 
         fn = sampler_registry.SAMPLERS[job.sampler_id]
-        knobs = _knobs_for(fn, p)
+        knobs = _knobs_for(fn, p, job.sampler_id)
         if noise_sampler is not None:
             knobs["noise_sampler"] = noise_sampler
         with torch.no_grad():
@@ -640,7 +640,7 @@ class Pipeline:
             d["Eta"] = params.eta
         if params.cfg_rescale:
             d["CFG rescale"] = params.cfg_rescale
-        if params.sde_noise != "diffusekit" and sampler_id in BROWNIAN_SAMPLERS:
+        if changes_image(params.sde_noise, sampler_id, params.s_churn):
             d["SDE noise"] = params.sde_noise               # ours; only where it changes the image
         if params.enable_hr:
             d["Hires upscale"] = params.hr_scale
@@ -656,10 +656,16 @@ class Pipeline:
         return infotext_mod.format_infotext(params.prompt, params.negative_prompt, d)
 
 
-def _knobs_for(fn, params: GenerationParams) -> dict:
-    """The sampler knobs the chosen sampler accepts, from the params that were set."""
+# A1111 hands its "Eta for ancestral samplers" setting (default 1) to every k-diffusion sampler taking eta;
+# DPM fast / adaptive are the ones whose own default differs (0, k-diffusion's and ComfyUI's)
+_A1111_ETA = {"dpm_fast": 1.0, "dpm_adaptive": 1.0}
+
+
+def _knobs_for(fn, params: GenerationParams, sampler_id: str = "") -> dict:
+    """The sampler knobs the chosen sampler accepts, from the params that were set (eta unset: A1111's)."""
     accepted = {n for n, p in inspect.signature(fn).parameters.items() if p.kind == p.KEYWORD_ONLY}
-    wanted = {"eta": params.eta, "s_churn": params.s_churn, "s_tmin": params.s_tmin, "s_tmax": params.s_tmax,
+    eta = _A1111_ETA.get(sampler_id) if params.eta is None else params.eta
+    wanted = {"eta": eta, "s_churn": params.s_churn, "s_tmin": params.s_tmin, "s_tmax": params.s_tmax,
               "s_noise": params.s_noise}
     defaults = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": float("inf"), "s_noise": 1.0}
     return {k: v for k, v in wanted.items() if k in accepted and v is not None and v != defaults.get(k)}

@@ -1,4 +1,5 @@
-"""Brownian noise for the SDE samplers as AUTOMATIC1111 and ComfyUI draw it (GenerationParams.sde_noise).
+"""Sampler noise as AUTOMATIC1111 and ComfyUI draw it (GenerationParams.sde_noise): the SDE samplers'
+Brownian noise, and the churn noise of Euler / Heun / DPM2 (at the end).
 
 The SDE samplers (DPM++ SDE, DPM++ 2M SDE, DPM++ 3M SDE) take their noise as normalised Brownian
 increments z = (W(sigma_next) - W(sigma)) / sqrt|sigma_next - sigma| of a path W fixed by a seed. By
@@ -53,6 +54,13 @@ decimals, so an ulp matters (at sigma_max exp(-t) = 14.614640 where sigma = 14.6
 maps our sampler's float64 queries onto the tool's float32 times. The other SDE samplers ask at the
 schedule's own sigmas in both tools.
 
+Churn noise (Euler, Heun, DPM2 with s_churn > 0). k-diffusion's sample_euler / heun / dpm_2, which A1111
+runs, draw randn_like on every step and use it only on the steps that churn; A1111 routes randn_like to
+the image's generator (its CPU RNG). So in "a1111" mode those samplers get a `noise_sampler` drawing from
+the per-image generators on every step (a step outside [s_tmin, s_tmax] spends a draw), and a churn window
+gives A1111's image. ComfyUI's own sample_euler / heun / dpm_2 draw only on the steps that churn, as our
+default does, so "comfyui" and "diffusekit" leave them alone.
+
 What stays different (images then agree to float rounding, not bit for bit): our samplers compute their
 step coefficients in float64 where the tools use float32 tensors; equal sigma schedules are assumed.
 """
@@ -62,10 +70,13 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..core.samplers.common import fresh_noise
 from .params import SDE_NOISE_MODES
 
 # the samplers whose default noise source is a Brownian tree (core.samplers.stochastic)
 BROWNIAN_SAMPLERS = frozenset({"dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde"})
+# the samplers with Karras churn (s_churn, s_tmin, s_tmax; core.samplers.deterministic)
+CHURN_SAMPLERS = frozenset({"euler", "heun", "dpm_2"})
 
 NoiseSampler = Callable[[float, float], torch.Tensor]
 _TORCHSDE_DIGITS = 6   # torchsde rounds a tree's ends to -log10(tol) decimals, tol = 1e-6 by default
@@ -190,36 +201,50 @@ def _bounds(sigmas: torch.Tensor) -> tuple[float, float]:
 
 
 def a1111_noise_sampler(x: torch.Tensor, schedule: torch.Tensor, seeds: Sequence[int],
-                        sampler_id: str = "dpmpp_2m_sde") -> TorchsdeBrownianNoise:
+                        sampler_id: str = "dpmpp_2m_sde", *, r: float = 0.5) -> TorchsdeBrownianNoise:
     """A1111's create_noise_sampler: one tree per image seed on x's device, over the pass's whole schedule
-    (whose consecutive pairs include every step run)."""
+    (whose consecutive pairs include every step run). r: DPM++ SDE's intermediate point (its `r` knob)."""
     lo, hi = _bounds(schedule)
-    times = DpmppSdeTimes(schedule, "a1111", device=x.device) if sampler_id == "dpmpp_sde" else None
+    times = DpmppSdeTimes(schedule, "a1111", r=r, device=x.device) if sampler_id == "dpmpp_sde" else None
     return TorchsdeBrownianNoise(x, lo, hi, list(seeds), times=times)
 
 
 def comfyui_noise_sampler(x: torch.Tensor, sigmas: torch.Tensor, seed: int,
-                          sampler_id: str = "dpmpp_2m_sde") -> TorchsdeBrownianNoise:
-    """ComfyUI's dpmpp_*sde: one CPU tree over the batch, seeded with the sampler seed, over the call's sigmas."""
+                          sampler_id: str = "dpmpp_2m_sde", *, r: float = 0.5) -> TorchsdeBrownianNoise:
+    """ComfyUI's dpmpp_*sde: one CPU tree over the batch, seeded with the sampler seed, over the call's sigmas.
+    r: DPM++ SDE's intermediate point (its `r` knob)."""
     lo, hi = _bounds(sigmas)
-    times = DpmppSdeTimes(sigmas, "comfyui", device=x.device) if sampler_id == "dpmpp_sde" else None
+    times = DpmppSdeTimes(sigmas, "comfyui", r=r, device=x.device) if sampler_id == "dpmpp_sde" else None
     return TorchsdeBrownianNoise(x, lo, hi, int(seed), tree_device="cpu", times=times)
 
 
+def changes_image(mode: str, sampler_id: str, s_churn: float = 0.0) -> bool:
+    """Whether `mode` draws other noise than the "diffusekit" default for this sampler (the infotext's
+    "SDE noise" field is written only then)."""
+    if mode == "diffusekit":
+        return False
+    return sampler_id in BROWNIAN_SAMPLERS or (mode == "a1111" and sampler_id in CHURN_SAMPLERS and s_churn > 0)
+
+
 def pass_noise(mode: str, sampler_id: str, x: torch.Tensor, schedule: torch.Tensor,
-               seeds: Sequence[int]) -> Callable[[torch.Tensor], NoiseSampler | None]:
+               seeds: Sequence[int], generators=None, *, r: float = 0.5
+               ) -> Callable[[torch.Tensor], NoiseSampler | None]:
     """For one sampling pass (txt2img, img2img or hires, with its refiner hand-over): a function
     `segment_sigmas -> noise_sampler` for each sampler call of the pass; None = the sampler's own noise
-    (the "diffusekit" mode, and every sampler that draws no Brownian noise).
+    (the "diffusekit" mode, and every sampler whose noise the mode leaves alone).
 
     x: the pass's starting latent (B, C, h, w); schedule: the pass's whole schedule (A1111 bounds its tree
-    by it); seeds: the batch's image seeds (A1111: one tree each; ComfyUI: the first seeds the batch tree).
+    by it); seeds: the batch's image seeds (A1111: one tree each; ComfyUI: the first seeds the batch tree);
+    generators: the pass's per-image generators (A1111's churn noise continues them); r: DPM++ SDE's r.
     """
     if mode not in SDE_NOISE_MODES:
         raise ValueError(f"sde_noise={mode!r}: valid are {', '.join(repr(m) for m in SDE_NOISE_MODES)}")
+    if mode == "a1111" and sampler_id in CHURN_SAMPLERS:
+        every_step = fresh_noise(x, generators)      # k-diffusion's randn_like on every step, from A1111's RNG
+        return lambda segment: every_step
     if mode == "diffusekit" or sampler_id not in BROWNIAN_SAMPLERS:
         return lambda segment: None
     if mode == "a1111":
-        shared = a1111_noise_sampler(x, schedule, seeds, sampler_id)   # one tree set for the pass, refiner included
+        shared = a1111_noise_sampler(x, schedule, seeds, sampler_id, r=r)   # one tree set for the pass, refiner included
         return lambda segment: shared
-    return lambda segment: comfyui_noise_sampler(x, segment, seeds[0], sampler_id)
+    return lambda segment: comfyui_noise_sampler(x, segment, seeds[0], sampler_id, r=r)

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from .. import sigmas as _sigmas
-from . import deterministic, stochastic
+from . import deterministic, dpm_solver, stochastic
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,8 @@ _TABLE = [
     ("dpmpp_2m", "DPM++ 2M", 1, False, "karras"),
     ("dpmpp_2m_sde", "DPM++ 2M SDE", 1, True, "exponential"),
     ("dpmpp_3m_sde", "DPM++ 3M SDE", 1, True, "exponential"),
+    ("dpm_fast", "DPM fast", 1, False, "uniform"),          # len(sigmas) - 1 = the NFE budget
+    ("dpm_adaptive", "DPM adaptive", 3, False, "uniform"),  # per attempt; rtol/atol set the work, not steps
     ("ddim", "DDIM", 1, False, "uniform"),
     ("ddpm", "DDPM", 1, True, "uniform"),
     ("uni_pc", "UniPC", 1, False, "uniform"),
@@ -54,7 +56,7 @@ _TABLE = [
     ("euler_flow", "Euler (flow)", 1, False, "simple"),
 ]
 
-_FUNCS: dict[str, Callable] = {**deterministic.SAMPLERS, **stochastic.SAMPLERS}
+_FUNCS: dict[str, Callable] = {**deterministic.SAMPLERS, **stochastic.SAMPLERS, **dpm_solver.SAMPLERS}
 
 INFO: dict[str, SamplerInfo] = {
     sid: SamplerInfo(sid, label, nfe, sto, sched) for sid, label, nfe, sto, sched in _TABLE if sid in _FUNCS
