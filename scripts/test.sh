@@ -12,6 +12,9 @@ python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 # torch first and pinned: on this machine 2.13.0 is a local CPU wheel; a bare `torch` would pull CUDA.
 python -m pip install -q "torch==2.13.0" 2>&1 | grep -v '^WARNING: Location' || true
 python -m pip install -q -e ".[test]" 2>&1 | grep -v '^WARNING: Location' || true
+# k-diffusion's own sampling.py is the reference of tests/core/test_samplers_kdiffusion.py; its package
+# requires a training stack (torchvision, kornia, wandb, clip, ...) that the test never imports: no deps.
+python -m pip install -q --no-deps "k-diffusion==0.1.1.post1" 2>&1 | grep -v '^WARNING: Location' || true
 # The web UI test drives Debian's Chromium through Playwright (never `playwright install`: it downloads
 # a browser). Installed when we are root with apt; without it that one test skips and says why.
 if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then

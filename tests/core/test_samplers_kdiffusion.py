@@ -5,8 +5,8 @@ Same denoiser, same noise, float64 (torch's default dtype too, so k-diffusion's 
 float64): the closed-form 16-d Gaussian-mixture denoiser and a random conv net behind EpsDenoiser, at 5,
 10 and 25 steps, every knob both sides have. Noise: each run gets a fresh stream that answers every call
 with the next standard normal draw of a seeded generator, passed as `noise_sampler` to both sides (and
-to k-diffusion's churn samplers, which call torch.randn_like, through its module's `torch`, as A1111
-does). Equal streams therefore also mean equal call order and count. Callbacks are compared too.
+to k-diffusion's churn samplers, which call torch.randn_like, through the `k_randn` fixture, as A1111
+routes it). Equal streams therefore also mean equal call order and count. Callbacks are compared too.
 Measured: the results agree to < 1e-13 of their scale.
 """
 import math
@@ -58,16 +58,6 @@ class Stream:
         return torch.randn(self.like.shape, generator=self.gen, dtype=self.like.dtype)
 
 
-class TorchWithStream:
-    """k-diffusion's module-level `torch` with randn_like drawn from a Stream (A1111's TorchHijack)."""
-
-    def __init__(self, stream):
-        self.stream = stream
-
-    def __getattr__(self, name):
-        return self.stream if name == "randn_like" else getattr(torch, name)
-
-
 # (our id, knobs). The k-diffusion function is sample_<id>, given the same knobs.
 CHURN = [{}, {"s_churn": 2.0}, {"s_churn": 5.0, "s_tmin": 0.1, "s_tmax": 5.0}, {"s_churn": 1.0, "s_noise": 1.003}]
 ANCESTRAL = [{}, {"eta": 0.5}, {"eta": 0.0}, {"eta": 1.0, "s_noise": 0.9}]
@@ -97,7 +87,7 @@ def float64_default():
     torch.set_default_dtype(before)
 
 
-def _kdiffusion_run(k, sid, denoiser, x, sig, knobs, stream, callback):
+def _kdiffusion_run(k, route_randn, sid, denoiser, x, sig, knobs, stream, callback):
     fn = getattr(k, f"sample_{sid}")
     kw = dict(knobs, callback=callback, disable=True)
     if sid in TAKES_NOISE_SAMPLER:
@@ -107,24 +97,20 @@ def _kdiffusion_run(k, sid, denoiser, x, sig, knobs, stream, callback):
         if sid == "dpm_fast":
             ends["n"] = len(sig) - 1
         return fn(denoiser, x, **ends, **kw)
-    saved = k.torch
-    k.torch = TorchWithStream(stream)          # the churn samplers' randn_like
-    try:
-        return fn(denoiser, x, sig, **kw)
-    finally:
-        k.torch = saved
+    route_randn(stream)                        # the churn samplers' torch.randn_like
+    return fn(denoiser, x, sig, **kw)
 
 
 @pytest.mark.parametrize("steps", [5, 10, 25])
 @pytest.mark.parametrize("name", list(DENOISERS))
 @pytest.mark.parametrize("sid,knobs", CASES, ids=[f"{s}{k or ''}" for s, k in CASES])
-def test_same_result_as_k_diffusion(k_sampling, float64_default, sid, knobs, name, steps):
+def test_same_result_as_k_diffusion(k_sampling, k_randn, float64_default, sid, knobs, name, steps):
     denoiser, shape = DENOISERS[name]
     sig = sigma_schedules.get("karras", steps, schedule=SD, dtype=F64)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(steps), dtype=F64) * sig[0]
     theirs_seen, ours_seen = [], []
     theirs_noise, ours_noise = Stream(x, 7), Stream(x, 7)
-    want = _kdiffusion_run(k_sampling, sid, denoiser, x.clone(), sig, knobs, theirs_noise, theirs_seen.append)
+    want = _kdiffusion_run(k_sampling, k_randn, sid, denoiser, x.clone(), sig, knobs, theirs_noise, theirs_seen.append)
     noisy = {"noise_sampler": ours_noise} if sid in TAKES_NOISE_SAMPLER | CHURNS else {}
     got = SAMPLERS[sid](denoiser, x.clone(), sig, callback=ours_seen.append, **noisy, **knobs)
     scale = max(1.0, float(want.abs().max()))
@@ -145,13 +131,13 @@ def test_same_result_as_k_diffusion(k_sampling, float64_default, sid, knobs, nam
             torch.testing.assert_close(o["x"], t["x"], rtol=0, atol=1e-13 * scale)
 
 
-def test_churn_window_needs_k_diffusions_stream(k_sampling, float64_default):
+def test_churn_window_needs_k_diffusions_stream(k_sampling, k_randn, float64_default):
     """The control: with a churn window, our default noise (drawn only on churning steps, from the same
     generator) is not k-diffusion's stream, and the results differ by order 1."""
     denoiser, shape = DENOISERS["mixture16"]
     sig = sigma_schedules.get("karras", 10, schedule=SD, dtype=F64)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=F64) * sig[0]
     knobs = {"s_churn": 5.0, "s_tmin": 0.1, "s_tmax": 5.0}
-    want = _kdiffusion_run(k_sampling, "euler", denoiser, x.clone(), sig, knobs, Stream(x, 7), None)
+    want = _kdiffusion_run(k_sampling, k_randn, "euler", denoiser, x.clone(), sig, knobs, Stream(x, 7), None)
     default = SAMPLERS["euler"](denoiser, x.clone(), sig, generator=torch.Generator().manual_seed(7), **knobs)
     assert float((default - want).abs().max()) > 0.1

@@ -8,6 +8,7 @@ k-diffusion's sample_dpmpp_2m_sde / sample_dpmpp_sde loops in float32 tensor ops
 call receives must equal the reference's value for value (tolerance 0); final latents agree with the
 float32 reference loops to 1e-5 of their scale (our samplers compute coefficients in float64).
 """
+import functools
 import sys
 from types import SimpleNamespace
 
@@ -17,7 +18,10 @@ import torch
 import torchsde
 
 from diffusekit import GenerationParams
+from diffusekit.core import noise as core_noise
 from diffusekit.core import samplers
+from diffusekit.core import sigmas as sigma_schedules
+from diffusekit.core.mixture import GaussianMixture
 from diffusekit.interfaces.cli import main as cli_main
 from diffusekit.interfaces.cli import params_from_infotext
 from diffusekit.interfaces.server.schemas import (Limits, RequestError, Txt2ImgRequest, to_generation_params,
@@ -161,6 +165,7 @@ def record(monkeypatch):
     def install(sid):
         real = samplers.SAMPLERS[sid]
 
+        @functools.wraps(real)                     # the pipeline reads the sampler's knobs from its signature
         def recorded(denoiser, x, sigmas, **kw):
             c = SimpleNamespace(denoiser=denoiser, x=x.clone(), sigmas=sigmas.clone(), real=real, noise=None,
                                 knobs={k: v for k, v in kw.items() if k not in ("callback", "noise_sampler")},
@@ -282,6 +287,76 @@ def test_dpmpp_sde_query_times_follow_each_tool():
     assert comfy(float(sig[0]), mid) == (float(sig[0]), kd_mid)
     assert comfy(float(sig[0]), float(sig[1])) == (float(sig[0]), float(sig[1]))
     assert kd(3.0, 2.0) == (3.0, 2.0)                                   # not a step of the schedule: unchanged
+
+
+# ------------------------------------------------------------------ DPM++ SDE's r, against k-diffusion itself
+WORLD16 = GaussianMixture.example(dim=16, dtype=torch.float32)
+
+
+def _r_case(seed=3):
+    sig = sigma_schedules.get("karras", 8, sigma_min=0.0292, sigma_max=14.6146)       # float32, as the tools
+    return torch.randn(2, 16, generator=torch.Generator().manual_seed(seed)) * sig[0], sig
+
+
+@pytest.mark.parametrize("r", [0.3, 0.7])
+def test_dpmpp_sde_r_reaches_a1111s_tree(k_sampling, r):
+    """A1111 runs k-diffusion's sample_dpmpp_sde(r=...) on create_noise_sampler's trees (seeds 21, 22). With r
+    passed to the query times, ours on a1111_noise_sampler(r=r) gets the same noise, value for value, and the
+    same result (float64 vs float32 coefficients: 1e-5); built at r = 1/2 (the old bug) the noise differs."""
+    x, sig = _r_case()
+    theirs = Logged(k_sampling.BrownianTreeNoiseSampler(x, sig[sig > 0].min(), sig.max(), seed=[21, 22]))
+    want = k_sampling.sample_dpmpp_sde(WORLD16, x, sig, r=r, noise_sampler=theirs, disable=True)
+    ours = Logged(sde_noise.a1111_noise_sampler(x, sig, [21, 22], "dpmpp_sde", r=r))
+    got = samplers.SAMPLERS["dpmpp_sde"](WORLD16, x, sig, r=r, noise_sampler=ours)
+    assert_same_stream(ours.answers, theirs.answers)
+    assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
+    at_half = Logged(sde_noise.a1111_noise_sampler(x, sig, [21, 22], "dpmpp_sde"))
+    samplers.SAMPLERS["dpmpp_sde"](WORLD16, x, sig, r=r, noise_sampler=at_half)
+    assert not torch.equal(at_half.answers[0], theirs.answers[0])
+
+
+@pytest.mark.parametrize("r", [0.3, 0.7])
+def test_dpmpp_sde_r_reaches_comfyuis_tree(r):
+    x, sig = _r_case()
+    ours = Logged(sde_noise.comfyui_noise_sampler(x, sig, 21, "dpmpp_sde", r=r))
+    samplers.SAMPLERS["dpmpp_sde"](WORLD16, x, sig, r=r, noise_sampler=ours)
+    assert_same_stream(ours.answers, stream(comfyui_reference(x, sig, 21), comfyui_sde_queries(sig, r)))
+
+
+# ------------------------------------------------------------------ churn noise as A1111 draws it
+CHURN = dict(s_churn=3.0, s_tmin=0.5, s_tmax=5.0)    # a window: some of SMALL's 4 steps churn, some do not
+
+
+def test_a1111_churn_noise_is_k_diffusions_randn_on_every_step(sd1_pipe, record, k_randn, k_sampling):
+    """A1111 runs k-diffusion's sample_euler / heun / dpm_2, whose randn_like (every step, churning or not)
+    A1111 routes to the image's generator. In "a1111" mode we draw the same: k-diffusion's loop fed by the
+    images' generators (seeds 21, 22, after the initial noise) gives our latent; the default mode does not."""
+    calls = record("euler")
+    p = GenerationParams(seed=21, batch_size=2, sampler_name="Euler", sde_noise="a1111", **CHURN, **SMALL)
+    result = sd1_pipe.generate(p)
+    c = calls[0]
+    assert c.has_noise_sampler and {k: c.knobs[k] for k in CHURN} == CHURN
+    gens = core_noise.generators_for_seeds([21, 22])
+    assert torch.allclose(core_noise.randn(c.x.shape, gens) * c.sigmas[0], c.x)    # A1111's initial noise
+    k_randn(lambda like: core_noise.randn_like(like, gens))
+    want = k_sampling.sample_euler(c.denoiser, c.x, c.sigmas, disable=True, **CHURN)
+    scale = float(want.abs().max())
+    assert float((c.out - want).abs().max()) <= 1e-5 * scale
+    assert len(c.noise.answers) == len(c.sigmas) - 1                  # a draw on every step
+    assert "SDE noise: a1111" in result.infotexts[0]
+    default = sd1_pipe.generate(p.copy(sde_noise="diffusekit"))
+    assert float((calls[1].out - want).abs().max()) > 1e-2 * scale
+    assert not calls[1].has_noise_sampler and "SDE noise" not in default.infotexts[0]
+    # ComfyUI's own sample_euler draws only on the steps that churn: its mode is our default
+    comfy = sd1_pipe.generate(p.copy(sde_noise="comfyui"))
+    assert torch.equal(comfy.latents, default.latents) and "SDE noise" not in comfy.infotexts[0]
+
+
+def test_a1111_mode_without_churn_changes_nothing(sd1_pipe):
+    common = dict(seed=5, sampler_name="Heun", **SMALL)
+    a = sd1_pipe.generate(GenerationParams(sde_noise="a1111", **common))
+    b = sd1_pipe.generate(GenerationParams(**common))
+    assert torch.equal(a.latents, b.latents) and "SDE noise" not in a.infotexts[0]
 
 
 # ------------------------------------------------------------------ default, errors, infotext, interfaces
