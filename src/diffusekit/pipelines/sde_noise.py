@@ -240,6 +240,9 @@ def pass_noise(mode: str, sampler_id: str, x: torch.Tensor, schedule: torch.Tens
     if mode not in SDE_NOISE_MODES:
         raise ValueError(f"sde_noise={mode!r}: valid are {', '.join(repr(m) for m in SDE_NOISE_MODES)}")
     if mode == "a1111" and sampler_id in CHURN_SAMPLERS:
+        if generators is None:
+            raise ValueError(f"sde_noise='a1111' with {sampler_id!r} draws the churn noise from the pass's "
+                             f"per-image generators: pass them as `generators`")
         every_step = fresh_noise(x, generators)      # k-diffusion's randn_like on every step, from A1111's RNG
         return lambda segment: every_step
     if mode == "diffusekit" or sampler_id not in BROWNIAN_SAMPLERS:
