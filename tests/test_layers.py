@@ -54,3 +54,29 @@ def test_core_imports_only_torch_and_stdlib():
                 continue
             bad.append(f"{path.relative_to(SRC)} imports {name}")
     assert not bad, "\n".join(bad)
+
+
+def _root_imports(path: Path):
+    """Imports that reach the bare package root (`import diffusekit`, `from diffusekit import X`,
+    `from .. import X` up to the root) for a name X that is not a module of its own."""
+    tree = ast.parse(path.read_text())
+    pkg = path.relative_to(SRC.parent).with_suffix("").parts[:-1]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            yield from (a.name for a in node.names if a.name == "diffusekit")
+        elif isinstance(node, ast.ImportFrom):
+            base = pkg[: len(pkg) - node.level + 1] if node.level else ()
+            full = ".".join(base + ((node.module,) if node.module else ()))
+            if full == "diffusekit":
+                for a in node.names:
+                    if not ((SRC / a.name).is_dir() or (SRC / f"{a.name}.py").is_file()):
+                        yield f"diffusekit.{a.name} (the package root)"
+
+
+@pytest.mark.parametrize("layer", sorted(ALLOWED))
+def test_no_layer_imports_the_package_root(layer):
+    """The root re-exports the top of the stack (Pipeline), so a lower layer that imports it depends on
+    everything; shared facts such as the version live in modules of their own (diffusekit.version)."""
+    bad = [f"{path.relative_to(SRC)} imports {name}" for path in sorted((SRC / layer).rglob("*.py"))
+           for name in _root_imports(path)]
+    assert not bad, "\n".join(bad)

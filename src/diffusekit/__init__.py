@@ -5,7 +5,7 @@
     result = pipe.generate(GenerationParams(prompt="a red circle", steps=20, sampler_name="DPM++ 2M",
                                             scheduler="Karras", cfg_scale=5, seed=1))
 """
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = ["Pipeline", "GenerationParams", "__version__"]
 

@@ -20,6 +20,7 @@ Which inputs each schedule uses:
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Callable, NamedTuple
 
@@ -262,6 +263,45 @@ _SPECS: dict[str, _Spec] = {
     "linear_quadratic": _Spec("sigma_max", linear_quadratic, ("threshold_noise", "linear_steps")),
 }
 NAMES: tuple[str, ...] = tuple(_SPECS)
+LABELS: dict[str, str] = {sid: label for label, sid in DISPLAY_NAMES.items()}   # id -> A1111 label
+
+
+def label(name: str) -> str:
+    """The A1111 label of a schedule id or label ("karras" -> "Karras"); ValueError naming the valid ones."""
+    sid = resolve(name)
+    return LABELS.get(sid, sid)
+
+
+def aliases(name: str) -> list[str]:
+    """Other spellings `resolve` accepts for a schedule besides its id and label ("ays" for align_your_steps)."""
+    sid, low = resolve(name), LABELS.get(resolve(name), "").lower()
+    return [a for a, target in _ALIASES.items() if target == sid and a != low]
+
+
+def needs_table(name: str, **opts) -> bool:
+    """Whether the schedule indexes a discrete model's own noise table (`get` needs `schedule=`): A1111's
+    `need_inner_model`. "beta" does in its default ComfyUI variant, not with variant="a1111"."""
+    sid = resolve(name)
+    if sid == "automatic":
+        return False
+    if sid == "beta":
+        return opts.get("variant", "comfyui") == "comfyui"
+    return _SPECS[sid].inputs.startswith("table")
+
+
+def default_options(name: str) -> dict:
+    """The options of schedule `name` and their defaults, from its function ({"rho": 7.0} for karras)."""
+    sid = resolve(name)
+    if sid == "automatic":
+        return {}
+    spec = _SPECS[sid]
+    fns = (beta_comfyui, beta_a1111) if sid == "beta" else (spec.fn,)
+    out = {}
+    for fn in fns:
+        for n, prm in inspect.signature(fn).parameters.items():
+            if n in spec.opts and prm.default is not inspect.Parameter.empty:
+                out.setdefault(n, prm.default)
+    return out
 
 
 def resolve(name: str) -> str:

@@ -525,7 +525,7 @@ def cmd_eval(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="diffusekit", description="Stable-Diffusion-style image generation, from the math up.")
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
-    from .. import __version__
+    from ..version import __version__
     p.add_argument("--version", action="version", version=f"diffusekit {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 from PIL import Image
 
@@ -26,6 +26,7 @@ from ..core import samplers as sampler_registry
 from ..core import sigmas as sigma_schedules
 from ..pipelines.infotext import save_png_with_infotext
 from ..pipelines.params import GenerationParams
+from ..pipelines.pipeline import split_sampler_name
 from .annotate import text_size
 from .grid import xy_grid
 from .process import process_frames
@@ -35,7 +36,17 @@ AXES = ("samplers-x-schedulers", "samplers-x-steps", "cfg-x-steps", "pairs")
 DEFAULTS = {"samplers": ("Euler", "DPM++ 2M"), "schedulers": ("Normal", "Karras"), "steps": (10, 20, 30),
             "cfg": (3.0, 5.0, 7.0)}
 MAX_CELLS = 100
-_SCHEDULE_LABELS = {v: k for k, v in sigma_schedules.DISPLAY_NAMES.items()}
+GREY = (128, 128, 128)          # the tile of a cell that was not run (the comparison was interrupted)
+
+
+class Plan(NamedTuple):
+    """The cells of a comparison and their labels."""
+
+    cells: list[list[GenerationParams]]     # [row][col]
+    cols: list[str]
+    rows: list[str]
+    x_title: str
+    y_title: str
 
 
 @dataclass
@@ -43,24 +54,29 @@ class Comparison:
     """A finished comparison: the labelled grid, its cells, and (with video) the lock-step frames."""
 
     grid: Image.Image
-    images: list[list[Image.Image]]                 # [row][col] final images
+    images: list[list[Image.Image]]                 # [row][col] final images (grey: not run, see `done`)
     params: list[list[GenerationParams]]            # [row][col] the settings of each cell
-    infotexts: list[list[str]]
+    infotexts: list[list[str | None]]               # None: the cell was not run
     col_labels: list[str]
     row_labels: list[str]
     x_title: str
     y_title: str
     frames: list[Image.Image] = field(default_factory=list)
+    done: int = 0                                   # cells run (all of them unless interrupted)
+    interrupted: bool = False
 
 
 def sampler_label(name: str) -> str:
-    """The A1111 display name of a sampler id or name; raises ValueError naming the valid ones."""
-    return sampler_registry.INFO[sampler_registry.resolve(name)].label
+    """The A1111 display name of a sampler id or name (a legacy "DPM++ 2M Karras" keeps its schedule);
+    raises ValueError naming the valid ones."""
+    sid, schedule = split_sampler_name(str(name), "")
+    label = sampler_registry.INFO[sid].label
+    return f"{label} {schedule}" if schedule else label
 
 
 def schedule_label(name: str) -> str:
     """The A1111 label of a schedule id or label ("karras" -> "Karras")."""
-    return _SCHEDULE_LABELS.get(sigma_schedules.resolve(name), name)
+    return sigma_schedules.label(name)
 
 
 def display_tile(image: Image.Image, min_side: int = 256) -> Image.Image:
@@ -87,7 +103,7 @@ def _fmt(v: float) -> str:
 def plan(base: GenerationParams, axes: str, *, samplers: Sequence[str] | None = None,
          schedulers: Sequence[str] | None = None, steps_list: Sequence[int] | None = None,
          cfg_list: Sequence[float] | None = None):
-    """The cells of a comparison: ([row][col] params, col labels, row labels, x title, y title).
+    """The cells of a comparison: a `Plan` ([row][col] params, col labels, row labels, x title, y title).
 
     Lists that `axes` varies default to DEFAULTS; a list that it does not vary may hold one value
     (which replaces the base setting) and no more. Names are checked here, before any model runs.
@@ -128,25 +144,45 @@ def plan(base: GenerationParams, axes: str, *, samplers: Sequence[str] | None = 
                              "give the same number of each, or one of either")
         cells = [[base.copy(sampler_name=a, scheduler=b) for a, b in zip(sm, sc)]]
         cols = [f"{sampler_label(a)} + {schedule_label(b)}" for a, b in zip(sm, sc)]
-        rows, x_title, y_title = [f"seed {base.seed}"], "sampler + schedule", ""
-    else:
-        xs_key, ys_key = varied
-        xs, ys = lists[xs_key], lists[ys_key]
-        setters = {"samplers": lambda p, v: p.copy(sampler_name=v), "schedulers": lambda p, v: p.copy(scheduler=v),
-                   "steps": lambda p, v: p.copy(steps=int(v)), "cfg": lambda p, v: p.copy(cfg_scale=float(v))}
-        labels = {"samplers": sampler_label, "schedulers": schedule_label, "steps": lambda v: f"{v} steps",
-                  "cfg": lambda v: f"CFG {_fmt(float(v))}"}
-        titles = {"samplers": "sampler", "schedulers": "schedule", "steps": "steps", "cfg": "CFG scale"}
-        cells = [[setters[xs_key](setters[ys_key](base, y), x) for x in xs] for y in ys]
-        cols, rows = [labels[xs_key](x) for x in xs], [labels[ys_key](y) for y in ys]
-        x_title, y_title = titles[xs_key], titles[ys_key]
-    count = sum(len(r) for r in cells)
+        return _checked(Plan(cells, cols, [f"seed {base.seed}"], "sampler + schedule", ""))
+    xs_key, ys_key = varied
+    return grid(base, (xs_key, lists[xs_key]), (ys_key, lists[ys_key]))
+
+
+# what each axis of `grid` sets, how its values are labelled, and the axis title
+_AXIS = {
+    "samplers": (lambda p, v: p.copy(sampler_name=str(v)), sampler_label, "sampler"),
+    "schedulers": (lambda p, v: p.copy(scheduler=str(v)), schedule_label, "schedule"),
+    "steps": (lambda p, v: p.copy(steps=int(v)), lambda v: f"{v} steps", "steps"),
+    "cfg": (lambda p, v: p.copy(cfg_scale=float(v)), lambda v: f"CFG {_fmt(float(v))}", "CFG scale"),
+    "seeds": (lambda p, v: p.copy(seed=int(v)), lambda v: f"seed {v}", "seed"),
+}
+
+
+def grid(base: GenerationParams, x: tuple[str, Sequence], y: tuple[str, Sequence]) -> Plan:
+    """An X/Y plot: `x` = (axis, values) across, `y` = (axis, values) down; an axis is one of samplers,
+    schedulers, steps, cfg, seeds. Every cell is `base` (one image, its seed resolved) with the two values
+    set; names are checked here, before any model runs."""
+    for key, values in (x, y):
+        if key not in _AXIS:
+            raise ValueError(f"axis {key!r}; valid: {', '.join(_AXIS)}")
+        if not values:
+            raise ValueError(f"axis {key!r} has no values")
+    base = base.copy(batch_size=1, n_iter=1, seed=base.resolved_seed())
+    (xk, xs), (yk, ys) = x, y
+    cells = [[_AXIS[xk][0](_AXIS[yk][0](base, v), u) for u in xs] for v in ys]
+    return _checked(Plan(cells, [_AXIS[xk][1](u) for u in xs], [_AXIS[yk][1](v) for v in ys], _AXIS[xk][2],
+                         _AXIS[yk][2]))
+
+
+def _checked(planned: Plan) -> Plan:
+    count = sum(len(r) for r in planned.cells)
     if count > MAX_CELLS:
         raise ValueError(f"the comparison has {count} cells; at most {MAX_CELLS}: shorten the lists")
-    for row in cells:
+    for row in planned.cells:
         for p in row:
             p.validate()
-    return cells, cols, rows, x_title, y_title
+    return planned
 
 
 def compare(pipe, base: GenerationParams, axes: str = "samplers-x-schedulers", *,
@@ -158,36 +194,65 @@ def compare(pipe, base: GenerationParams, axes: str = "samplers-x-schedulers", *
 
     progress(label) is called after each cell; callback is passed to `pipe.generate` (per-step progress).
     """
-    cells, cols, rows, x_title, y_title = plan(base, axes, samplers=samplers, schedulers=schedulers,
-                                               steps_list=steps_list, cfg_list=cfg_list)
+    planned = plan(base, axes, samplers=samplers, schedulers=schedulers, steps_list=steps_list, cfg_list=cfg_list)
+    return run(pipe, planned, video=video, process_mode=process_mode, progress=progress, callback=callback)
+
+
+def run(pipe, planned: Plan, *, video: bool = False, process_mode: str = "preview",
+        progress: Callable[[str], None] | None = None, callback=None,
+        on_cell: Callable[[int, int, str], None] | None = None,
+        should_stop: Callable[[], bool] | None = None) -> Comparison:
+    """Generate every cell of `planned` on `pipe` and draw the labelled grid (and, with video, the frames).
+
+    on_cell(k, total, label) is called before cell k (0-based, row by row), progress(label) after it;
+    callback and should_stop are passed to `pipe.generate`. When should_stop() is true before a cell (after
+    on_cell, so a per-cell "skip" can be cleared there) that cell and the rest are not run: grey tiles.
+    """
+    cells, cols, rows, x_title, y_title = planned
+    total = sum(len(row) for row in cells)
     images = [[] for _ in cells]
     infotexts = [[] for _ in cells]
     cell_frames = [[] for _ in cells]
+    done, stopped, k, size = 0, False, 0, None
     for r, row in enumerate(cells):
         for c, p in enumerate(row):
-            result = pipe.generate(p.copy(save_process=video), callback=callback)
+            label = f"{rows[r]} / {cols[c]}"
+            if on_cell is not None:
+                on_cell(k, total, label)
+            k += 1
+            stopped = stopped or (should_stop is not None and should_stop())
+            if stopped:
+                w, h = size or (p.width or pipe.family.default_size, p.height or pipe.family.default_size)
+                images[r].append(Image.new("RGB", (w, h), GREY))
+                infotexts[r].append(None)
+                continue
+            result = pipe.generate(p.copy(save_process=video), callback=callback, should_stop=should_stop)
             images[r].append(result.images[0])
             infotexts[r].append(result.infotexts[0])
+            size = result.images[0].size
+            done += 1
             if video:
                 cell_frames[r].append(process_frames(pipe, result, 0, process_mode))
             if progress is not None:
-                progress(f"{rows[r]} / {cols[c]}")
+                progress(label)
     seed = cells[0][0].seed
-    prompt = base.prompt if len(base.prompt) <= 60 else base.prompt[:57] + "..."
+    prompt = cells[0][0].prompt
+    prompt = prompt if len(prompt) <= 60 else prompt[:57] + "..."
     title = f"{prompt!r}  seed {seed}"
     tiles = [[display_tile(im) for im in row] for row in images]
-    grid = xy_grid(tiles, cols, rows, title=title, x_title=x_title, y_title=y_title or None,
-                   font_size=label_font_size(cols, tiles[0][0].width))
+    grid_image = xy_grid(tiles, cols, rows, title=title, x_title=x_title, y_title=y_title or None,
+                         font_size=label_font_size(cols, tiles[0][0].width))
     frames = []
-    if video:
+    if video and done == total:
         n = max(len(f) for row in cell_frames for f in row)
         fs = label_font_size(cols, cell_frames[0][0][0].width)
         for i in range(n):
             tiles = [[f[min(i, len(f) - 1)] for f in row] for row in cell_frames]
             frames.append(xy_grid(tiles, cols, rows, title=title, x_title=x_title, y_title=y_title or None,
                                   font_size=fs))
-    return Comparison(grid=grid, images=images, params=cells, infotexts=infotexts, col_labels=cols, row_labels=rows,
-                      x_title=x_title, y_title=y_title, frames=frames)
+    return Comparison(grid=grid_image, images=images, params=cells, infotexts=infotexts, col_labels=cols,
+                      row_labels=rows, x_title=x_title, y_title=y_title, frames=frames, done=done,
+                      interrupted=stopped)
 
 
 def write_comparison(comp: Comparison, stem: str | os.PathLike, *, fps: float = 1.0) -> list[Path]:

@@ -23,16 +23,17 @@ from __future__ import annotations
 import inspect
 import random
 import time
-from dataclasses import dataclass
+from contextlib import closing
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .. import __version__
+from ..version import __version__
 from ..core import samplers as sampler_registry
 from ..core import sigmas as sigma_schedules
 from ..core.denoisers import EpsDenoiser, VDenoiser
@@ -44,7 +45,7 @@ from ..models.lora import LoRATargets, merged
 from . import infotext as infotext_mod
 from .loras import LoraLibrary, extract_loras, infotext_name, lora_hashes_text
 from . import prompts as prompt_mod
-from .conditioning import Conditioning, TextConditioner, adm_vector
+from .conditioning import Conditioning, ConditioningSchedule, TextConditioner, adm_vector
 from .latents import (LATENT_RGB, fill_masked, fit_latent_rgb, initial_noise, latent_mask, overlay_mask,
                       pil_to_tensor, prepare_mask, preview, tensor_to_pil)
 from .params import GenerationParams, GenerationResult, StepInfo
@@ -130,21 +131,77 @@ class UNetAdapter(torch.nn.Module):
         return out.to(x.dtype)
 
 
+@dataclass(frozen=True)
+class PromptSteps:
+    """The prompt-editing schedule a pass reads: `steps` of the base pass, and of a hires pass (None = none)."""
+
+    steps: int
+    hires_steps: int | None = None
+
+
+@dataclass(frozen=True)
+class _ConcatKey:
+    """Which inpainting-UNet extra input: the image size, and whether a repaint mask is set."""
+
+    width: int
+    height: int
+    masked: bool
+
+
 @dataclass
-class _Job:
+class _ModelInputs:
+    """What one model (the base or a refiner) computes once per generate() call and reuses in every batch."""
+
+    text: dict[PromptSteps, tuple[ConditioningSchedule, ConditioningSchedule]] = field(default_factory=dict)
+    concat: dict[_ConcatKey, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+@dataclass
+class _CallCache:
+    """Per generate() call: the `_ModelInputs` of every model the call samples with."""
+
+    models: dict["Pipeline", _ModelInputs] = field(default_factory=dict)
+
+    def of(self, pipe: "Pipeline") -> _ModelInputs:
+        return self.models.setdefault(pipe, _ModelInputs())
+
+
+@dataclass
+class _Batch:
     """One batch of a generate() call (one of n_iter): what all of its sampling passes share."""
 
-    params: GenerationParams
+    params: GenerationParams                 # with the prompt the text encoders read (LoRA tags removed)
     sampler_id: str
     schedule_id: str
     seeds: list[int]
     subseeds: list[int]
     callback: Callable[[StepInfo], None] | None
     should_stop: Callable[[], bool] | None
-    log: list
+    log: list                                # save_process records of this batch
     job_no: int
     job_count: int
-    cache: dict                 # per generate() call: text conditioning and inpainting inputs, reused by every batch
+    cache: _CallCache
+
+
+@dataclass
+class SamplingPass:
+    """One sampler run of a batch: the txt2img / img2img pass, the hires pass, or a refiner's part of either."""
+
+    name: str                                # "txt2img" | "img2img" | "hires" | "refiner"
+    sigmas: torch.Tensor                     # the steps run, descending
+    x: torch.Tensor                          # (B, C, h, w) the start latent
+    generators: list                         # one CPU torch.Generator per image (ancestral noise)
+    width: int                               # image size in pixels
+    height: int
+    prompt: PromptSteps                      # the prompt-editing schedule
+    schedule: torch.Tensor | None = None     # the whole schedule `sigmas` is the tail of (bounds the Brownian tree)
+    signal: torch.Tensor | None = None       # the x0 part of x (None = 0)
+    init_latent: torch.Tensor | None = None  # img2img / inpainting: the encoded init images (B rows)
+    mask: torch.Tensor | None = None         # (1, 1, h, w) latent repaint mask
+    init: "_InitImages | None" = None
+    step_offset: int = 0                     # a refiner continues the step count of the pass it takes over
+    log_scale: float = 1.0                   # process records are kept in the base model's latent scale
+    noise_sampler: Callable | None = None    # the SDE noise source (sde_noise.pass_noise); None = the sampler's own
 
 
 @dataclass
@@ -329,9 +386,41 @@ class Pipeline:
     # ------------------------------------------------------------------ the public entry
     def generate(self, params: GenerationParams, callback: Callable[[StepInfo], None] | None = None,
                  should_stop: Callable[[], bool] | None = None) -> GenerationResult:
-        """Run `params`. `<lora:NAME:WEIGHT>` tags are cut out of the prompt (A1111) and the LoRAs they name
-        (files in `lora_dir`) are merged into this model's weights for this call only: restored bit for bit
-        afterwards, also after an error or an interrupt. A refiner model gets no LoRA."""
+        """Run `params`: all `n_iter` batches of `iter_batches`, stopping after a batch that was interrupted
+        or when `should_stop()` is true between two batches. `<lora:NAME:WEIGHT>` tags are cut out of the
+        prompt (A1111) and the LoRAs they name (files in `lora_dir`) are merged into this model's weights for
+        this call only: restored bit for bit afterwards, also after an error or an interrupt. A refiner model
+        gets no LoRA."""
+        t0 = time.perf_counter()
+        done: list[GenerationResult] = []
+        interrupted = False
+        with closing(self.iter_batches(params, callback=callback, should_stop=should_stop)) as batches:
+            for r in batches:
+                done.append(r)
+                if r.interrupted:
+                    interrupted = True
+                    break
+                if len(done) < params.n_iter and should_stop is not None and should_stop():
+                    interrupted = True                       # asked to stop between batches
+                    break
+        first = done[0]
+        info = {k: first.info[k] for k in ("model", "sampler", "schedule", "seed", "subseed", "hashes")}
+        info |= {"seconds": time.perf_counter() - t0, "images_requested": params.batch_size * params.n_iter}
+        return GenerationResult(images=[im for r in done for im in r.images], seeds=[s for r in done for s in r.seeds],
+                                subseeds=[s for r in done for s in r.subseeds],
+                                infotexts=[t for r in done for t in r.infotexts], params=params,
+                                latents=torch.cat([r.latents for r in done]),
+                                process=[rec for r in done for rec in r.process], interrupted=interrupted, info=info)
+
+    def iter_batches(self, params: GenerationParams, callback: Callable[[StepInfo], None] | None = None,
+                     should_stop: Callable[[], bool] | None = None) -> Iterator[GenerationResult]:
+        """The `n_iter` batches of `params`, one `GenerationResult` each, computed as they are asked for
+        (a caller that stops asking runs no more; close the iterator, or use `contextlib.closing`, to
+        restore LoRA-merged weights at once). A batch whose sampling `should_stop()` cut short comes with
+        `interrupted=True` and the decoded last x0 estimate; the caller decides whether to go on (the server
+        does after a /skip). Seeds follow A1111: image k of the call has `image_seeds(seed, subseed, ..., k)`.
+        `info` of each: model, sampler and schedule ids, the resolved seed and subseed of the call, job_no,
+        and `hashes`, the infotext's "Lora hashes" / "TI hashes" fields (A1111's extra_generation_params)."""
         params.validate()
         self.refresh_embeddings()
         clean, loras = self._prompt_loras(params.prompt)
@@ -339,17 +428,17 @@ class Pipeline:
                   "TI hashes": self._ti_hashes(params, clean)}                # A1111: "name: <12 hex of sha256>, ..."
         hashes = {k: v for k, v in hashes.items() if v}
         if not loras:
-            return self._generate(params, params, callback, should_stop, hashes)
+            yield from self._batches(params, params, callback, should_stop, hashes)
+            return
         if self._lora_targets is None:
             self._lora_targets = LoRATargets.of(self.parts)
         with merged(self._lora_targets, [(lora, ref.te, ref.unet) for ref, lora in loras]):
-            return self._generate(params, params.copy(prompt=clean), callback, should_stop, hashes)
+            yield from self._batches(params, params.copy(prompt=clean), callback, should_stop, hashes)
 
-    def _generate(self, params: GenerationParams, text_params: GenerationParams, callback, should_stop,
-                  hashes: dict[str, str]) -> GenerationResult:
-        """`generate` once the LoRAs are merged: `text_params` is `params` with the prompt the text encoders
-        read (LoRA tags removed); the infotext and the result keep `params`; `hashes`: the infotext's
-        "Lora hashes" / "TI hashes" fields, computed once per call."""
+    def _batches(self, params: GenerationParams, text_params: GenerationParams, callback, should_stop,
+                 hashes: dict[str, str]) -> Iterator[GenerationResult]:
+        """`iter_batches` once the LoRAs are merged: `text_params` is `params` with the prompt the text
+        encoders read (LoRA tags removed); the infotext and the results keep `params`."""
         sampler_id, scheduler = split_sampler_name(params.sampler_name, params.scheduler)
         schedule_id = sigma_schedules.resolve(scheduler)
         if schedule_id == "automatic":
@@ -365,39 +454,33 @@ class Pipeline:
         if params.is_img2img and params.mask is not None and tuple(params.mask.size) != tuple(params.init_images[0].size):
             raise ValueError(f"mask size {params.mask.size} differs from the init image size {params.init_images[0].size}")
         init = self._prepare_init(params, width, height) if params.is_img2img else None
-        t0 = time.perf_counter()
-        images, seeds, subseeds, infotexts, latents_all, process = [], [], [], [], [], []
-        interrupted = False
-        bs, cache = params.batch_size, {}
-        for job in range(params.n_iter):
-            if job and should_stop is not None and should_stop():      # asked to stop between batches
-                interrupted = True
-                break
-            job_seeds, job_subseeds = image_seeds(seed, subseed, params.subseed_strength, job * bs, bs)
-            j = _Job(text_params, sampler_id, schedule_id, job_seeds, job_subseeds, callback, should_stop, process,
-                     job, params.n_iter, cache)
+        bs, cache = params.batch_size, _CallCache()
+        for job_no in range(params.n_iter):
+            t0 = time.perf_counter()
+            job_seeds, job_subseeds = image_seeds(seed, subseed, params.subseed_strength, job_no * bs, bs)
+            batch = _Batch(text_params, sampler_id, schedule_id, job_seeds, job_subseeds, callback, should_stop, [],
+                           job_no, params.n_iter, cache)
+            interrupted = False
             try:
-                latent = self._run_job(j, width, height, init)
+                latent = self._run_batch(batch, width, height, init)
             except Interrupted as stop:
                 latent, interrupted = stop.latent, True
             pixels = self.decode(latent)
             if init is not None and init.overlay is not None:   # A1111's inpaint overlay of the original pixels
                 pixels = _rows(init.originals, bs) * (1 - init.overlay) + pixels * init.overlay
+            images, infotexts = [], []
             for i, img in enumerate(tensor_to_pil(pixels)):
                 text = self.infotext(params, sampler_id, schedule_id, job_seeds[i], job_subseeds[i], width, height,
                                      hashes)
                 img.info["parameters"] = text
                 images.append(img)
                 infotexts.append(text)
-            seeds += job_seeds
-            subseeds += job_subseeds
-            latents_all.append(latent.cpu())
-            if interrupted:
-                break
-        info = {"model": self.name, "sampler": sampler_id, "schedule": schedule_id, "seconds": time.perf_counter() - t0,
-                "images_requested": bs * params.n_iter}
-        return GenerationResult(images=images, seeds=seeds, subseeds=subseeds, infotexts=infotexts, params=params,
-                                latents=torch.cat(latents_all), process=process, interrupted=interrupted, info=info)
+            info = {"model": self.name, "sampler": sampler_id, "schedule": schedule_id, "seed": seed,
+                    "subseed": subseed, "hashes": dict(hashes), "job_no": job_no,
+                    "seconds": time.perf_counter() - t0, "images_requested": bs}
+            yield GenerationResult(images=images, seeds=job_seeds, subseeds=job_subseeds, infotexts=infotexts,
+                                   params=params, latents=latent.cpu(), process=batch.log, interrupted=interrupted,
+                                   info=info)
 
     # ------------------------------------------------------------------ inputs
     def _prepare_init(self, params: GenerationParams, width: int, height: int) -> _InitImages:
@@ -417,23 +500,25 @@ class Pipeline:
                            mask=latent_mask(m, (height // self.factor, width // self.factor)).to(self.device),
                            repaint=repaint.to(self.device), overlay=overlay_mask(m).to(self.device))
 
-    def _inpaint_concat(self, job: _Job, b: int, width: int, height: int, init: _InitImages | None):
+    def _inpaint_concat(self, batch: _Batch, sp: SamplingPass) -> torch.Tensor | None:
         """The extra input channels of an inpainting UNet: mask (1) + masked-image latent (4), as A1111's
         `inpainting_image_conditioning` builds them: with a mask, the image with its (rounded) repaint area
         set to 0 (grey) and the mask at latent size (nearest); otherwise (txt2img, plain img2img, hires)
         an all-ones mask and the latent of a grey image. None for other models."""
         if not self.family.is_inpaint:
             return None
-        masked = init is not None and init.repaint is not None
-        key = ("concat", id(self), width, height, masked)
-        if key not in job.cache:
+        init, width, height = sp.init, sp.width, sp.height
+        key = _ConcatKey(width, height, masked=init is not None and init.repaint is not None)
+        cache = batch.cache.of(self).concat
+        if key not in cache:
             hw = (height // self.factor, width // self.factor)
-            if masked:
-                job.cache[key] = (F.interpolate(init.repaint, size=hw), self.encode(init.pixels * (1 - init.repaint)))
+            if key.masked:
+                cache[key] = (F.interpolate(init.repaint, size=hw), self.encode(init.pixels * (1 - init.repaint)))
             else:
-                job.cache[key] = (torch.ones(1, 1, *hw, device=self.device),
-                                  self.encode(torch.zeros(1, 3, height, width, device=self.device)))
-        m, latent = job.cache[key]
+                cache[key] = (torch.ones(1, 1, *hw, device=self.device),
+                              self.encode(torch.zeros(1, 3, height, width, device=self.device)))
+        m, latent = cache[key]
+        b = sp.x.shape[0]
         return torch.cat([m.expand(b, -1, -1, -1), _rows(latent, b)], 1)
 
     def _sigmas(self, schedule_id: str, steps: int) -> torch.Tensor:
@@ -441,12 +526,12 @@ class Pipeline:
                                    sigma_max=self.schedule.sigma_max).to(self.device)
 
     # ------------------------------------------------------------------ one batch
-    def _run_job(self, job: _Job, width: int, height: int, init: _InitImages | None) -> torch.Tensor:
-        p, b = job.params, len(job.seeds)
+    def _run_batch(self, batch: _Batch, width: int, height: int, init: _InitImages | None) -> torch.Tensor:
+        p, b = batch.params, len(batch.seeds)
         shape = (b, self.latent_channels, height // self.factor, width // self.factor)
-        noise, gens = initial_noise(shape, job.seeds, job.subseeds, p.subseed_strength)
+        noise, gens = initial_noise(shape, batch.seeds, batch.subseeds, p.subseed_strength)
         noise = noise.to(self.device)
-        full = self._sigmas(job.schedule_id, p.steps)
+        full = self._sigmas(batch.schedule_id, p.steps)
         init_latent = mask = None
         if init is None:
             sig, x = full, noise * full[0]
@@ -464,19 +549,20 @@ class Pipeline:
             x = init_latent + noise * sig[0]
         hires = p.enable_hr and init is None
         refiner = self._refiner(p)
-        x = self._pass(job, sig, x, gens, None if hires else refiner, width=width, height=height,
-                       cond=(len(sig) - 1, None), pass_name="txt2img" if init is None else "img2img",
-                       signal=init_latent, init_latent=init_latent, mask=mask, init=init, schedule=full)
+        sp = SamplingPass("txt2img" if init is None else "img2img", sig, x, gens, width, height,
+                          PromptSteps(len(sig) - 1), schedule=full, signal=init_latent, init_latent=init_latent,
+                          mask=mask, init=init)
+        x = self._pass(batch, sp, None if hires else refiner)
         if hires:
-            x = self._hires(job, x, width, height, refiner)
+            x = self._hires(batch, x, width, height, refiner)
         return x
 
-    def _hires(self, job: _Job, x: torch.Tensor, width: int, height: int, refiner: "Pipeline | None"):
+    def _hires(self, batch: _Batch, x: torch.Tensor, width: int, height: int, refiner: "Pipeline | None"):
         """A1111's hires fix: upscale (latent interpolation, or decode-resize-encode) and run exactly
         `hr_second_pass_steps or steps` img2img steps at the hires strength (A1111 passes the step count, so
         its fixed-steps arithmetic applies: a schedule of int(steps / strength) steps, its last ones run),
         from fresh noise of the images' seeds at the new size, with the refiner if one is set."""
-        p = job.params
+        p = batch.params
         hw, hh = int(width * p.hr_scale) // 8 * 8, int(height * p.hr_scale) // 8 * 8
         name = p.hr_upscaler.strip().lower()
         if name.startswith("latent"):
@@ -491,11 +577,12 @@ class Pipeline:
             return x
         steps = p.hr_second_pass_steps or p.steps
         total = int(steps / min(float(strength), 0.999))
-        full = self._sigmas(job.schedule_id, total)
+        full = self._sigmas(batch.schedule_id, total)
         sig = full[total - steps:]
-        noise, gens = initial_noise(x.shape, job.seeds, job.subseeds, p.subseed_strength)
-        return self._pass(job, sig, x + noise.to(x.device) * sig[0], gens, refiner, width=hw, height=hh,
-                          cond=(p.steps, steps), pass_name="hires", signal=x, schedule=full)
+        noise, gens = initial_noise(x.shape, batch.seeds, batch.subseeds, p.subseed_strength)
+        sp = SamplingPass("hires", sig, x + noise.to(x.device) * sig[0], gens, hw, hh, PromptSteps(p.steps, steps),
+                          schedule=full, signal=x)
+        return self._pass(batch, sp, refiner)
 
     def _refiner(self, params) -> "Pipeline | None":
         if not params.refiner_checkpoint or params.refiner_switch_at is None:
@@ -519,45 +606,40 @@ class Pipeline:
                 return i
         return len(sig) - 1
 
-    def _pass(self, job: _Job, sig, x, gens, refiner, *, width, height, cond, pass_name, signal=None,
-              init_latent=None, mask=None, init=None, schedule=None) -> torch.Tensor:
-        """One sampling pass over `sig` from `x` (whose x0 part is `signal`, None = 0), handed over to
-        `refiner` at A1111's switch point when one is given; returns the final latent in this model's space.
-        `schedule`: the whole schedule `sig` is the tail of (None = sig), which bounds A1111's Brownian tree."""
-        b = x.shape[0]
-        cut = len(sig) - 1 if refiner is None else self._switch_index(sig, job.params.refiner_switch_at)
-        x0 = signal
-        sde_noise = pass_noise(job.params.sde_noise, job.sampler_id, x, sig if schedule is None else schedule,
-                               job.seeds, gens)
+    def _pass(self, batch: _Batch, sp: SamplingPass, refiner: "Pipeline | None") -> torch.Tensor:
+        """Run `sp`, handed over to `refiner` at A1111's switch point when one is given; returns the final
+        latent in this model's space. `sp.schedule` bounds A1111's Brownian tree (None = sp.sigmas)."""
+        sig = sp.sigmas
+        cut = len(sig) - 1 if refiner is None else self._switch_index(sig, batch.params.refiner_switch_at)
+        x, x0 = sp.x, sp.signal
+        sde_noise = pass_noise(batch.params.sde_noise, batch.sampler_id, x, sig if sp.schedule is None else sp.schedule,
+                               batch.seeds, sp.generators)
         if cut > 0:
-            x, x0 = self._sample(job, sig[:cut + 1], x, gens, width=width, height=height, cond=cond, pass_name=pass_name,
-                                 init_latent=init_latent, mask=mask,
-                                 concat=self._inpaint_concat(job, b, width, height, init),
-                                 noise_sampler=sde_noise(sig[:cut + 1]))
+            x, x0 = self._sample(batch, replace(sp, sigmas=sig[:cut + 1], noise_sampler=sde_noise(sig[:cut + 1])))
         if cut == len(sig) - 1:
             return x
         r = refiner.scale / self.scale
+        handed = replace(sp, name="refiner", sigmas=sig[cut:], x=_rescale_signal(x, x0, r), step_offset=cut,
+                         init_latent=None if sp.init_latent is None else sp.init_latent * r, log_scale=1 / r,
+                         noise_sampler=sde_noise(sig[cut:]))
         try:
-            x, x0 = refiner._sample(job, sig[cut:], _rescale_signal(x, x0, r), gens, width=width, height=height,
-                                    cond=cond, pass_name="refiner", step_offset=cut,
-                                    init_latent=None if init_latent is None else init_latent * r, mask=mask,
-                                    concat=refiner._inpaint_concat(job, b, width, height, init), log_scale=1 / r,
-                                    noise_sampler=sde_noise(sig[cut:]))
+            x, x0 = refiner._sample(batch, handed)
         except Interrupted as stop:
             raise Interrupted(stop.latent / r) from None
         return _rescale_signal(x, x0, 1 / r)
 
-    def _guided(self, job: _Job, cond: tuple[int, int | None], width: int, height: int) -> list:
+    def _guided(self, batch: _Batch, prompt: PromptSteps, width: int, height: int) -> list:
         """[(end_step, denoiser)]: one CFG-wrapped denoiser per prompt-editing entry, with its text (and for
-        SDXL its `y`), built once per pass rather than on every model call. cond = (steps, hires_steps) of
-        the prompt-editing schedule; the text encodings are cached for the whole generate() call."""
-        p = job.params
+        SDXL its `y`), built once per pass rather than on every model call. The text encodings are cached
+        for the whole generate() call."""
+        p = batch.params
         if self.text is None:
             return [(0, self.denoiser)]
-        key = ("text", id(self), cond)
-        if key not in job.cache:
-            job.cache[key] = self.text.pair(p.prompt, p.negative_prompt, cond[0], p.clip_skip, hires_steps=cond[1])
-        cs, us = job.cache[key]
+        cache = batch.cache.of(self).text
+        if prompt not in cache:
+            cache[prompt] = self.text.pair(p.prompt, p.negative_prompt, prompt.steps, p.clip_skip,
+                                           hires_steps=prompt.hires_steps)
+        cs, us = cache[prompt]
         ends = sorted({end for end, _ in cs.entries} | {end for end, _ in us.entries})
         out = []
         for end in ends:
@@ -574,17 +656,17 @@ class Pipeline:
                                  aesthetic_score=aesthetic)
         return kw
 
-    def _sample(self, job: _Job, sig, x, gens, *, width, height, cond, pass_name, step_offset=0, init_latent=None,
-                mask=None, concat=None, log_scale=1.0, noise_sampler=None):
-        """Run the sampler over `sig` from `x`; returns (final x, last x0 estimate). The prompt-editing step
-        counter starts at `step_offset` (a refiner continues the count of the pass it takes over); process
-        records are stored in the base model's latent space (`log_scale` converts a refiner's).
-        `noise_sampler`: the SDE noise source (sde_noise.pass_noise); None = the sampler's own."""
-        p = job.params
+    def _sample(self, batch: _Batch, sp: SamplingPass):
+        """Run the sampler over `sp.sigmas` from `sp.x` with this model; returns (final x, last x0 estimate).
+        The prompt-editing step counter starts at `sp.step_offset`; process records are stored in the base
+        model's latent space (`sp.log_scale` converts a refiner's)."""
+        p = batch.params
+        sig, mask, init_latent = sp.sigmas, sp.mask, sp.init_latent
         steps = len(sig) - 1
-        guided = self._guided(job, cond, width, height)
+        guided = self._guided(batch, sp.prompt, sp.width, sp.height)
+        concat = self._inpaint_concat(batch, sp)
         extra = {} if concat is None else {"c_concat": concat}
-        state = {"step": step_offset, "denoised": None}
+        state = {"step": sp.step_offset, "denoised": None}
 
         def denoiser(xx, sigma, **_):
             out = _at(guided, state["step"])(xx, sigma, **extra)
@@ -593,25 +675,25 @@ class Pipeline:
             return out
 
         def on_step(d):
-            state["step"] = step_offset + d["i"] + 1
+            state["step"] = sp.step_offset + d["i"] + 1
             state["denoised"] = d["denoised"]
             if p.save_process:
-                xr, dr = _rescale_signal(d["x"], d["denoised"], log_scale), d["denoised"] * log_scale
-                job.log.append({"job": job.job_no, "pass": pass_name, "step": d["i"], "sigma": float(d["sigma"]),
-                                "x": xr.detach().cpu(), "denoised": dr.detach().cpu()})
-            if job.callback is not None:
-                job.callback(StepInfo(step=d["i"], steps=steps, sigma=float(d["sigma"]), latent=d["x"],
-                                      denoised=d["denoised"], preview=lambda den=d["denoised"]: self.preview(den),
-                                      job_no=job.job_no, job_count=job.job_count, pass_name=pass_name))
-            if job.should_stop is not None and job.should_stop():
+                xr, dr = _rescale_signal(d["x"], d["denoised"], sp.log_scale), d["denoised"] * sp.log_scale
+                batch.log.append({"job": batch.job_no, "pass": sp.name, "step": d["i"], "sigma": float(d["sigma"]),
+                                  "x": xr.detach().cpu(), "denoised": dr.detach().cpu()})
+            if batch.callback is not None:
+                batch.callback(StepInfo(step=d["i"], steps=steps, sigma=float(d["sigma"]), latent=d["x"],
+                                        denoised=d["denoised"], preview=lambda den=d["denoised"]: self.preview(den),
+                                        job_no=batch.job_no, job_count=batch.job_count, pass_name=sp.name))
+            if batch.should_stop is not None and batch.should_stop():
                 raise Interrupted(d["denoised"])
 
-        fn = sampler_registry.SAMPLERS[job.sampler_id]
-        knobs = _knobs_for(fn, p, job.sampler_id)
-        if noise_sampler is not None:
-            knobs["noise_sampler"] = noise_sampler
+        fn = sampler_registry.SAMPLERS[batch.sampler_id]
+        knobs = _knobs_for(fn, p, batch.sampler_id)
+        if sp.noise_sampler is not None:
+            knobs["noise_sampler"] = sp.noise_sampler
         with torch.no_grad():
-            out = fn(denoiser, x, sig.to(x.device), callback=on_step, generator=gens, **knobs)
+            out = fn(denoiser, sp.x, sig.to(sp.x.device), callback=on_step, generator=sp.generators, **knobs)
         if mask is not None and float(sig[-1]) == 0.0:
             out = init_latent * (1 - mask) + out * mask
         return out, state["denoised"]

@@ -3,25 +3,24 @@ comparison grid, and the frames of the denoising video. Everything here runs ins
 the model is only ever touched by one thread."""
 from __future__ import annotations
 
-import random
 import time
+from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any
 
 from PIL import Image
 
-from ... import __version__
+from ...version import __version__
 from ...core import samplers as sampler_registry
 from ...core import sigmas as sigma_schedules
+from ...media.compare import Plan
 from ...pipelines.params import GenerationParams
-from ...pipelines.pipeline import Pipeline, image_seeds, split_sampler_name
+from ...pipelines.pipeline import Pipeline, split_sampler_name
 from .checkpoints import ModelEntry, ModelStore
 from .jobs import JobContext
 from .loras import LoraCatalog
 from .schemas import Limits, RequestError, validate_params
 
-GRID_MIN_TILE = 192          # px: compare-grid tiles smaller than this are enlarged so the labels fit
-SCHEDULE_LABELS = {v: k for k, v in sigma_schedules.DISPLAY_NAMES.items()}
 
 
 def sampler_labels(sampler_name: str, scheduler: str, *, sampler_field: str = "sampler_name",
@@ -35,7 +34,7 @@ def sampler_labels(sampler_name: str, scheduler: str, *, sampler_field: str = "s
         schedule_id = sigma_schedules.resolve(sched)
     except ValueError as e:
         raise RequestError(f"{scheduler_field}: {e}", field=scheduler_field) from None
-    return sampler_registry.INFO[sid].label, SCHEDULE_LABELS.get(schedule_id, schedule_id)
+    return sampler_registry.INFO[sid].label, sigma_schedules.LABELS.get(schedule_id, schedule_id)
 
 
 @dataclass
@@ -135,62 +134,52 @@ class Service:
     # ------------------------------------------------------------------ txt2img / img2img
     def generate(self, ctx: JobContext, p: GenerationParams, *, model: ModelEntry | None, restore: bool,
                  unsupported: list[str]) -> Outcome:
-        """Run a job batch by batch (so /skip can drop one batch), with A1111's seed arithmetic."""
+        """Run a job batch by batch (`Pipeline.iter_batches`), so /skip drops one batch and /interrupt the rest."""
         pipe = self.pipeline(model or self.selected)
         if model is not None and not restore:
             self.selected = model
-        seed = p.resolved_seed()
-        subseed = int(p.subseed) if int(p.subseed) != -1 else random.SystemRandom().randrange(2**32)
-        p = p.copy(seed=seed, subseed=subseed, width=p.width or pipe.family.default_size,
-                   height=p.height or pipe.family.default_size)
+        p = p.copy(width=p.width or pipe.family.default_size, height=p.height or pipe.family.default_size)
         validate_params(p, self.limits)           # again, now that the model's native size is known
         self._jobs += 1
         t0 = time.perf_counter()
         images, seeds, subseeds, infotexts, skipped = [], [], [], [], []
         interrupted, last = False, None
         ctx.set_job_count(p.n_iter)
-        for j in range(p.n_iter):
-            if ctx.interrupted:
-                interrupted = True
-                break
-            ctx.start_batch(j)
-            (seed_j, *_), (subseed_j, *_) = image_seeds(seed, subseed, p.subseed_strength, j * p.batch_size, 1)
-            pj = p.copy(n_iter=1, seed=seed_j, subseed=subseed_j)
-            r = pipe.generate(pj, callback=lambda info, j=j: ctx.on_step(info, job_no=j), should_stop=ctx.should_stop)
-            images += r.images
-            seeds += r.seeds
-            subseeds += r.subseeds
-            infotexts += r.infotexts
-            last = r
-            if r.interrupted:
+        batches = pipe.iter_batches(p, callback=lambda info: ctx.on_step(info, job_no=info.job_no),
+                                    should_stop=ctx.should_stop)
+        with closing(batches):
+            for j in range(p.n_iter):
                 if ctx.interrupted:
                     interrupted = True
                     break
-                skipped.append(j)
+                ctx.start_batch(j)
+                last = next(batches)
+                images += last.images
+                seeds += last.seeds
+                subseeds += last.subseeds
+                infotexts += last.infotexts
+                if last.interrupted:
+                    if ctx.interrupted:
+                        interrupted = True
+                        break
+                    skipped.append(j)
         if p.save_process and last is not None and last.process:
             self._keep_video(pipe, last)
         sampler_label, schedule_label = sampler_labels(p.sampler_name, p.scheduler)
         n = len(images)
-        extra = {}
-        if infotexts:                            # A1111 also reports the LoRAs in extra_generation_params
-            from ...pipelines.infotext import parse_infotext
-            lora_hashes = parse_infotext(infotexts[0]).get("Lora hashes")
-            if lora_hashes:
-                extra["Lora hashes"] = lora_hashes
-            ti_hashes = parse_infotext(infotexts[0]).get("TI hashes")
-            if ti_hashes:
-                extra["TI hashes"] = ti_hashes
+        facts = last.info if last is not None else {"seed": p.seed, "subseed": p.subseed, "hashes": {}}
         info = {
             "prompt": p.prompt, "all_prompts": [p.prompt] * n, "negative_prompt": p.negative_prompt,
-            "all_negative_prompts": [p.negative_prompt] * n, "seed": seed, "all_seeds": seeds,
-            "subseed": subseed, "all_subseeds": subseeds, "subseed_strength": p.subseed_strength,
+            "all_negative_prompts": [p.negative_prompt] * n, "seed": facts["seed"], "all_seeds": seeds,
+            "subseed": facts["subseed"], "all_subseeds": subseeds, "subseed_strength": p.subseed_strength,
             "width": p.width, "height": p.height, "sampler_name": sampler_label, "scheduler": schedule_label,
             "cfg_scale": p.cfg_scale, "steps": p.steps, "batch_size": p.batch_size, "n_iter": p.n_iter,
             "restore_faces": False, "face_restoration_model": None, "sd_model_name": pipe.name,
             "sd_model_hash": pipe.parts.hash10, "sd_vae_name": None, "sd_vae_hash": None,
             "seed_resize_from_w": -1, "seed_resize_from_h": -1,
             "denoising_strength": p.denoising_strength if (p.is_img2img or p.enable_hr) else None,
-            "extra_generation_params": extra, "index_of_first_image": 0, "infotexts": infotexts, "styles": [],
+            "extra_generation_params": dict(facts["hashes"]),   # A1111 reports the LoRA / TI hashes here too
+            "index_of_first_image": 0, "infotexts": infotexts, "styles": [],
             "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "clip_skip": p.clip_skip,
             "is_using_inpainting_conditioning": bool(pipe.family.is_inpaint and p.mask is not None),
             "version": f"diffusekit {__version__}", "interrupted": interrupted, "skipped_batches": skipped,
@@ -211,41 +200,17 @@ class Service:
             sigmas=[float(rec["sigma"]) for rec in recs], final=r.images[i].copy())
 
     # ------------------------------------------------------------------ compare samplers
-    def compare(self, ctx: JobContext, cells: list[list[GenerationParams]], col_labels: list[str],
-                row_labels: list[str], y_title: str) -> tuple[Image.Image, dict]:
-        """Render every cell (same prompt and seed) and lay them out with `media.grid.xy_grid`."""
-        from ...media.grid import xy_grid
+    def compare(self, ctx: JobContext, planned: Plan) -> tuple[Image.Image, dict]:
+        """Render the cells of `planned` (`media.compare.run`): same prompt and seed, grey tiles once
+        interrupted, /skip drops the current cell."""
+        from ...media.compare import run
         pipe = self.pipeline()
-        seed = cells[0][0].resolved_seed()
-        total = sum(len(row) for row in cells)
+        total = sum(len(row) for row in planned.cells)
         ctx.set_job_count(total)
-        tiles, infotexts, done, k = [], [], 0, 0
-        size = None
-        for row in cells:
-            out_row = []
-            for p in row:
-                p = p.copy(seed=seed, width=p.width or pipe.family.default_size,
-                           height=p.height or pipe.family.default_size)
-                size = (p.width, p.height)
-                if ctx.interrupted:
-                    out_row.append(Image.new("RGB", size, (128, 128, 128)))
-                    infotexts.append(None)
-                else:
-                    validate_params(p, self.limits)
-                    ctx.start_batch(k, f"cell {k + 1}/{total}")
-                    r = pipe.generate(p, callback=lambda info, k=k: ctx.on_step(info, job_no=k),
-                                      should_stop=ctx.should_stop)
-                    out_row.append(r.images[0])
-                    infotexts.append(r.infotexts[0])
-                    done += 1
-                k += 1
-            tiles.append(out_row)
-        if size and min(size) < GRID_MIN_TILE:                  # tiny models: enlarge (nearest) so labels fit
-            k = -(-GRID_MIN_TILE // min(size))
-            tiles = [[t.resize((t.width * k, t.height * k), Image.NEAREST) for t in row] for row in tiles]
-        grid = xy_grid(tiles, col_labels, row_labels, x_title="sampler", y_title=y_title,
-                       title=(cells[0][0].prompt or "")[:80] or None)
-        info = {"seed": seed, "cells": total, "cells_done": done, "interrupted": bool(ctx.interrupted),
-                "samplers": col_labels, "rows": row_labels, "y_axis": y_title, "infotexts": infotexts,
-                "tile_size": list(size) if size else None, "sd_model_name": pipe.name}
-        return grid, info
+        comp = run(pipe, planned, callback=ctx.on_step,
+                   on_cell=lambda k, n, label: ctx.start_batch(k, f"cell {k + 1}/{n}"), should_stop=ctx.should_stop)
+        done = [im for row, texts in zip(comp.images, comp.infotexts) for im, t in zip(row, texts) if t is not None]
+        info = {"seed": planned.cells[0][0].seed, "cells": total, "cells_done": comp.done,
+                "interrupted": bool(ctx.interrupted), "infotexts": [t for row in comp.infotexts for t in row],
+                "tile_size": list(done[0].size) if done else None, "sd_model_name": pipe.name}
+        return comp.grid, info
