@@ -60,7 +60,8 @@ print(json.dumps({"load": load, "touch": touch, "model": model, "seconds": secon
 GEN = r"""
 import sys, torch
 from diffusekit.models import get_family
-from diffusekit.models.loading import _build, _write_safetensors
+from diffusekit.models.loading import _build
+from diffusekit.models.weight_files import write_safetensors
 from diffusekit.models.unet import UNetModel
 from diffusekit.models.vae import AutoencoderKL
 from diffusekit.models.clip import CLIPTextModel
@@ -73,7 +74,7 @@ for m in modules:  # one fp16 tensor at a time: the generator never holds an fp3
 flat = {}
 for m, prefix in zip(modules, ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.")):
     flat.update({prefix + k: v for k, v in m.state_dict().items()})
-_write_safetensors(sys.argv[1], flat, {"format": "pt"})  # no diffusekit metadata, like a file from the web
+write_safetensors(sys.argv[1], flat, {"format": "pt"})  # no diffusekit metadata, like a file from the web
 """
 
 

@@ -25,17 +25,7 @@ DTYPES = ("fp32", "bf16", "fp16")
 MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 PROCESS_MODES = ("preview", "decode")
 
-# A1111 infotext key -> (GenerationParams field, type). "Size" arrives split as Size-1 (width), Size-2 (height).
-INFOTEXT_FIELDS = {
-    "Steps": ("steps", int), "Sampler": ("sampler_name", str), "Schedule type": ("scheduler", str),
-    "CFG scale": ("cfg_scale", float), "Seed": ("seed", int), "Size-1": ("width", int), "Size-2": ("height", int),
-    "Clip skip": ("clip_skip", int), "Variation seed": ("subseed", int),
-    "Variation seed strength": ("subseed_strength", float), "Denoising strength": ("denoising_strength", float),
-    "Mask blur": ("mask_blur", int), "Eta": ("eta", float), "CFG rescale": ("cfg_rescale", float),
-    "Hires upscale": ("hr_scale", float), "Hires upscaler": ("hr_upscaler", str),
-    "Hires steps": ("hr_second_pass_steps", int), "Refiner switch at": ("refiner_switch_at", float),
-    "SDE noise": ("sde_noise", str),
-}
+# infotext keys that say where an image came from, not how to make it (the rest: pipelines.infotext.FIELDS)
 _INFOTEXT_META = {"Prompt", "Negative prompt", "Model", "Model hash", "Version", "RNG", "ENSD", "Refiner"}
 
 # generate/compare flag (argparse dest) -> GenerationParams field; None = not given on the command line
@@ -57,13 +47,9 @@ def _note(text: str) -> None:
 def params_from_infotext(fields: dict) -> tuple[dict, list[str]]:
     """GenerationParams fields from a parsed A1111 infotext (`parse_infotext`), and notes on what will not be
     reproduced. Values that are not numbers where numbers belong are a ValueError naming the key."""
+    from ..pipelines.infotext import params_from_fields, read_keys
     out: dict = {"prompt": fields.get("Prompt", ""), "negative_prompt": fields.get("Negative prompt", "")}
-    for key, (name, kind) in INFOTEXT_FIELDS.items():
-        if key in fields:
-            try:
-                out[name] = kind(fields[key])
-            except ValueError:
-                raise ValueError(f"infotext {key}: {fields[key]!r} is not a{'n integer' if kind is int else ' number'}") from None
+    out |= params_from_fields(fields)
     if "hr_scale" in out:
         out["enable_hr"] = True
     notes = []
@@ -77,7 +63,8 @@ def params_from_infotext(fields: dict) -> tuple[dict, list[str]]:
                      "--sde-noise a1111 (or comfyui) to draw the same")
     if fields.get("ENSD", "0") not in ("0", ""):
         notes.append(f"ENSD {fields['ENSD']} (eta noise seed delta) is not supported: ancestral samplers will differ")
-    unused = [k for k in fields if k not in INFOTEXT_FIELDS and k not in _INFOTEXT_META]
+    used = read_keys() | _INFOTEXT_META
+    unused = [k for k in fields if k not in used]
     if unused:
         notes.append(f"infotext keys not used: {', '.join(unused)}")
     return out, notes

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .tokenizer import CLIP_EOS_ID
+
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     """x * sigmoid(1.702 x): the sigmoid approximation of GELU (Hendrycks & Gimpel 2016, section 2)
@@ -135,13 +137,15 @@ class _TextEncoder(nn.Module):
         final_norm: bool = True,
         need_pooled: bool = True,
         inputs_embeds: torch.Tensor | None = None,
+        eos_id: int = CLIP_EOS_ID,
     ) -> TextEncoderOutput:
         """input_ids (B, T) int -> (hidden (B, T, W), pooled (B, P) or None).
 
         hidden: output of transformer layer `layer` (-1 last, -2 penultimate, ...), passed through
-        the final LayerNorm iff `final_norm`. pooled: the final-normed last-layer state at the EOS
-        position (argmax of input_ids, as CLIP does: EOS 49407 is the largest id), then the text
-        projection if the model has one. With need_pooled=False the layers after `layer` are
+        the final LayerNorm iff `final_norm`. pooled: the final-normed last-layer state at the first
+        position of `eos_id` (the tokenizer's EOS; transformers' `eos_token_id`: a vocabulary with added
+        tokens has ids above EOS, so the largest id is not the EOS), then the text projection if the
+        model has one. With need_pooled=False the layers after `layer` are
         skipped and pooled is None.
 
         inputs_embeds: (B, T, W) token embeddings used instead of `token_embeddings(input_ids)`, as
@@ -164,7 +168,7 @@ class _TextEncoder(nn.Module):
             hidden = self._final_norm(hidden)
         pooled = None
         if need_pooled:
-            eos = input_ids.argmax(dim=-1)  # (B,) first position of the largest id
+            eos = (input_ids == eos_id).int().argmax(dim=-1)  # (B,) first EOS position (0 when none)
             last_at_eos = x[torch.arange(x.shape[0], device=x.device), eos]  # (B, W)
             pooled = self._project(self._final_norm(last_at_eos))  # LayerNorm is per token
         return TextEncoderOutput(hidden, pooled)
@@ -203,10 +207,6 @@ class _HFEmbeddings(nn.Module):
         super().__init__()
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.position_embedding = nn.Embedding(cfg.max_positions, cfg.width)
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        t = input_ids.shape[1]
-        return self.token_embedding(input_ids) + self.position_embedding.weight[:t]  # (B, T, W)
 
 
 class _HFAttention(nn.Module):

@@ -11,7 +11,8 @@ from collections.abc import Mapping
 
 import torch
 
-from diffusekit.models.clip import ACTIVATIONS, CLIPTextConfig, CLIPTextModel, OpenCLIPTextModel
+from .keys import module_shapes
+from .clip import ACTIVATIONS, CLIPTextConfig, CLIPTextModel, OpenCLIPTextModel
 
 _HF_PREFIX = "text_model."
 
@@ -68,9 +69,7 @@ def clip_config_from_hf(config: Mapping, *, with_projection: bool | None = None)
 
 def expected_shapes(module_cls: type, config: CLIPTextConfig) -> dict[str, tuple[int, ...]]:
     """Key -> shape of `module_cls(config)`'s state dict, built on the meta device (no memory)."""
-    with torch.device("meta"):
-        module = module_cls(config)
-    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    return module_shapes(lambda: module_cls(config))
 
 
 def check_state_dict(sd: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]], what: str) -> None:

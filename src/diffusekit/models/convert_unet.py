@@ -14,6 +14,7 @@ from collections.abc import Mapping
 
 import torch
 
+from .keys import key_list, module_shapes
 from .unet import UNetConfig, UNetModel
 
 __all__ = [
@@ -189,10 +190,8 @@ def _prefix_table(config: UNetConfig) -> list[tuple[str, str]]:
     return table
 
 
-def _expected_shapes(config: UNetConfig) -> dict[str, torch.Size]:
-    with torch.device("meta"):  # no memory, no init cost
-        model = UNetModel(config)
-    return {k: v.shape for k, v in model.state_dict().items()}
+def _expected_shapes(config: UNetConfig) -> dict[str, tuple[int, ...]]:
+    return module_shapes(lambda: UNetModel(config))
 
 
 def unet_key_table(config: UNetConfig) -> dict[str, str]:
@@ -207,18 +206,13 @@ def unet_key_table(config: UNetConfig) -> dict[str, str]:
     return keys
 
 
-def _names(keys, limit: int = 8) -> str:
-    keys = sorted(keys)
-    return ", ".join(keys[:limit]) + (f" ... ({len(keys)} in all)" if len(keys) > limit else "")
-
-
 def _rename(sd: Mapping[str, torch.Tensor], mapping: dict[str, str],
-            shapes: dict[str, torch.Size], source: str) -> dict[str, torch.Tensor]:
+            shapes: dict[str, tuple[int, ...]], source: str) -> dict[str, torch.Tensor]:
     unknown = [k for k in sd if k not in mapping]
     missing = [k for k in mapping if k not in sd]
     if unknown or missing:
         raise ValueError(f"{source} state dict does not match the config: "
-                         f"unknown keys [{_names(unknown)}]; missing keys [{_names(missing)}]")
+                         f"unknown keys [{key_list(unknown, 8)}]; missing keys [{key_list(missing, 8)}]")
     out = {}
     for src, dst in mapping.items():
         t, want = sd[src], shapes[dst]

@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from diffusekit.models.vae import AutoencoderKL, VAEConfig
+from .keys import module_shapes
+from .vae import AutoencoderKL, VAEConfig
 
 __all__ = ["vae_config_from_diffusers", "vae_state_dict_from_diffusers"]
 
@@ -127,8 +128,7 @@ def vae_state_dict_from_diffusers(sd: Mapping[str, torch.Tensor], config: VAECon
     model, two diffusers keys naming one LDM key, and shape mismatches raise ValueError
     naming them. The result loads with `model.load_state_dict(result, strict=True)`.
     """
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in AutoencoderKL(config).state_dict().items()}
+    expected = module_shapes(lambda: AutoencoderKL(config))
     n = len(config.ch_mult)
     out: dict[str, torch.Tensor] = {}
     source: dict[str, str] = {}

@@ -33,7 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -47,7 +47,8 @@ from .convert_clip import clip_config_from_hf, clip_state_dict_from_hf, openclip
 from .convert_unet import unet_config_from_diffusers, unet_state_dict_from_diffusers
 from .convert_vae import vae_config_from_diffusers, vae_state_dict_from_diffusers
 from .families import CheckpointError, ModelFamily, TextEncoderSpec, detect_family, get_family
-from .tokenizer import CLIPTokenizer, find_bundled_bpe
+from .keys import key_list
+from .tokenizer import CLIPTokenizer, find_bundled_bpe, read_tokenizer_files
 from .unet import UNetModel
 from .vae import AutoencoderKL
 from .weight_files import convert, open_file, read_safetensors_header, write_safetensors
@@ -67,12 +68,6 @@ _SKIP_KEYS = frozenset({
     "posterior_mean_coef1", "posterior_mean_coef2", "logvar", "model_ema.decay", "model_ema.num_updates"})
 _SKIP_PREFIXES = ("model_ema.", "first_stage_model.loss.")
 _MARKERS = ("v_pred", "ztsnr")  # empty tensors some SDXL fine-tunes carry (read by ComfyUI, sd.cpp)
-_write_safetensors = write_safetensors  # its name before weight_files.py (bench/load.py imports it)
-
-
-def _names(keys: Iterable[str], limit: int = 5) -> str:
-    keys = list(keys)
-    return ", ".join(keys[:limit]) + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
 # ------------------------------------------------------------------------------ building modules
@@ -177,7 +172,7 @@ def _load_single_file(path: Path, family, dtype, device, probe: bool) -> tuple[d
 
 
 def _raise_mismatch(path, fam, how, shapes, missing, unexpected, wrong):
-    parts = [f"{label} ({len(keys)}): {_names(sorted(keys))}" for label, keys in
+    parts = [f"{label} ({len(keys)}): {key_list(keys)}" for label, keys in
              (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)) if keys]
     hint = ""
     if how != "detected":
@@ -277,32 +272,21 @@ def _component_tensors(folder: Path, dtype, device) -> dict[str, torch.Tensor]:
     return out
 
 
-def _tokenizer_json(folder: Path) -> tuple[dict[str, int], list[tuple[str, str]]] | None:
-    """(vocab, merges) of a tokenizer.json (all that transformers >= 5 saves); None if absent."""
-    if not (folder / "tokenizer.json").is_file():
-        return None
-    data = _read_json(folder / "tokenizer.json")
-    model = data.get("model") or {}
-    if model.get("type") != "BPE":
-        raise CheckpointError(f"{folder / 'tokenizer.json'} is a {model.get('type')!r} tokenizer, not CLIP's BPE")
-    vocab = {**model["vocab"], **{t["content"]: t["id"] for t in data.get("added_tokens", [])}}
-    return vocab, [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-
-
 def _folder_tokenizer(folder: Path) -> CLIPTokenizer | None:
-    """A transformers tokenizer folder: vocab.json + merges.txt (what the Hub's SD repositories
-    carry) or tokenizer.json; None if it has neither."""
-    if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-        return CLIPTokenizer.from_files(folder / "vocab.json", folder / "merges.txt")
-    found = _tokenizer_json(folder)
-    return None if found is None else CLIPTokenizer(*found)
+    """A transformers tokenizer folder (`CLIPTokenizer.from_pretrained`); None if it holds no tokenizer."""
+    try:
+        found = read_tokenizer_files(folder)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    return None if found is None else CLIPTokenizer(found[0], found[1], added_tokens=found[2],
+                                                    special_tokens=found[3])
 
 
 def _pad_id(folder: Path, default: int) -> int:
     """The tokenizer's pad id: its pad_token (special_tokens_map.json / tokenizer_config.json)
     looked up in its vocab; `default` when the folder does not say."""
-    vocab = _read_json(folder / "vocab.json") if (folder / "vocab.json").is_file() else (
-        (_tokenizer_json(folder) or ({}, []))[0])
+    found = read_tokenizer_files(folder)
+    vocab = {} if found is None else {**found[0], **found[2], **found[3]}
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
         if (folder / name).is_file():
             pad = _read_json(folder / name).get("pad_token")

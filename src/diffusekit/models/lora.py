@@ -39,7 +39,7 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from .convert_unet import unet_key_table
+from .keys import key_list
 
 __all__ = ["LoRA", "LoRAError", "LoRALayer", "LoRATargets", "addnet_hash", "load_lora", "merged"]
 
@@ -62,11 +63,6 @@ _PEFT_UNET = "unet."
 
 class LoRAError(ValueError):
     """A LoRA file that cannot be applied to this model; the message says which keys and why."""
-
-
-def _names(keys: Iterable[str], limit: int = 5) -> str:
-    keys = sorted(keys)
-    return ", ".join(keys[:limit]) + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
 @dataclass
@@ -132,7 +128,7 @@ class LoRA:
         unsupported = [k for k in sd if any(u in k for u in _UNSUPPORTED)]
         if unsupported:
             raise LoRAError(f"{path or 'LoRA'}: keys of a LyCORIS network type other than LoRA / LoCon "
-                            f"(LoHa, LoKr, IA3, DoRA, ...), which diffusekit does not apply: {_names(unsupported)}")
+                            f"(LoHa, LoKr, IA3, DoRA, ...), which diffusekit does not apply: {key_list(unsupported)}")
         groups: dict[str, dict[str, torch.Tensor]] = {}
         unknown = []
         for key, value in sd.items():
@@ -143,10 +139,10 @@ class LoRA:
             groups.setdefault(split[0], {})[_PARTS[split[1]]] = value
         if unknown:
             raise LoRAError(f"{path or 'LoRA'}: keys that are not `<module>.lora_down.weight / lora_up.weight / "
-                            f"lora_mid.weight / alpha` (kohya) nor diffusers `lora_A / lora_B`: {_names(unknown)}")
+                            f"lora_mid.weight / alpha` (kohya) nor diffusers `lora_A / lora_B`: {key_list(unknown)}")
         incomplete = [m for m, g in groups.items() if "up" not in g or "down" not in g]
         if incomplete:
-            raise LoRAError(f"{path or 'LoRA'}: modules without both lora_up and lora_down: {_names(incomplete)}")
+            raise LoRAError(f"{path or 'LoRA'}: modules without both lora_up and lora_down: {key_list(incomplete)}")
         layers = {}
         for m, g in groups.items():
             down, up = g["down"], g["up"]
@@ -185,10 +181,10 @@ class LoRA:
             out[param] = out[param] + d if param in out else d
         if len(unmatched) == len(self.layers):
             raise LoRAError(f"{self.path or 'LoRA'}: none of its {len(self.layers)} layers is a layer of this model "
-                            f"(a LoRA for another model family?): {_names(unmatched)}")
+                            f"(a LoRA for another model family?): {key_list(unmatched)}")
         if unmatched:
             warnings.warn(f"{self.path or 'LoRA'}: {len(unmatched)} of {len(self.layers)} layers match no layer "
-                          f"of this model and are skipped: {_names(unmatched)}", stacklevel=2)
+                          f"of this model and are skipped: {key_list(unmatched)}", stacklevel=2)
         return out
 
     @cached_property

@@ -33,7 +33,7 @@ import html
 import importlib.util
 import json
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import regex
@@ -42,6 +42,9 @@ import torch
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
 END_OF_WORD = "</w>"
+# OpenAI CLIP's vocabulary (bpe_simple_vocab_16e6): BOS, EOS and ",</w>" (byte 44 is the 12th printable
+# symbol: 256 + 11). Defaults only; a tokenizer's own ids are `bos_id`, `eos_id`, `comma_id`.
+CLIP_BOS_ID, CLIP_EOS_ID, CLIP_COMMA_ID = 49406, 49407, 267
 # Number of merges used by CLIP: vocab 49408 = 256 bytes + 256 bytes with </w> + merges + 2 specials.
 CLIP_NUM_MERGES = 49408 - 256 - 256 - 2  # 48894
 
@@ -53,7 +56,12 @@ _WORD_PATTERN = regex.compile(
 # all CLIP pieces except a lowercased special string such as "<|endoftext|>" -> "<|", "endoftext", "|>"
 _GPT2_PATTERN = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
 _WHITESPACE = regex.compile(r"\s+")
-_SPECIALS = regex.compile(regex.escape(BOS_TOKEN) + "|" + regex.escape(EOS_TOKEN))
+
+
+def _alternation(tokens) -> regex.Pattern:
+    """A pattern matching any of `tokens`, the longest first where several start at one place (the
+    leftmost-longest match of the Aho-Corasick automaton transformers' added vocabulary uses)."""
+    return regex.compile("|".join(regex.escape(t) for t in sorted(tokens, key=len, reverse=True)))
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -85,14 +93,16 @@ class CLIPTokenizer:
         vocab: dict[str, int],
         merges: Sequence[tuple[str, str]],
         *,
+        added_tokens: Mapping[str, int] | None = None,
+        special_tokens: Mapping[str, int] | None = None,
         fix_text: bool = False,
         cache_size: int = 65536,
     ):
         for special in (BOS_TOKEN, EOS_TOKEN):
-            if special not in vocab:
+            if special not in vocab and special not in (special_tokens or {}):
                 raise ValueError(f"vocab lacks the special token {special!r}; a CLIP vocab has both "
                                  f"{BOS_TOKEN!r} and {EOS_TOKEN!r}")
-        self.encoder = dict(vocab)
+        self.encoder = {**vocab, **(added_tokens or {}), **(special_tokens or {})}
         self.decoder = {i: t for t, i in self.encoder.items()}
         self.merge_ranks = {tuple(pair): rank for rank, pair in enumerate(merges)}
         odd = next((pair for pair in self.merge_ranks if len(pair) != 2), None)
@@ -103,6 +113,12 @@ class CLIPTokenizer:
         self.fix_text = fix_text
         self.cache_size = cache_size
         self._cache: dict[str, tuple[int, ...]] = {}  # word -> ids; per instance, bounded
+        # transformers' added tokens: special ones match the raw text, the others the normalized text
+        self.special_tokens = {BOS_TOKEN: self.encoder[BOS_TOKEN], EOS_TOKEN: self.encoder[EOS_TOKEN],
+                               **(special_tokens or {})}
+        self.added_tokens = {self.normalize(t): i for t, i in (added_tokens or {}).items()}
+        self._specials = _alternation(self.special_tokens)
+        self._added = _alternation(self.added_tokens) if self.added_tokens else None
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -110,15 +126,22 @@ class CLIPTokenizer:
         """Hugging Face layout: `vocab.json` (token -> id) and `merges.txt` ("#version" line, then
         one "a b" pair per line), e.g. the `tokenizer/` folder of a diffusers model."""
         vocab = json.loads(Path(vocab_json).read_text(encoding="utf-8"))
-        merges = []
-        for line in Path(merges_txt).read_text(encoding="utf-8").split("\n"):
-            if not line or line.startswith("#version"):
-                continue
-            pair = line.split()
-            if len(pair) != 2:
-                raise ValueError(f"{merges_txt}: merge line {line!r} is not two space-separated symbols")
-            merges.append((pair[0], pair[1]))
+        merges = _read_merges(Path(merges_txt))
         return cls(vocab, merges, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, **kwargs) -> CLIPTokenizer:
+        """A tokenizer folder as transformers writes it (a diffusers model's `tokenizer/`): `tokenizer.json`
+        (transformers >= 5 saves only that), or `vocab.json` + `merges.txt` with the added tokens of
+        `added_tokens.json` / `tokenizer_config.json` (`added_tokens_decoder`). Added tokens (textual
+        inversion training adds "<cat-toy>" after id 49407) are matched as transformers does: special
+        ones in the raw text, the others in the normalized (lowercased) text, also inside words."""
+        folder = Path(folder)
+        found = read_tokenizer_files(folder)
+        if found is None:
+            raise FileNotFoundError(f"{folder}: no tokenizer.json and no vocab.json + merges.txt")
+        vocab, merges, added, special = found
+        return cls(vocab, merges, added_tokens=added, special_tokens=special, **kwargs)
 
     @classmethod
     def from_bpe_gz(cls, path: str | Path | None = None, **kwargs) -> CLIPTokenizer:
@@ -151,8 +174,15 @@ class CLIPTokenizer:
         return self.encoder[EOS_TOKEN]
 
     @property
+    def comma_id(self) -> int | None:
+        """The id of a lone "," (A1111's comma backtracking looks for it); None if the vocab has none."""
+        ids = self.encode(",")
+        return ids[0] if len(ids) == 1 else None
+
+    @property
     def vocab_size(self) -> int:
-        return len(self.encoder)
+        """Rows of the token-embedding table this vocabulary needs: 1 + its largest id."""
+        return max(self.encoder.values()) + 1
 
     # ---------------------------------------------------------------- the algorithm
     def normalize(self, text: str) -> str:
@@ -201,16 +231,18 @@ class CLIPTokenizer:
         if not isinstance(text, str):
             raise TypeError(f"encode takes one str, got {type(text).__name__}")
         ids: list[int] = []
-        start = 0
         # step 1: exact special-token strings in the raw text (matched before normalization, as
-        # transformers' added tokens are)
-        for match in [*_SPECIALS.finditer(text), None]:
-            segment = text[start : match.start() if match else len(text)]
-            for word in _WORD_PATTERN.findall(self.normalize(segment)):
-                ids.extend(self._word_ids(word))
-            if match is not None:
-                ids.append(self.encoder[match.group()])
-                start = match.end()
+        # transformers' special added tokens are); then the other added tokens in the normalized text
+        for segment, special in _split(self._specials, text):
+            if special is not None:
+                ids.append(self.special_tokens[special])
+                continue
+            for piece, added in _split(self._added, self.normalize(segment)):
+                if added is not None:
+                    ids.append(self.added_tokens[added])
+                    continue
+                for word in _WORD_PATTERN.findall(piece):
+                    ids.extend(self._word_ids(word))
         return ids
 
     def decode(self, ids: Sequence[int] | torch.Tensor, *, skip_special_tokens: bool = True) -> str:
@@ -233,17 +265,18 @@ class CLIPTokenizer:
         texts: str | Sequence[str],
         *,
         max_length: int = 77,
-        pad_id: int = 49407,
+        pad_id: int | None = None,
         truncate: bool = True,
     ) -> torch.Tensor:
         """(B, max_length) int64 ids: BOS, the tokens, EOS, then `pad_id`. SD1 / CLIP-L pads with
-        EOS (49407, the default); OpenCLIP tokenizers (SD2, SDXL's second encoder) pad with 0.
+        EOS (None, the default); OpenCLIP tokenizers (SD2, SDXL's second encoder) pad with 0.
         Too-long texts keep their first max_length - 2 tokens (EOS stays last) when `truncate`, else
         raise ValueError."""
         if isinstance(texts, str):
             texts = [texts]
         if max_length < 2:
             raise ValueError(f"max_length={max_length} leaves no room for BOS and EOS; use >= 2 (CLIP: 77)")
+        pad_id = self.eos_id if pad_id is None else pad_id
         if not 0 <= pad_id < self.vocab_size:
             raise ValueError(f"pad_id={pad_id} is not in the vocab (valid: 0..{self.vocab_size - 1}; "
                              f"SD1 pads with {self.eos_id}, OpenCLIP with 0)")
@@ -258,6 +291,69 @@ class CLIPTokenizer:
             row_ids = [self.bos_id, *ids, self.eos_id]
             out[row, : len(row_ids)] = torch.tensor(row_ids, dtype=torch.long)
         return out
+
+
+def read_tokenizer_files(folder: Path):
+    """(vocab, merges, added tokens, special added tokens) of a transformers tokenizer folder, None when
+    it holds neither tokenizer.json nor vocab.json + merges.txt. Added tokens are {content: id}."""
+    def load(name):
+        return json.loads((folder / name).read_text(encoding="utf-8"))
+
+    entries = []                               # [{content, id, special, normalized}] of the added tokens
+    if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+        vocab = load("vocab.json")
+        merges = _read_merges(folder / "merges.txt")
+        config = load("tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
+        for i, e in (config.get("added_tokens_decoder") or {}).items():
+            entries.append({**e, "id": int(i)})
+        if (folder / "added_tokens.json").is_file():
+            known = {e["content"] for e in entries}
+            entries += [{"content": t, "id": i, "special": False} for t, i in load("added_tokens.json").items()
+                        if t not in known]
+    elif (folder / "tokenizer.json").is_file():
+        data = load("tokenizer.json")
+        model = data.get("model") or {}
+        if model.get("type") != "BPE":
+            raise ValueError(f"{folder / 'tokenizer.json'} is a {model.get('type')!r} tokenizer, not CLIP's BPE")
+        vocab = dict(model["vocab"])
+        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+        entries = list(data.get("added_tokens") or [])
+    else:
+        return None
+    added, special = {}, {}
+    for e in entries:
+        if e["content"] in vocab and vocab[e["content"]] == e["id"] and e["content"] not in (BOS_TOKEN, EOS_TOKEN):
+            if not e.get("special"):
+                continue                       # already an ordinary BPE token of the vocab
+        raw = e.get("special") or e.get("normalized") is False
+        (special if raw else added)[e["content"]] = int(e["id"])
+    return vocab, merges, added, special
+
+
+def _read_merges(path: Path) -> list[tuple[str, str]]:
+    """merges.txt: a "#version" line, then one "a b" pair per line."""
+    merges = []
+    for line in path.read_text(encoding="utf-8").split("\n"):
+        if not line or line.startswith("#version"):
+            continue
+        pair = line.split()
+        if len(pair) != 2:
+            raise ValueError(f"{path}: merge line {line!r} is not two space-separated symbols")
+        merges.append((pair[0], pair[1]))
+    return merges
+
+
+def _split(pattern: regex.Pattern | None, text: str):
+    """(text, None) for each stretch between matches of `pattern` and (token, token) for each match,
+    in order; empty stretches are left out."""
+    start = 0
+    for m in (pattern.finditer(text) if pattern is not None else ()):
+        if m.start() > start:
+            yield text[start:m.start()], None
+        yield m.group(), m.group()
+        start = m.end()
+    if start < len(text):
+        yield text[start:], None
 
 
 BUNDLED_BPE = Path(__file__).resolve().parents[1] / "assets" / "tokenizer" / "bpe_simple_vocab_16e6.txt.gz"

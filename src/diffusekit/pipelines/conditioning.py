@@ -62,6 +62,13 @@ class TextConditioner:
         if not tokenizers:
             raise ValueError("no tokenizer: a text-conditioned model needs the CLIP BPE vocabulary")
         self.family, self.encoders, self.tokenizer = family, list(encoders), tokenizers[0]
+        positions = min(spec.config.max_positions for spec in family.text_encoders)
+        if positions < 3:
+            raise ValueError(f"the text encoders have {positions} positions; a prompt window needs BOS, EOS and "
+                             "at least one token")
+        tok = self.tokenizer
+        # the facts of this tokenizer and these encoders, not CLIP's: ids and window length
+        self.window = P.Window(bos=tok.bos_id, eos=tok.eos_id, comma=tok.comma_id, length=positions - 2)
         self.set_embeddings(embeddings or {})
 
     def set_embeddings(self, embeddings: Mapping[str, Sequence[torch.Tensor]]) -> None:
@@ -99,7 +106,12 @@ class TextConditioner:
         return spec.layer
 
     def chunks(self, text: str) -> list[P.Chunk]:
-        return P.tokenize_weighted(text, self.tokenizer.encode, find_embedding=self._matcher)
+        w = self.window
+        return P.tokenize_weighted(text, self.tokenizer.encode, w.length, w.comma, eos_id=w.eos,
+                                   find_embedding=self._matcher)
+
+    def _pad_to(self, chunks: Sequence[P.Chunk], n: int) -> list[P.Chunk]:
+        return P.pad_to(chunks, n, chunk_len=self.window.length, eos_id=self.window.eos)
 
     @torch.no_grad()
     def encode_chunks(self, chunks: Sequence[P.Chunk], clip_skip: int = 1) -> Conditioning:
@@ -113,17 +125,19 @@ class TextConditioner:
         text goes through each encoder as one batch whose emphasis is normalised together
         (`prompts.apply_emphasis` takes the mean over the whole batch, as A1111's does)."""
         n = max(len(c) for c in texts)
-        padded = [list(c) + [P.empty_chunk()] * (n - len(c)) for c in texts]
+        padded = [self._pad_to(c, n) for c in texts]
         hidden_parts, pooled = [], None
         for e, (spec, enc) in enumerate(zip(self.family.text_encoders, self.encoders)):
             device = next(enc.parameters()).device
             per_position = []
             for i in range(n):
                 batch = [c[i] for c in padded]
-                ids = torch.tensor([P.build_ids(c, pad=spec.pad_id) for c in batch], device=device)   # (T, 77)
+                w = self.window
+                ids = torch.tensor([P.build_ids(c, w.bos, w.eos, spec.pad_id) for c in batch], device=device)  # (T, 77)
                 weights = torch.tensor([P.build_weights(c) for c in batch], device=device)           # (T, 77)
                 out = enc(ids, layer=self._layer(spec, clip_skip), final_norm=spec.final_norm,
-                          need_pooled=spec.pooled and i == 0, inputs_embeds=self._inputs_embeds(enc, e, ids, batch))
+                          need_pooled=spec.pooled and i == 0, inputs_embeds=self._inputs_embeds(enc, e, ids, batch),
+                          eos_id=w.eos)
                 h = out.hidden
                 # no emphasis anywhere in the batch: A1111's rescale is the identity; skipping it also avoids
                 # 0/0 when a final LayerNorm makes the mean exactly 0
@@ -170,7 +184,7 @@ class TextConditioner:
         out = []
         for plan, zero in zip(plans, zero_if_empty):
             texts = list(dict.fromkeys(text for _, text in plan))                     # distinct, in order
-            padded = [chunks[t] + [P.empty_chunk()] * (n - len(chunks[t])) for t in texts]
+            padded = [self._pad_to(chunks[t], n) for t in texts]
             encoded = dict(zip(texts, self.encode_batch(padded, clip_skip)))
             if zero and all(t == "" for t in texts):
                 encoded = {t: Conditioning(torch.zeros_like(c.context),

@@ -19,14 +19,17 @@ import re
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from PIL import Image, PngImagePlugin
 
 __all__ = [
+    "FIELDS",
     "KNOWN_SCHEDULE_TYPES",
     "PARAM_ORDER",
+    "fields_from_params",
     "format_infotext",
+    "params_from_fields",
     "parse_infotext",
     "quote",
     "read_infotext",
@@ -44,6 +47,63 @@ PARAM_ORDER = (
 )
 """Keys A1111 writes first, in its order; any other key follows in the caller's order."""
 _TRAILING = ("Version", "User")  # written after the extra keys
+
+class Field(NamedTuple):
+    """One infotext key and the `GenerationParams` field it stands for."""
+
+    key: str                 # the A1111 label ("CFG scale"); "Size" is split into Size-1 / Size-2 when read
+    name: str                # the GenerationParams field
+    kind: type               # int, float or str: how a parsed value is read
+    read: bool = True        # False: written only ("Refiner" names a file the reader cannot know the path of)
+
+
+FIELDS: tuple[Field, ...] = (
+    Field("Steps", "steps", int), Field("Sampler", "sampler_name", str), Field("Schedule type", "scheduler", str),
+    Field("CFG scale", "cfg_scale", float), Field("Seed", "seed", int),
+    Field("Size-1", "width", int), Field("Size-2", "height", int),
+    Field("Variation seed", "subseed", int), Field("Variation seed strength", "subseed_strength", float),
+    Field("Denoising strength", "denoising_strength", float), Field("Mask blur", "mask_blur", int),
+    Field("Clip skip", "clip_skip", int), Field("Eta", "eta", float), Field("CFG rescale", "cfg_rescale", float),
+    Field("SDE noise", "sde_noise", str), Field("Hires upscale", "hr_scale", float),
+    Field("Hires steps", "hr_second_pass_steps", int), Field("Hires upscaler", "hr_upscaler", str),
+    Field("Refiner", "refiner_checkpoint", str, read=False), Field("Refiner switch at", "refiner_switch_at", float),
+)
+"""The one table of infotext keys <-> GenerationParams fields: the pipeline writes with it
+(`fields_from_params`), the CLI's `--from IMAGE` reads with it (`params_from_fields`). Writing order;
+`format_infotext` puts the keys of `PARAM_ORDER` first."""
+
+
+def fields_from_params(values: Mapping[str, Any]) -> dict[str, Any]:
+    """{infotext key: value} for the GenerationParams field values in `values`, in `FIELDS` order (fields
+    not in `values` or None are left out; width and height become one "Size: WxH")."""
+    out: dict[str, Any] = {}
+    for f in FIELDS:
+        if f.name in ("width", "height"):
+            if f.name == "width" and values.get("width") is not None:
+                out["Size"] = f"{values['width']}x{values['height']}"
+        elif values.get(f.name) is not None:
+            out[f.key] = values[f.name]
+    return out
+
+
+def params_from_fields(parsed: Mapping[str, Any]) -> dict[str, Any]:
+    """{GenerationParams field: typed value} for the keys of a parsed infotext (`parse_infotext`) that the
+    table reads; a value that is not a number where one belongs is a ValueError naming the key."""
+    out: dict[str, Any] = {}
+    for f in FIELDS:
+        if f.read and f.key in parsed:
+            try:
+                out[f.name] = f.kind(parsed[f.key])
+            except ValueError:
+                raise ValueError(f"infotext {f.key}: {parsed[f.key]!r} is not "
+                                 f"a{'n integer' if f.kind is int else ' number'}") from None
+    return out
+
+
+def read_keys() -> set[str]:
+    """The parsed-infotext keys that `params_from_fields` uses."""
+    return {f.key for f in FIELDS if f.read}
+
 
 # A1111's parameter regex: `Key: value` pairs, a value either JSON-quoted or up to the next comma.
 _PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')

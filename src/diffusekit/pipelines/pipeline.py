@@ -52,8 +52,6 @@ from .params import GenerationParams, GenerationResult, StepInfo
 from .sde_noise import BROWNIAN_SAMPLERS, changes_image, pass_noise, require_torchsde
 from .shipped import SHIPPED, resolve_model
 
-SCHEDULE_LABELS = {v: k for k, v in sigma_schedules.DISPLAY_NAMES.items()}
-
 # A1111's defaults for the SDXL refiner's aesthetic-score input (sdxl_refiner_high/low_aesthetic_score)
 AESTHETIC_SCORE_COND, AESTHETIC_SCORE_UNCOND = 6.0, 2.5
 
@@ -701,38 +699,30 @@ class Pipeline:
     # ------------------------------------------------------------------ infotext
     def infotext(self, params, sampler_id, schedule_id, seed, subseed, width, height,
                  hashes: dict[str, str] | None = None) -> str:
-        info = sampler_registry.INFO[sampler_id]
-        d = {
-            "Steps": params.steps, "Sampler": info.label,
-            "Schedule type": SCHEDULE_LABELS.get(schedule_id, schedule_id),
-            "CFG scale": params.cfg_scale, "Seed": seed, "Size": f"{width}x{height}",
-            "Model hash": self.parts.hash10, "Model": self.name,
+        """The A1111 infotext of one image: the fields A1111 writes for these settings (keys from
+        `infotext.FIELDS`), the model, "RNG: CPU", the LoRA / TI hashes and the version."""
+        hires, refiner = params.enable_hr, params.refiner_checkpoint and params.refiner_switch_at is not None
+        varied = params.subseed_strength > 0
+        values = {
+            "steps": params.steps, "sampler_name": sampler_registry.INFO[sampler_id].label,
+            "scheduler": sigma_schedules.LABELS.get(schedule_id, schedule_id), "cfg_scale": params.cfg_scale,
+            "seed": seed, "width": width, "height": height,
+            "subseed": subseed if varied else None, "subseed_strength": params.subseed_strength if varied else None,
+            "denoising_strength": (params.hr_denoising_strength if hires and params.hr_denoising_strength is not None
+                                   else params.denoising_strength) if params.is_img2img or hires else None,
+            "mask_blur": params.mask_blur if params.mask is not None else None,
+            "clip_skip": params.clip_skip if params.clip_skip > 1 else None,
+            "eta": params.eta, "cfg_rescale": params.cfg_rescale or None,
+            # ours; only where it changes the image
+            "sde_noise": params.sde_noise if changes_image(params.sde_noise, sampler_id, params.s_churn) else None,
+            "hr_scale": params.hr_scale if hires else None,
+            "hr_second_pass_steps": params.hr_second_pass_steps if hires and params.hr_second_pass_steps else None,
+            "hr_upscaler": params.hr_upscaler if hires else None,     # (A1111 writes Hires steps only when set)
+            "refiner_checkpoint": Path(str(params.refiner_checkpoint)).stem if refiner else None,
+            "refiner_switch_at": params.refiner_switch_at if refiner else None,
         }
-        if params.subseed_strength > 0:
-            d["Variation seed"] = subseed
-            d["Variation seed strength"] = params.subseed_strength
-        if params.is_img2img:
-            d["Denoising strength"] = params.denoising_strength
-        if params.mask is not None:
-            d["Mask blur"] = params.mask_blur
-        if params.clip_skip > 1:
-            d["Clip skip"] = params.clip_skip
-        d["RNG"] = "CPU"
-        if params.eta is not None:
-            d["Eta"] = params.eta
-        if params.cfg_rescale:
-            d["CFG rescale"] = params.cfg_rescale
-        if changes_image(params.sde_noise, sampler_id, params.s_churn):
-            d["SDE noise"] = params.sde_noise               # ours; only where it changes the image
-        if params.enable_hr:
-            d["Hires upscale"] = params.hr_scale
-            if params.hr_second_pass_steps:                 # A1111 writes it only when set (0 = same as steps)
-                d["Hires steps"] = params.hr_second_pass_steps
-            d["Hires upscaler"] = params.hr_upscaler
-            d["Denoising strength"] = (params.hr_denoising_strength if params.hr_denoising_strength is not None
-                                       else params.denoising_strength)
-        if params.refiner_checkpoint and params.refiner_switch_at is not None:
-            d.update({"Refiner": Path(str(params.refiner_checkpoint)).stem, "Refiner switch at": params.refiner_switch_at})
+        d = infotext_mod.fields_from_params(values)
+        d |= {"Model hash": self.parts.hash10, "Model": self.name, "RNG": "CPU"}     # PARAM_ORDER places them
         d.update(hashes or {})                              # Lora / TI hashes (quoted by format_infotext)
         d["Version"] = f"diffusekit {__version__}"
         return infotext_mod.format_infotext(params.prompt, params.negative_prompt, d)
@@ -745,9 +735,9 @@ _A1111_ETA = {"dpm_fast": 1.0, "dpm_adaptive": 1.0}
 
 def _knobs_for(fn, params: GenerationParams, sampler_id: str = "") -> dict:
     """The sampler knobs the chosen sampler accepts, from the params that were set (eta unset: A1111's)."""
-    accepted = {n for n, p in inspect.signature(fn).parameters.items() if p.kind == p.KEYWORD_ONLY}
+    accepted = {n: p.default for n, p in inspect.signature(fn).parameters.items() if p.kind == p.KEYWORD_ONLY}
     eta = _A1111_ETA.get(sampler_id) if params.eta is None else params.eta
     wanted = {"eta": eta, "s_churn": params.s_churn, "s_tmin": params.s_tmin, "s_tmax": params.s_tmax,
               "s_noise": params.s_noise}
-    defaults = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": float("inf"), "s_noise": 1.0}
-    return {k: v for k, v in wanted.items() if k in accepted and v is not None and v != defaults.get(k)}
+    # a value equal to the sampler's own default is not passed (the same, and a sampler may warn on a knob)
+    return {k: v for k, v in wanted.items() if k in accepted and v is not None and v != accepted[k]}

@@ -28,9 +28,13 @@ from dataclasses import dataclass
 
 import torch
 
+from ..models.clip import CLIP_L
+from ..models.tokenizer import CLIP_BOS_ID, CLIP_COMMA_ID, CLIP_EOS_ID
+
 __all__ = [
     "BREAK",
     "Chunk",
+    "Window",
     "EmbeddingMatcher",
     "apply_emphasis",
     "build_ids",
@@ -38,15 +42,16 @@ __all__ = [
     "empty_chunk",
     "get_schedules",
     "pad_chunks",
+    "pad_to",
     "parse_emphasis",
     "prompt_at_step",
     "tokenize_weighted",
 ]
 
-# CLIP BPE ids (SD1 CLIP-L and OpenCLIP share the vocab): <|startoftext|>, <|endoftext|>, ",</w>".
-BOS_ID = 49406
-EOS_ID = 49407
-COMMA_ID = 267
+# The defaults below are OpenAI CLIP's vocabulary and window (what SD 1.x / 2.x / XL use); the pipeline
+# passes the facts of its own tokenizer and text encoders instead (`conditioning.TextConditioner.window`).
+BOS_ID, EOS_ID, COMMA_ID = CLIP_BOS_ID, CLIP_EOS_ID, CLIP_COMMA_ID
+CHUNK_LEN = CLIP_L.max_positions - 2        # tokens of a window between BOS and EOS: 75
 
 BREAK = ("BREAK", -1.0)
 """The marker `parse_emphasis` emits for the keyword BREAK; A1111 writes it ["BREAK", -1]."""
@@ -379,6 +384,17 @@ def prompt_at_step(schedules: Sequence[tuple[int, str]], step: int) -> str:
 
 
 @dataclass(frozen=True)
+class Window:
+    """What chunking needs to know of a tokenizer and its text encoders: BOS, EOS and comma ids (comma
+    None: no comma backtracking) and `length`, the prompt tokens per window (positions - BOS - EOS)."""
+
+    bos: int
+    eos: int
+    comma: int | None
+    length: int
+
+
+@dataclass(frozen=True)
 class Chunk:
     """One text-encoder window of a prompt: `tokens` and `weights` of length `chunk_len` (75),
     without BOS/EOS; the tail is EOS padding of weight 1.0. `build_ids` / `build_weights` add
@@ -417,8 +433,8 @@ class EmbeddingMatcher:
 def tokenize_weighted(
     text: str,
     encode: Callable[[str], list[int]],
-    chunk_len: int = 75,
-    comma_id: int = COMMA_ID,
+    chunk_len: int = CHUNK_LEN,
+    comma_id: int | None = COMMA_ID,
     *,
     eos_id: int = EOS_ID,
     comma_backtrack: int = 20,
@@ -502,9 +518,14 @@ def tokenize_weighted(
     return chunks
 
 
-def empty_chunk(chunk_len: int = 75, eos_id: int = EOS_ID) -> Chunk:
+def empty_chunk(chunk_len: int = CHUNK_LEN, eos_id: int = EOS_ID) -> Chunk:
     """A chunk of padding only (A1111 `empty_chunk`): what an empty prompt encodes to."""
     return Chunk((eos_id,) * chunk_len, (1.0,) * chunk_len)
+
+
+def pad_to(chunks: Sequence[Chunk], n: int, *, chunk_len: int = CHUNK_LEN, eos_id: int = EOS_ID) -> list[Chunk]:
+    """`chunks` extended with empty chunks to `n` of them (A1111 pads every prompt of one batch so)."""
+    return list(chunks) + [empty_chunk(chunk_len, eos_id)] * (n - len(chunks))
 
 
 def pad_chunks(a: list[Chunk], b: list[Chunk], *, eos_id: int = EOS_ID) -> tuple[list[Chunk], list[Chunk]]:
@@ -514,13 +535,12 @@ def pad_chunks(a: list[Chunk], b: list[Chunk], *, eos_id: int = EOS_ID) -> tuple
     lengths = {len(chunk.tokens) for chunk in (*a, *b)}
     if len(lengths) > 1:
         raise ValueError(f"chunks of different lengths {sorted(lengths)} cannot be padded together")
-    n = max(len(a), len(b))
-    fill = empty_chunk(lengths.pop() if lengths else 75, eos_id)
-    return a + [fill] * (n - len(a)), b + [fill] * (n - len(b))
+    n, chunk_len = max(len(a), len(b)), lengths.pop() if lengths else CHUNK_LEN
+    return pad_to(a, n, chunk_len=chunk_len, eos_id=eos_id), pad_to(b, n, chunk_len=chunk_len, eos_id=eos_id)
 
 
 def build_ids(chunk: Chunk, bos: int = BOS_ID, eos: int = EOS_ID, pad: int = EOS_ID) -> list[int]:
-    """The encoder input of one chunk: BOS + tokens + EOS (77 ids for CLIP). With `pad != eos`
+    """The encoder input of one chunk: BOS + tokens + EOS (chunk length + 2 ids: 77 for CLIP). With `pad != eos`
     every id after the first EOS becomes `pad`: OpenCLIP encoders (SD2, SDXL's bigG) pad with 0,
     as A1111 `FrozenOpenCLIPEmbedderWithCustomWords` (id_pad = 0) does."""
     ids = [bos, *chunk.tokens, eos]

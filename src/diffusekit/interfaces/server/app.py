@@ -19,7 +19,6 @@ from starlette.concurrency import run_in_threadpool
 
 from ...version import __version__
 from .checkpoints import ModelStore
-from .images import decode_image, encode_png  # noqa: F401  (re-exported: the server's image helpers)
 from .jobs import QueueFull, ShuttingDown, Worker
 from .loras import LoraCatalog
 from .middleware import BasicAuth, BodyLimit, error_response, parse_api_auth
