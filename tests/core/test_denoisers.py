@@ -162,3 +162,14 @@ def test_flow_sigmas():
         with pytest.raises(ValueError):
             D.flow_sigmas(*bad)
 
+
+
+def test_flow_denoiser_time_conversions_are_its_schedules():
+    """One home for the flow time map: the wrapper answers what its FlowSchedule answers."""
+    den = D.FlowDenoiser(Perfect(lambda x: x), shift=3.0)
+    t = torch.tensor([0.0, 250.0, 500.0, 1000.0], dtype=F64)
+    torch.testing.assert_close(den.t_to_sigma(t), den.schedule.t_to_sigma(t), rtol=0, atol=0)
+    assert float(den.t_to_sigma(torch.tensor(500.0))) == pytest.approx(0.75)     # shift(0.5) with shift 3
+    s = torch.tensor([0.1, 0.75], dtype=F64)
+    torch.testing.assert_close(den.sigma_to_t(s), den.schedule.sigma_to_t(s), rtol=0, atol=0)
+    assert (den.shift, den.multiplier) == (3.0, 1000.0)

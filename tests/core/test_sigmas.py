@@ -239,3 +239,19 @@ def test_beta_ppf_matches_scipy():
     for a, b in [(0.6, 0.6), (0.5, 2.0), (3.0, 1.5)]:
         for q in np.linspace(0, 1, 41):
             assert S._beta_ppf(float(q), a, b) == pytest.approx(stats.beta.ppf(q, a, b), abs=1e-13)
+
+
+def test_schedule_facts_for_interfaces():
+    """What the A1111 /schedulers listing needs, from the schedule functions themselves."""
+    assert S.label("karras") == "Karras" and S.label("SGM Uniform") == "SGM Uniform" and S.LABELS["ddim_uniform"] == "DDIM"
+    assert S.aliases("sgm_uniform") == ["sgmuniform"] and S.aliases("align_your_steps") == ["ays"]
+    table = {n for n in S.DISPLAY_NAMES.values() if S.needs_table(n)}
+    assert table == {"uniform", "sgm_uniform", "simple", "normal", "ddim_uniform", "beta"}
+    assert not S.needs_table("beta", variant="a1111")
+    for n in table - {"beta"}:                      # the fact agrees with what `get` demands
+        with pytest.raises(ValueError, match="noise table"):
+            S.get(n, 4, sigma_min=0.1, sigma_max=10.0)
+    assert S.default_options("karras") == {"rho": 7.0} and S.default_options("polyexponential") == {"rho": 1.0}
+    assert S.default_options("exponential") == {} and S.default_options("automatic") == {}
+    with pytest.raises(ValueError, match="valid ids"):
+        S.label("wobbly")

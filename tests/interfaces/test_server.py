@@ -463,6 +463,16 @@ def test_compare_grid_and_denoising_video(client, tmp_path):
     assert client.get("/diffusekit/v1/video", params={"format": "avi"}).status_code == 422
 
 
+def test_compare_seed_rows_use_their_own_seeds(client):
+    """y_axis "seed": each row its seed (the grid once gave every row the first row's seed)."""
+    r = client.post("/diffusekit/v1/compare", json={"prompt": "g", "seed": 8, "steps": 1, "width": 32, "height": 32,
+                                                    "samplers": ["Euler"], "y_axis": "seed", "y_values": [4, 9]})
+    assert r.status_code == 200, r.text
+    texts = r.json()["info"]["infotexts"]
+    assert "Seed: 4," in texts[0] and "Seed: 9," in texts[1]
+    assert r.json()["info"]["rows"] == ["4", "9"] and r.json()["info"]["y_axis"] == "seed"
+
+
 def test_web_page_and_static_files(client):
     r = client.get("/")
     assert r.status_code == 200 and "text/html" in r.headers["content-type"] and 'id="generate"' in r.text

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from diffusekit import GenerationParams, Pipeline
-from diffusekit.media.compare import AXES, compare, display_tile, plan, write_comparison
+from diffusekit.media.compare import AXES, compare, display_tile, grid, plan, run, write_comparison
 from diffusekit.media.grid import tile_positions
 from diffusekit.media.process import image_records, process_frames, write_process_video
 from diffusekit.media.video import read_video_info
@@ -145,3 +145,25 @@ def test_process_errors(pipe):
         process_frames(pipe, r, mode="vae")
     with pytest.raises(ValueError, match="fps=0"):
         write_process_video(pipe, r, "unused", fps=0)
+
+
+def test_grid_axes_beyond_the_named_comparisons():
+    """`grid` is the X/Y plot the server asks for: seeds and CFG down, samplers across."""
+    planned = grid(BASE, ("samplers", ["Euler", "DPM++ 2M Karras"]), ("seeds", [3, 9]))
+    assert [[p.seed for p in row] for row in planned.cells] == [[3, 3], [9, 9]]
+    assert planned.cols == ["Euler", "DPM++ 2M Karras"] and planned.rows == ["seed 3", "seed 9"]
+    assert planned.y_title == "seed"
+    planned = grid(BASE, ("samplers", ["Euler"]), ("cfg", [2, 7.5]))
+    assert [row[0].cfg_scale for row in planned.cells] == [2.0, 7.5] and planned.rows == ["CFG 2", "CFG 7.5"]
+    with pytest.raises(ValueError, match="valid: samplers"):
+        grid(BASE, ("samplers", ["Euler"]), ("colour", [1]))
+
+
+def test_run_stops_before_a_cell_and_greys_the_rest(pipe):
+    planned = grid(BASE, ("samplers", ["Euler", "Heun"]), ("steps", [2, 3]))
+    seen = []
+    comp = run(pipe, planned, on_cell=lambda k, n, label: seen.append((k, n)),
+               should_stop=lambda: len(seen) > 2)
+    assert seen == [(0, 4), (1, 4), (2, 4), (3, 4)] and comp.done == 2 and comp.interrupted
+    assert comp.infotexts[1] == [None, None] and comp.infotexts[0][0] is not None
+    assert set(comp.images[1][0].getdata()) == {(128, 128, 128)}

@@ -119,3 +119,41 @@ def test_long_prompt_is_chunked_not_truncated(sd1_pipe):
     a = sd1_pipe.generate(GenerationParams(prompt=words, seed=1, **SMALL))
     b = sd1_pipe.generate(GenerationParams(prompt=words + ", extra tail words", seed=1, **SMALL))
     assert not np.array_equal(arr(a.images[0]), arr(b.images[0]))   # text past 77 tokens still matters
+
+
+# ---------------------------------------------------------------------------------------------- batch by batch
+def test_iter_batches_equals_generate_and_reports_the_call(sd1_pipe):
+    p = GenerationParams(prompt="a red circle", seed=5, batch_size=2, n_iter=3, **SMALL)
+    whole = sd1_pipe.generate(p)
+    batches = list(sd1_pipe.iter_batches(p))
+    assert [b.info["job_no"] for b in batches] == [0, 1, 2]
+    assert [s for b in batches for s in b.seeds] == whole.seeds == [5, 6, 7, 8, 9, 10]
+    for i, im in enumerate(im for b in batches for im in b.images):
+        assert np.array_equal(arr(im), arr(whole.images[i])), i
+    assert [t for b in batches for t in b.infotexts] == whole.infotexts
+    assert {b.info["seed"] for b in batches} == {whole.info["seed"]} == {5}
+    assert len({b.info["subseed"] for b in batches}) == 1           # a random subseed, drawn once per call
+    assert whole.info["hashes"] == {} and whole.info["sampler"] == "dpmpp_2m"
+
+
+def test_a_skipped_batch_does_not_end_the_iteration(sd1_pipe):
+    """The server's /skip: the caller keeps asking after a batch that was cut short; the next batch is whole."""
+    skip = {"now": True}
+
+    def should_stop():
+        return skip["now"]
+    p = GenerationParams(prompt="x", seed=1, n_iter=2, **SMALL)
+    it = sd1_pipe.iter_batches(p, should_stop=should_stop)
+    first = next(it)
+    assert first.interrupted and first.seeds == [1]
+    skip["now"] = False
+    second = next(it)
+    assert not second.interrupted and second.seeds == [2]
+    single = sd1_pipe.generate(p.copy(seed=2, n_iter=1))
+    assert np.array_equal(arr(second.images[0]), arr(single.images[0]))
+    assert next(it, None) is None
+
+
+def test_random_seeds_are_resolved_once_per_call(sd1_pipe):
+    r = sd1_pipe.generate(GenerationParams(prompt="x", seed=-1, n_iter=2, **SMALL))
+    assert r.info["seed"] >= 0 and r.seeds == [r.info["seed"], r.info["seed"] + 1]

@@ -165,17 +165,20 @@ class FlowDenoiser(Denoiser):
     prediction = "flow"
 
     def __init__(self, model, shift: float = 1.0, multiplier: float = 1000.0, timesteps: int = 1000):
+        # the time conversions are the schedule's (sigma_to_t = s * multiplier, t_to_sigma = the shifted
+        # table at t), so the wrapper and its schedule never disagree
         super().__init__(model, FlowSchedule(shift, timesteps, multiplier))
-        self.shift, self.multiplier = float(shift), float(multiplier)
+
+    @property
+    def shift(self) -> float:
+        return self.schedule.shift
+
+    @property
+    def multiplier(self) -> float:
+        return self.schedule.multiplier
 
     def scalings(self, sigma):
         return torch.ones_like(sigma), -sigma, torch.ones_like(sigma)
-
-    def sigma_to_t(self, sigma) -> torch.Tensor:
-        return torch.as_tensor(sigma) * self.multiplier
-
-    def t_to_sigma(self, t) -> torch.Tensor:
-        return torch.as_tensor(t) / self.multiplier
 
     def noise_scaling(self, sigma, noise, latent=None):
         sigma = _expand(_batch_sigma(sigma, noise), noise)

@@ -240,7 +240,10 @@ class FlowSchedule:
         return float(self.sigmas[-1])
 
     def sigma_to_t(self, sigma) -> torch.Tensor:
+        """The network's time input: s * multiplier (the shift is already in s)."""
         return torch.as_tensor(sigma) * self.multiplier
 
     def t_to_sigma(self, t) -> torch.Tensor:
+        """The table at (unshifted) time t: shift(t / multiplier), as ComfyUI's `sigma(timestep)`. Not the
+        inverse of `sigma_to_t` unless shift = 1: the table is indexed before the shift, the network after."""
         return flow_shift(torch.as_tensor(t) / self.multiplier, self.shift)

@@ -1,5 +1,6 @@
-"""Regression tests for the pipeline review: each test pins one A1111 behaviour or one bug fixed in
-pipelines/pipeline.py, conditioning.py, latents.py, params.py. Tiny random-weight models; images compared as
+"""The pipeline's A1111 behaviours, one per test: variation seeds, img2img and inpainting inputs (masks,
+fills, overlays), hires fix, refiner hand-over, prompt editing across passes, SDXL conditioning, stopping
+between batches (pipelines/pipeline.py, conditioning.py, latents.py, params.py). Tiny random-weight models; images compared as
 uint8 arrays, latents with the tolerance stated at each assert."""
 import importlib.util
 from dataclasses import replace
