@@ -76,3 +76,31 @@ def k_randn(k_sampling, monkeypatch):
     def route(randn_like):
         monkeypatch.setattr(k_sampling, "torch", _TorchWithRandn(randn_like))
     return route
+
+
+@pytest.fixture(scope="session")
+def clip_vocab_files():
+    """write(folder, n_merges=48894) -> folder: vocab.json + merges.txt built from the bundled CLIP BPE file by
+    OpenAI's recipe (simple_tokenizer.py), independently of the tokenizer under test; fewer merges give a
+    smaller vocabulary whose BOS and EOS sit at 512 + n_merges and 513 + n_merges (CLIP: 49406, 49407)."""
+    import gzip
+    import json
+
+    from diffusekit.models.tokenizer import find_bundled_bpe
+
+    bpe = find_bundled_bpe()
+    if bpe is None:
+        pytest.skip("needs the CLIP BPE vocabulary (bpe_simple_vocab_16e6.txt.gz)")
+
+    def write(folder, n_merges: int = 48894):
+        merges = gzip.open(bpe).read().decode("utf-8").split("\n")[1: n_merges + 1]
+        printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+        chars = [chr(b) for b in printable] + [chr(256 + n) for n in range(256 - len(printable))]
+        vocab = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges]
+        vocab += ["<|startoftext|>", "<|endoftext|>"]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}), encoding="utf-8")
+        (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+        return folder
+
+    return write

@@ -6,7 +6,6 @@ through weights_only; broken files are CheckpointErrors that name the problem.
 Tolerances: single-file round trips are exact (torch.equal); diffusers parity in fp32 is
 checked to 1e-5 relative to the output's scale (different kernels: conv vs linear, SDPA)."""
 
-import gzip
 import hashlib
 import json
 import os
@@ -392,17 +391,9 @@ def test_predicts_v_reads_the_output_at_t999():
 
 # ------------------------------------------------------------------------------ diffusers folders
 @pytest.fixture(scope="module")
-def bpe_folder(tmp_path_factory):
+def bpe_folder(tmp_path_factory, clip_vocab_files):
     """vocab.json + merges.txt built from the open_clip gz by OpenAI's recipe (not by our tokenizer)."""
-    merges = gzip.open(BPE_GZ).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
-    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    chars = [chr(b) for b in printable] + [chr(256 + n) for n in range(256 - len(printable))]
-    vocab = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    folder = tmp_path_factory.mktemp("bpe")
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    return folder
+    return clip_vocab_files(tmp_path_factory.mktemp("bpe"))
 
 
 def _hf_tokenizer(folder, **kwargs):

@@ -1,12 +1,10 @@
 """CLIP tokenizer: id-for-id parity with transformers' CLIPTokenizer on the real CLIP vocab.
 
-The reference files (vocab.json, merges.txt) are built here from open_clip's
+The reference files (vocab.json, merges.txt) are built (tests/conftest.py) from open_clip's
 bpe_simple_vocab_16e6.txt.gz with the recipe of OpenAI's simple_tokenizer.py, written out
 independently of the code under test.
 """
 
-import gzip
-import json
 import subprocess
 import sys
 import unicodedata
@@ -46,21 +44,11 @@ CORPUS = [
 ]
 
 
-def _reference_files(tmp_path):
-    """vocab.json + merges.txt as OpenAI CLIP's SimpleTokenizer builds them."""
-    merges = gzip.open(BPE_GZ).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
-    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    chars = [chr(b) for b in printable] + [chr(256 + n) for n in range(256 - len(printable))]
-    vocab = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    (tmp_path / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}), encoding="utf-8")
-    (tmp_path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    return tmp_path / "vocab.json", tmp_path / "merges.txt"
-
-
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    return _reference_files(tmp_path_factory.mktemp("clip_tok"))
+def files(tmp_path_factory, clip_vocab_files):
+    """vocab.json + merges.txt as OpenAI CLIP's SimpleTokenizer builds them."""
+    folder = clip_vocab_files(tmp_path_factory.mktemp("clip_tok"))
+    return folder / "vocab.json", folder / "merges.txt"
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ tokens after EOS (what textual-inversion training saves), and one with a smaller
 EOS and comma ids are not CLIP's, paired with a text encoder of fewer positions. Our conditioning must
 equal transformers' text encoder on transformers' ids.
 """
-import gzip
 import json
 
 import pytest
@@ -18,20 +17,6 @@ BPE_GZ = find_bundled_bpe()
 pytestmark = pytest.mark.skipif(BPE_GZ is None, reason="needs the CLIP BPE vocabulary")
 transformers = pytest.importorskip("transformers")
 diffusers = pytest.importorskip("diffusers")
-
-
-def _vocab_files(folder, n_merges):
-    """vocab.json + merges.txt by OpenAI's recipe with the first `n_merges` merges (CLIP: 48894), so BOS
-    and EOS sit at 512 + n_merges and 513 + n_merges."""
-    merges = gzip.open(BPE_GZ).read().decode("utf-8").split("\n")[1: n_merges + 1]
-    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    chars = [chr(b) for b in printable] + [chr(256 + n) for n in range(256 - len(printable))]
-    vocab = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    return folder
 
 
 def _diffusers_folder(path, tok, positions):
@@ -57,20 +42,20 @@ def _diffusers_folder(path, tok, positions):
 
 
 @pytest.fixture(scope="module")
-def added_token_model(tmp_path_factory):
+def added_token_model(tmp_path_factory, clip_vocab_files):
     """CLIP's vocabulary plus two tokens added after EOS (ids 49408, 49409), 77 positions."""
     root = tmp_path_factory.mktemp("added")
-    tok = transformers.CLIPTokenizer.from_pretrained(str(_vocab_files(root / "vocab", 48894)))
+    tok = transformers.CLIPTokenizer.from_pretrained(str(clip_vocab_files(root / "vocab")))
     assert tok.add_tokens(["<cat-toy>", "newword"]) == 2
     text = _diffusers_folder(root / "pipe", tok, 77)
     return root / "pipe", tok, text
 
 
 @pytest.fixture(scope="module")
-def small_vocab_model(tmp_path_factory):
+def small_vocab_model(tmp_path_factory, clip_vocab_files):
     """A 3000-merge vocabulary (BOS 3512, EOS 3513) plus an added token, and a text encoder of 40 positions."""
     root = tmp_path_factory.mktemp("small")
-    tok = transformers.CLIPTokenizer.from_pretrained(str(_vocab_files(root / "vocab", 3000)), model_max_length=40)
+    tok = transformers.CLIPTokenizer.from_pretrained(str(clip_vocab_files(root / "vocab", 3000)), model_max_length=40)
     tok.add_tokens(["<cat-toy>"])
     text = _diffusers_folder(root / "pipe", tok, 40)
     return root / "pipe", tok, text
@@ -88,10 +73,10 @@ def test_tokenizer_folder_with_added_tokens_gives_transformers_ids(added_token_m
         assert ours.encode(text) == tok(text, add_special_tokens=False).input_ids, text
 
 
-def test_legacy_added_tokens_json_layout(added_token_model, tmp_path):
+def test_legacy_added_tokens_json_layout(added_token_model, tmp_path, clip_vocab_files):
     """transformers 4 saved vocab.json + merges.txt + added_tokens.json: the same ids."""
     path, tok, _ = added_token_model
-    folder = _vocab_files(tmp_path / "legacy", 48894)
+    folder = clip_vocab_files(tmp_path / "legacy")
     (folder / "added_tokens.json").write_text(json.dumps({"<cat-toy>": 49408, "newword": 49409}))
     ours = CLIPTokenizer.from_pretrained(folder)
     for text in ADDED_CORPUS:

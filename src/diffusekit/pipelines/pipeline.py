@@ -165,20 +165,33 @@ class _CallCache:
 
 
 @dataclass
-class _Batch:
-    """One batch of a generate() call (one of n_iter): what all of its sampling passes share."""
+class _Call:
+    """One generate() call: what its batches share, resolved once."""
 
-    params: GenerationParams                 # with the prompt the text encoders read (LoRA tags removed)
+    params: GenerationParams                 # as given (the infotext and the results keep it)
+    text_params: GenerationParams            # with the prompt the text encoders read (LoRA tags removed)
     sampler_id: str
     schedule_id: str
-    seeds: list[int]
-    subseeds: list[int]
+    width: int
+    height: int
+    seed: int                                # resolved (-1 drawn at random, once)
+    subseed: int
+    hashes: dict[str, str]                   # the infotext's "Lora hashes" / "TI hashes"
+    init: "_InitImages | None"               # img2img / inpainting inputs, prepared once
     callback: Callable[[StepInfo], None] | None
     should_stop: Callable[[], bool] | None
-    log: list                                # save_process records of this batch
+    cache: _CallCache = field(default_factory=_CallCache)
+
+
+@dataclass
+class _Batch:
+    """One batch of a call (one of n_iter): its seeds and its save_process records."""
+
+    call: _Call
     job_no: int
-    job_count: int
-    cache: _CallCache
+    seeds: list[int]
+    subseeds: list[int]
+    log: list = field(default_factory=list)
 
 
 @dataclass
@@ -452,15 +465,15 @@ class Pipeline:
         if params.is_img2img and params.mask is not None and tuple(params.mask.size) != tuple(params.init_images[0].size):
             raise ValueError(f"mask size {params.mask.size} differs from the init image size {params.init_images[0].size}")
         init = self._prepare_init(params, width, height) if params.is_img2img else None
-        bs, cache = params.batch_size, _CallCache()
+        call = _Call(params, text_params, sampler_id, schedule_id, width, height, seed, subseed, hashes, init,
+                     callback, should_stop)
+        bs = params.batch_size
         for job_no in range(params.n_iter):
             t0 = time.perf_counter()
-            job_seeds, job_subseeds = image_seeds(seed, subseed, params.subseed_strength, job_no * bs, bs)
-            batch = _Batch(text_params, sampler_id, schedule_id, job_seeds, job_subseeds, callback, should_stop, [],
-                           job_no, params.n_iter, cache)
+            batch = _Batch(call, job_no, *image_seeds(seed, subseed, params.subseed_strength, job_no * bs, bs))
             interrupted = False
             try:
-                latent = self._run_batch(batch, width, height, init)
+                latent = self._run_batch(batch)
             except Interrupted as stop:
                 latent, interrupted = stop.latent, True
             pixels = self.decode(latent)
@@ -468,15 +481,14 @@ class Pipeline:
                 pixels = _rows(init.originals, bs) * (1 - init.overlay) + pixels * init.overlay
             images, infotexts = [], []
             for i, img in enumerate(tensor_to_pil(pixels)):
-                text = self.infotext(params, sampler_id, schedule_id, job_seeds[i], job_subseeds[i], width, height,
-                                     hashes)
+                text = self.infotext(call, batch.seeds[i], batch.subseeds[i])
                 img.info["parameters"] = text
                 images.append(img)
                 infotexts.append(text)
             info = {"model": self.name, "sampler": sampler_id, "schedule": schedule_id, "seed": seed,
                     "subseed": subseed, "hashes": dict(hashes), "job_no": job_no,
                     "seconds": time.perf_counter() - t0, "images_requested": bs}
-            yield GenerationResult(images=images, seeds=job_seeds, subseeds=job_subseeds, infotexts=infotexts,
+            yield GenerationResult(images=images, seeds=batch.seeds, subseeds=batch.subseeds, infotexts=infotexts,
                                    params=params, latents=latent.cpu(), process=batch.log, interrupted=interrupted,
                                    info=info)
 
@@ -507,7 +519,7 @@ class Pipeline:
             return None
         init, width, height = sp.init, sp.width, sp.height
         key = _ConcatKey(width, height, masked=init is not None and init.repaint is not None)
-        cache = batch.cache.of(self).concat
+        cache = batch.call.cache.of(self).concat
         if key not in cache:
             hw = (height // self.factor, width // self.factor)
             if key.masked:
@@ -524,12 +536,13 @@ class Pipeline:
                                    sigma_max=self.schedule.sigma_max).to(self.device)
 
     # ------------------------------------------------------------------ one batch
-    def _run_batch(self, batch: _Batch, width: int, height: int, init: _InitImages | None) -> torch.Tensor:
-        p, b = batch.params, len(batch.seeds)
+    def _run_batch(self, batch: _Batch) -> torch.Tensor:
+        call = batch.call
+        p, b, width, height, init = call.text_params, len(batch.seeds), call.width, call.height, call.init
         shape = (b, self.latent_channels, height // self.factor, width // self.factor)
         noise, gens = initial_noise(shape, batch.seeds, batch.subseeds, p.subseed_strength)
         noise = noise.to(self.device)
-        full = self._sigmas(batch.schedule_id, p.steps)
+        full = self._sigmas(batch.call.schedule_id, p.steps)
         init_latent = mask = None
         if init is None:
             sig, x = full, noise * full[0]
@@ -552,15 +565,15 @@ class Pipeline:
                           mask=mask, init=init)
         x = self._pass(batch, sp, None if hires else refiner)
         if hires:
-            x = self._hires(batch, x, width, height, refiner)
+            x = self._hires(batch, x, refiner)
         return x
 
-    def _hires(self, batch: _Batch, x: torch.Tensor, width: int, height: int, refiner: "Pipeline | None"):
+    def _hires(self, batch: _Batch, x: torch.Tensor, refiner: "Pipeline | None"):
         """A1111's hires fix: upscale (latent interpolation, or decode-resize-encode) and run exactly
         `hr_second_pass_steps or steps` img2img steps at the hires strength (A1111 passes the step count, so
         its fixed-steps arithmetic applies: a schedule of int(steps / strength) steps, its last ones run),
         from fresh noise of the images' seeds at the new size, with the refiner if one is set."""
-        p = batch.params
+        p, width, height = batch.call.text_params, batch.call.width, batch.call.height
         hw, hh = int(width * p.hr_scale) // 8 * 8, int(height * p.hr_scale) // 8 * 8
         name = p.hr_upscaler.strip().lower()
         if name.startswith("latent"):
@@ -575,7 +588,7 @@ class Pipeline:
             return x
         steps = p.hr_second_pass_steps or p.steps
         total = int(steps / min(float(strength), 0.999))
-        full = self._sigmas(batch.schedule_id, total)
+        full = self._sigmas(batch.call.schedule_id, total)
         sig = full[total - steps:]
         noise, gens = initial_noise(x.shape, batch.seeds, batch.subseeds, p.subseed_strength)
         sp = SamplingPass("hires", sig, x + noise.to(x.device) * sig[0], gens, hw, hh, PromptSteps(p.steps, steps),
@@ -608,9 +621,10 @@ class Pipeline:
         """Run `sp`, handed over to `refiner` at A1111's switch point when one is given; returns the final
         latent in this model's space. `sp.schedule` bounds A1111's Brownian tree (None = sp.sigmas)."""
         sig = sp.sigmas
-        cut = len(sig) - 1 if refiner is None else self._switch_index(sig, batch.params.refiner_switch_at)
+        p = batch.call.text_params
+        cut = len(sig) - 1 if refiner is None else self._switch_index(sig, p.refiner_switch_at)
         x, x0 = sp.x, sp.signal
-        sde_noise = pass_noise(batch.params.sde_noise, batch.sampler_id, x, sig if sp.schedule is None else sp.schedule,
+        sde_noise = pass_noise(p.sde_noise, batch.call.sampler_id, x, sig if sp.schedule is None else sp.schedule,
                                batch.seeds, sp.generators)
         if cut > 0:
             x, x0 = self._sample(batch, replace(sp, sigmas=sig[:cut + 1], noise_sampler=sde_noise(sig[:cut + 1])))
@@ -630,10 +644,10 @@ class Pipeline:
         """[(end_step, denoiser)]: one CFG-wrapped denoiser per prompt-editing entry, with its text (and for
         SDXL its `y`), built once per pass rather than on every model call. The text encodings are cached
         for the whole generate() call."""
-        p = batch.params
+        p = batch.call.text_params
         if self.text is None:
             return [(0, self.denoiser)]
-        cache = batch.cache.of(self).text
+        cache = batch.call.cache.of(self).text
         if prompt not in cache:
             cache[prompt] = self.text.pair(p.prompt, p.negative_prompt, prompt.steps, p.clip_skip,
                                            hires_steps=prompt.hires_steps)
@@ -658,7 +672,7 @@ class Pipeline:
         """Run the sampler over `sp.sigmas` from `sp.x` with this model; returns (final x, last x0 estimate).
         The prompt-editing step counter starts at `sp.step_offset`; process records are stored in the base
         model's latent space (`sp.log_scale` converts a refiner's)."""
-        p = batch.params
+        p = batch.call.text_params
         sig, mask, init_latent = sp.sigmas, sp.mask, sp.init_latent
         steps = len(sig) - 1
         guided = self._guided(batch, sp.prompt, sp.width, sp.height)
@@ -679,15 +693,15 @@ class Pipeline:
                 xr, dr = _rescale_signal(d["x"], d["denoised"], sp.log_scale), d["denoised"] * sp.log_scale
                 batch.log.append({"job": batch.job_no, "pass": sp.name, "step": d["i"], "sigma": float(d["sigma"]),
                                   "x": xr.detach().cpu(), "denoised": dr.detach().cpu()})
-            if batch.callback is not None:
-                batch.callback(StepInfo(step=d["i"], steps=steps, sigma=float(d["sigma"]), latent=d["x"],
+            if batch.call.callback is not None:
+                batch.call.callback(StepInfo(step=d["i"], steps=steps, sigma=float(d["sigma"]), latent=d["x"],
                                         denoised=d["denoised"], preview=lambda den=d["denoised"]: self.preview(den),
-                                        job_no=batch.job_no, job_count=batch.job_count, pass_name=sp.name))
-            if batch.should_stop is not None and batch.should_stop():
+                                        job_no=batch.job_no, job_count=batch.call.params.n_iter, pass_name=sp.name))
+            if batch.call.should_stop is not None and batch.call.should_stop():
                 raise Interrupted(d["denoised"])
 
-        fn = sampler_registry.SAMPLERS[batch.sampler_id]
-        knobs = _knobs_for(fn, p, batch.sampler_id)
+        fn = sampler_registry.SAMPLERS[batch.call.sampler_id]
+        knobs = _knobs_for(fn, p, batch.call.sampler_id)
         if sp.noise_sampler is not None:
             knobs["noise_sampler"] = sp.noise_sampler
         with torch.no_grad():
@@ -697,16 +711,16 @@ class Pipeline:
         return out, state["denoised"]
 
     # ------------------------------------------------------------------ infotext
-    def infotext(self, params, sampler_id, schedule_id, seed, subseed, width, height,
-                 hashes: dict[str, str] | None = None) -> str:
+    def infotext(self, call: _Call, seed: int, subseed: int) -> str:
         """The A1111 infotext of one image: the fields A1111 writes for these settings (keys from
         `infotext.FIELDS`), the model, "RNG: CPU", the LoRA / TI hashes and the version."""
+        params, sampler_id, schedule_id = call.params, call.sampler_id, call.schedule_id
         hires, refiner = params.enable_hr, params.refiner_checkpoint and params.refiner_switch_at is not None
         varied = params.subseed_strength > 0
         values = {
             "steps": params.steps, "sampler_name": sampler_registry.INFO[sampler_id].label,
             "scheduler": sigma_schedules.LABELS.get(schedule_id, schedule_id), "cfg_scale": params.cfg_scale,
-            "seed": seed, "width": width, "height": height,
+            "seed": seed, "width": call.width, "height": call.height,
             "subseed": subseed if varied else None, "subseed_strength": params.subseed_strength if varied else None,
             "denoising_strength": (params.hr_denoising_strength if hires and params.hr_denoising_strength is not None
                                    else params.denoising_strength) if params.is_img2img or hires else None,
@@ -723,7 +737,7 @@ class Pipeline:
         }
         d = infotext_mod.fields_from_params(values)
         d |= {"Model hash": self.parts.hash10, "Model": self.name, "RNG": "CPU"}     # PARAM_ORDER places them
-        d.update(hashes or {})                              # Lora / TI hashes (quoted by format_infotext)
+        d.update(call.hashes)                               # Lora / TI hashes (quoted by format_infotext)
         d["Version"] = f"diffusekit {__version__}"
         return infotext_mod.format_infotext(params.prompt, params.negative_prompt, d)
 
