@@ -168,14 +168,7 @@ class FlowDenoiser(Denoiser):
         # the time conversions are the schedule's (sigma_to_t = s * multiplier, t_to_sigma = the shifted
         # table at t), so the wrapper and its schedule never disagree
         super().__init__(model, FlowSchedule(shift, timesteps, multiplier))
-
-    @property
-    def shift(self) -> float:
-        return self.schedule.shift
-
-    @property
-    def multiplier(self) -> float:
-        return self.schedule.multiplier
+        self.shift, self.multiplier = self.schedule.shift, self.schedule.multiplier   # read-only copies
 
     def scalings(self, sigma):
         return torch.ones_like(sigma), -sigma, torch.ones_like(sigma)
