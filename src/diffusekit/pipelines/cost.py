@@ -7,13 +7,16 @@ dtype, on top of the weights:
 - UNet (one guided call: cond and uncond batched, 2 x batch): the skip connections of every level that
   the down path stores for the up path, plus the working set of the widest block (GroupNorm, conv and,
   with attention at that level, the q/k/v/out projections and the 8x-wide GEGLU feed-forward).
-  Attention itself runs through `scaled_dot_product_attention`, whose fused kernels (flash / memory-
-  efficient, on CPUs too) never hold the tokens x tokens matrix, so nothing here is quadratic.
+  Attention runs through `scaled_dot_product_attention`, whose fused kernels (flash / memory-efficient,
+  on CPUs too) never hold the tokens x tokens matrix, so nothing here is quadratic.
 - VAE decoder (float32 in the worst case: a half-precision VAE that overflows is decoded again in float32),
   on `DECODE_PIXELS_PER_CALL` pixels' worth of images at a time: at full resolution the upsampled input of
-  level 0 (2 x its channels) and three tensors of level 0's width. Measured: the SD VAE decoding one
-  512x512 image grows this process by 3.46 kB per pixel between 256^2 and 512^2 (`bench/` note in
-  docs/benchmarks.md); the formula gives 3.58 kB.
+  level 0 (2 x its channels) and three tensors of level 0's width.
+Calibration (peak RSS growth of one forward, SD 1.5-sized random-weight modules, float32, this project's
+CPU, 2026-12-02): the VAE decoder grows by 3.46 kB per output pixel between 256^2 and 512^2 (the formula:
+3.58 kB); the UNet by 13.4 k floats per latent position per sample between 32^2 and 64^2 latents, which
+the working-set constants below are fitted to (skips 1,740 + 36 x 320 = 13,260).
+"""
 """
 from __future__ import annotations
 
@@ -22,8 +25,8 @@ import os
 from ..models.families import ModelFamily
 from .params import GenerationParams
 
-UNET_WORK_TENSORS = 6        # live tensors of a ResBlock at its level's width (input, norm, act, conv, ...)
-UNET_ATTN_WORK_TENSORS = 14  # a transformer block: q, k, v, out, residuals and the 8x GEGLU projection
+UNET_WORK_TENSORS = 12       # live tensors of a ResBlock level, in units of the level's width (fitted, see above)
+UNET_ATTN_WORK_TENSORS = 36  # a level with transformer blocks: q, k, v, out, residuals, the 8x GEGLU projection
 
 
 def output_size(p: GenerationParams, width: int, height: int) -> tuple[int, int]:
