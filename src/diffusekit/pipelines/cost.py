@@ -12,11 +12,10 @@ dtype, on top of the weights:
 - VAE decoder (float32 in the worst case: a half-precision VAE that overflows is decoded again in float32),
   on `DECODE_PIXELS_PER_CALL` pixels' worth of images at a time: at full resolution the upsampled input of
   level 0 (2 x its channels) and three tensors of level 0's width.
-Calibration (peak RSS growth of one forward, SD 1.5-sized random-weight modules, float32, this project's
+Calibration (`bench/memory_calibration.py`: peak RSS growth of one forward, SD 1.5-sized random-weight modules, float32, this project's
 CPU, 2026-12-02): the VAE decoder grows by 3.46 kB per output pixel between 256^2 and 512^2 (the formula:
 3.58 kB); the UNet by 13.4 k floats per latent position per sample between 32^2 and 64^2 latents, which
 the working-set constants below are fitted to (skips 1,740 + 36 x 320 = 13,260).
-"""
 """
 from __future__ import annotations
 

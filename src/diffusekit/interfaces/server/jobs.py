@@ -7,8 +7,10 @@ free to answer /progress, /interrupt and the other cheap endpoints while a job r
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import collections
+import contextvars
 import io
 import logging
 import threading
@@ -34,6 +36,58 @@ class QueueFull(Exception):
 
 class ShuttingDown(Exception):
     """The worker was stopped while the job was waiting."""
+
+
+class ClientGone(Exception):
+    """The client disconnected while its job waited or ran; the job was dropped or interrupted."""
+
+
+# the ASGI `receive` of the request being handled (set by `ClientWatch`): after the body it yields only
+# http.disconnect, which is how a handler learns that its client went away while its job waits or runs
+_CLIENT_RECEIVE: contextvars.ContextVar = contextvars.ContextVar("diffusekit_client_receive", default=None)
+
+
+class ClientWatch:
+    """ASGI middleware that lets `wait_for_job` see the client disconnect (Starlette does not cancel a
+    handler whose client left; A1111 runs such jobs to the end)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        token = _CLIENT_RECEIVE.set(receive if scope["type"] == "http" else None)
+        try:
+            return await self.app(scope, receive, send)
+        finally:
+            _CLIENT_RECEIVE.reset(token)
+
+
+async def _until_disconnect(receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass                                  # a body the handler did not read
+
+
+async def wait_for_job(worker: "Worker", future: Future):
+    """Await a submitted job's result without blocking the event loop. When the client disconnects first,
+    the job is abandoned (`Worker.abandon`: dropped if waiting, interrupted if running) and ClientGone
+    raised; when the handler itself is cancelled, likewise."""
+    job = asyncio.wrap_future(future)
+    job.add_done_callback(lambda f: f.cancelled() or f.exception())   # a dropped job's outcome is no one's
+    receive = _CLIENT_RECEIVE.get()
+    gone = asyncio.ensure_future(_until_disconnect(receive)) if receive is not None else None
+    try:
+        if gone is not None:
+            await asyncio.wait({job, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not job.done():
+                worker.abandon(future)
+                raise ClientGone("the client disconnected; its job was dropped")
+        return await job
+    except asyncio.CancelledError:
+        worker.abandon(future)
+        raise
+    finally:
+        if gone is not None:
+            gone.cancel()
 
 
 @dataclass

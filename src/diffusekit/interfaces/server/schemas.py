@@ -14,7 +14,7 @@ from typing import Any, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from ...pipelines.infotext import MAX_INFOTEXT_CHARS
-from ...pipelines.cost import pixel_steps
+from ...pipelines.cost import device_memory_bytes, estimate_memory, pixel_steps
 from ...pipelines.params import MAX_PROMPT_CHARS, GenerationParams
 
 
@@ -412,6 +412,29 @@ def check_limits(p: GenerationParams, limits: Limits) -> None:
                                    f"{work:,} pixel-steps, over the server budget max_pixel_steps="
                                    f"{limits.max_pixel_steps:,}: ask for fewer or smaller images or fewer steps",
                                    field="max_pixel_steps")
+
+
+def memory_budget_bytes(limits: Limits, device) -> int | None:
+    """max_memory_mb, or without it the device's total memory (GPU memory, else RAM); None if unknown."""
+    return limits.max_memory_mb * 2**20 if limits.max_memory_mb else device_memory_bytes(device)
+
+
+def check_memory(p: GenerationParams, pipe, budget_bytes: int | None) -> dict:
+    """Refuse (422 naming max_memory_mb) a request whose estimated peak memory on `pipe` (weights plus
+    activations, `pipelines.cost.estimate_memory`; width/height resolved) exceeds the budget."""
+    from ...pipelines.pipeline import DECODE_PIXELS_PER_CALL
+    modules = [m for m in (pipe.unet, pipe.vae, *pipe.parts.text_encoders) if m is not None]
+    weights = sum(t.numel() * t.element_size() for m in modules for t in m.parameters())
+    est = estimate_memory(pipe.family, p, width=p.width, height=p.height,
+                          dtype_bytes=next(pipe.unet.parameters()).element_size(), weight_bytes=weights,
+                          decode_pixels_per_call=DECODE_PIXELS_PER_CALL)
+    if budget_bytes and est["peak"] > budget_bytes:
+        gib = 2**30
+        raise RequestError(f"the request would need about {est['peak'] / gib:.1f} GiB (weights {weights / gib:.1f} "
+                           f"GiB + UNet {est['unet'] / gib:.1f} GiB or VAE decode {est['vae'] / gib:.1f} GiB, estimated "
+                           f"from the model's shape), over the server budget max_memory_mb={budget_bytes // 2**20}: "
+                           f"ask for fewer or smaller images", field="max_memory_mb")
+    return est
 
 
 def validate_params(p: GenerationParams, limits: Limits) -> None:
