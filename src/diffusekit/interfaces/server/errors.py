@@ -21,15 +21,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from .jobs import ClientGone, QueueFull, ShuttingDown, Worker, wait_for_job
+from .middleware import REASONS, error_response, safe_text
 from .schemas import RequestError
 
 log = logging.getLogger("diffusekit.server")
-
-REASONS = {400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed", 409: "Conflict",
-           413: "Content Too Large", 422: "Unprocessable Entity", 499: "Client Closed Request",
-           500: "Internal Server Error", 503: "Service Unavailable"}
-MAX_MESSAGE_CHARS = 4000
-
 
 class ServerError(Exception):
     """The server's fault, not the request's: answered with `status` (500) and the message."""
@@ -41,20 +36,6 @@ class ModelUnavailable(ServerError):
     """The selected model cannot be loaded (a broken or missing file): 503 until another is selected."""
 
     status = 503
-
-
-def safe_text(text: object, limit: int = MAX_MESSAGE_CHARS) -> str:
-    """`text` as a string that UTF-8 can encode (a lone surrogate becomes `\\ud800`), at most `limit` chars."""
-    return str(text)[:limit].encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def error_response(status: int, message: str, field: str | None = None, headers: dict | None = None,
-                   **extra) -> JSONResponse:
-    """The one error body: {"detail": message, "error": reason phrase, "field": ... (when one is named)}."""
-    body = {"detail": safe_text(message), "error": REASONS.get(status, "Error"), **extra}
-    if field:
-        body["field"] = safe_text(field, 200)
-    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def redact(message: str, folders: dict[str, str | os.PathLike | None]) -> str:
