@@ -190,7 +190,8 @@ def test_options_switch_model_and_refuse_names_outside_the_folder(client, models
             r = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": name})
             assert 400 <= r.status_code < 500 and "sd_model_checkpoint" in r.text, (name, r.text)
         r = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "broken"})     # listed, but not a model
-        assert r.status_code == 422 and "broken" in r.text, r.text
+        assert r.status_code == 503 and "'broken.safetensors' cannot be loaded" in r.json()["detail"], r.text
+        assert r.json()["error"] == "Service Unavailable" and str(models_dir) not in r.text    # no server paths
         assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"].startswith("more/tiny-b")
     finally:
         assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "tiny-a"}).status_code == 200
