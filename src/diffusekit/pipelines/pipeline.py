@@ -483,8 +483,6 @@ class Pipeline:
             raise ValueError(f"width={width}, height={height}: must be multiples of {self.factor} for this model")
         seed = params.resolved_seed()
         subseed = params.subseed if params.subseed != -1 else random.SystemRandom().randrange(2**32)
-        if params.is_img2img and params.mask is not None and tuple(params.mask.size) != tuple(params.init_images[0].size):
-            raise ValueError(f"mask size {params.mask.size} differs from the init image size {params.init_images[0].size}")
         init = self._prepare_init(params, width, height) if params.is_img2img else None
         call = _Call(params, text_params, sampler_id, schedule_id, width, height, seed, subseed, hashes, init,
                      callback, should_stop)
