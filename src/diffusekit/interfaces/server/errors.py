@@ -1,6 +1,7 @@
 """Every error answer has one shape (`schemas.ErrorResponse`), and each sits on the right side.
 
-- 4xx: the request is wrong (`RequestError`, schema failures, a body that is not JSON, a full queue: 503).
+- 4xx: the request is wrong (`RequestError`, schema failures, a body that is not JSON). A full queue or a
+  shutdown is a 503 with Retry-After.
 - 500 (`ServerError`): the server failed: a broken model, LoRA or embedding file, non-finite output of a
   broken model, a bug. 503 (`ModelUnavailable`) while the selected model cannot be loaded.
 - Messages name the request field or server limit; server folders are written as their option names
@@ -25,6 +26,7 @@ from .middleware import REASONS, error_response, safe_text
 from .schemas import RequestError
 
 log = logging.getLogger("diffusekit.server")
+
 
 class ServerError(Exception):
     """The server's fault, not the request's: answered with `status` (500) and the message."""
