@@ -1,4 +1,4 @@
-"""The layering rule of ARCHITECTURE.md: imports point downward only."""
+"""The layering rule of docs/architecture.md: imports point downward only."""
 import ast
 from pathlib import Path
 

@@ -27,7 +27,7 @@ def test_karras_sd15_20_steps_pinned(sd):
     expected_head = [14.6146412293, 11.7253648495, 9.3402027518, 7.3836173490, 5.7894117072]
     torch.testing.assert_close(s[:5], torch.tensor(expected_head, dtype=F64), rtol=1e-9, atol=0)
     assert float(s[-2]) == pytest.approx(0.0291671582, abs=1e-9)
-    # same numbers from explicit sigma_min/max (the ARCHITECTURE example), float32 by default
+    # same numbers from explicit sigma_min/max (the docs/architecture.md example), float32 by default
     s32 = S.get("karras", steps=20, sigma_min=0.0292, sigma_max=14.6146)
     assert s32.dtype == torch.float32
     assert float(s32[0]) == pytest.approx(14.6146) and float(s32[-2]) == pytest.approx(0.0292)

@@ -55,7 +55,7 @@ def test_pickle_with_an_object_is_refused_not_run(tmp_path):
     torch.save({"string_to_param": {"*": torch.zeros(1, 32)}, "payload": _NotATensor()}, path)
     with pytest.raises(EmbeddingError, match="arbitrary pickled code.*_NotATensor"):
         load_embedding(path)
-    (tmp_path / "junk.pt").write_bytes(pickle.dumps([1, 2]) + b"garbage")
+    (tmp_path / "junk.pt").write_bytes(pickle.dumps([1, 2], protocol=2) + b"garbage")  # torch.save's protocol
     with pytest.raises(EmbeddingError):
         load_embedding(tmp_path / "junk.pt")
 

@@ -220,7 +220,6 @@ class Payload:
         return (Path.touch, (Path(self.marker),))
 
 
-@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_pickle_needing_code_is_refused_and_never_run(tmp_path, sd1_file):
     _, fam, mods = sd1_file
     marker = tmp_path / "pwned"
@@ -228,7 +227,7 @@ def test_pickle_needing_code_is_refused_and_never_run(tmp_path, sd1_file):
     with pytest.raises(CheckpointError, match="arbitrary pickled code.*pathlib") as e:
         load_checkpoint(tmp_path / "evil.ckpt", family=fam)
     assert "safetensors" in str(e.value) and not marker.exists()
-    (tmp_path / "old.ckpt").write_bytes(pickle.dumps(Payload(str(marker))))  # legacy bare pickle
+    (tmp_path / "old.ckpt").write_bytes(pickle.dumps(Payload(str(marker)), protocol=2))  # legacy bare pickle
     with pytest.raises(CheckpointError):
         load_checkpoint(tmp_path / "old.ckpt", family=fam)
     assert not marker.exists()

@@ -1,6 +1,6 @@
 """The sampler registry: canonical ids (k-diffusion / ComfyUI) and the display names people know (A1111).
 
-Every sampler has one signature (ARCHITECTURE.md, "The sampling contract"):
+Every sampler has one signature (docs/architecture.md, "The sampling contract"):
 
     sample_x(denoiser, x, sigmas, *, extra_args=None, callback=None, generator=None, **knobs) -> x
 

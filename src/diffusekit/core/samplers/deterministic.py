@@ -1,6 +1,6 @@
 """Deterministic samplers: solvers of the probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma.
 
-Every function has the signature of the sampling contract (ARCHITECTURE.md):
+Every function has the signature of the sampling contract (docs/architecture.md):
 
     sample_<id>(denoiser, x, sigmas, *, extra_args=None, callback=None, generator=None, **knobs) -> x
 
