@@ -173,3 +173,26 @@ def test_flow_denoiser_time_conversions_are_its_schedules():
     s = torch.tensor([0.1, 0.75], dtype=F64)
     torch.testing.assert_close(den.sigma_to_t(s), den.schedule.sigma_to_t(s), rtol=0, atol=0)
     assert (den.shift, den.multiplier) == (3.0, 1000.0)
+
+
+def test_data_range_clips_the_x0_estimate_and_only_it():
+    """data_range (Ho et al. 2020's clip_denoised): an eps network that is off by 0.1 at sigma 150 puts
+    the x0 estimate 15 away; clipped, it lies in [-1, 1], equal to the unclipped estimate where that
+    was inside."""
+    ddpm = DiscreteSchedule.from_name("linear", beta_start=1e-4, beta_end=0.02)
+    assert 150 < ddpm.sigma_max < 160                    # the DDPM schedule's top: 10x SD's 14.6
+    x0, eps = _data()
+    x0 = x0.clamp(-1, 1)
+    sigma = torch.full((4,), 150.0, dtype=F64)
+    x = x0 + _col(sigma, x0) * eps
+    wrong = Perfect(lambda x_in: eps + 0.1)              # eps error 0.1 everywhere
+    free = D.EpsDenoiser(wrong, ddpm)(x, sigma)
+    assert torch.allclose(free, x0 - 15.0)               # x0 error = sigma * eps error
+    clipped = D.EpsDenoiser(wrong, ddpm, data_range=(-1.0, 1.0))(x, sigma)
+    assert clipped.min() >= -1 and clipped.max() <= 1
+    assert torch.equal(clipped, free.clamp(-1, 1))
+    right = D.EpsDenoiser(Perfect(lambda x_in: eps), ddpm, data_range=(-1.0, 1.0))(x, sigma)
+    assert torch.allclose(right, x0)                     # a correct estimate inside the range is untouched
+    assert "data_range=(-1.0, 1.0)" in repr(D.EpsDenoiser(wrong, ddpm, data_range=(-1.0, 1.0)))
+    with pytest.raises(ValueError, match=r"data_range=\(1.0, -1.0\)"):
+        D.EpsDenoiser(wrong, ddpm, data_range=(1.0, -1.0))

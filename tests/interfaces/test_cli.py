@@ -129,6 +129,39 @@ def test_save_process_writes_one_frame_per_step(tiny, tmp_path, capsys):
     assert info["frames"] == 3 and info["fps"] == 2 and info["size"][0] == 256
 
 
+def test_the_last_denoising_frame_is_the_image(tiny, tmp_path, capsys):
+    """--save-process decodes every x0 estimate by default for images up to 256x256 (--process-mode auto):
+    the last frame is the PNG itself (shown at 8x, caption bar below; the GIF's palette aside)."""
+    def last_frame_error(*mode):
+        rc, paths, _ = run(capsys, "generate", "x", "--model", tiny, "--seed", 1, "--save-process", *mode,
+                           "--out", tmp_path, *SMALL)
+        gif = Image.open(paths[2])
+        gif.seek(gif.n_frames - 1)
+        last = np.asarray(gif.convert("RGB"), dtype=np.int16)[:256]
+        want = np.asarray(Image.open(paths[0]).convert("RGB").resize((256, 256), Image.NEAREST), dtype=np.int16)
+        return np.abs(last - want).mean()
+
+    auto, preview = last_frame_error(), last_frame_error("--process-mode", "preview")
+    assert auto < 10 and preview > 4 * auto       # measured 7.2 (palette) vs 109 (a linear map's colours)
+
+
+def test_progress_is_plain_lines_when_stderr_is_not_a_terminal(tiny, tmp_path, capsys):
+    """Under capsys stderr is no terminal: a line per finished comparison cell, one per sampling pass."""
+    rc, _, err = run(capsys, "compare", "a red circle", "--model", tiny, "--samplers", "Euler,DPM++ 2M",
+                     "--schedulers", "Normal,Karras", "--seed", 4, "--out", tmp_path, *SMALL)
+    assert rc == 0 and "\r" not in err
+    cells = [line.split(" [")[0] for line in err.splitlines() if line.startswith("compare:")]
+    assert cells == [f"compare: {i}/4 images" for i in range(1, 5)]
+    rc, _, err = run(capsys, "generate", "x", "--model", tiny, "--seed", 1, "--out", tmp_path, *SMALL)
+    assert rc == 0 and err.startswith("txt2img: 3/3 steps [sigma ") and err.count("\n") == 1
+
+
+def test_shipped_models_default_to_the_settings_of_their_cards(tmp_path, capsys):
+    rc, paths, _ = run(capsys, "generate", "a red circle", "--steps", 2, "--seed", 1, "--out", tmp_path)
+    text = read_infotext(paths[0])
+    assert rc == 0 and "Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 5.0," in text and "Model: shapes," in text
+
+
 def test_compare_grid_and_lock_step_video(tiny, tmp_path, capsys):
     rc, paths, _ = run(capsys, "compare", "a red circle", "--model", tiny, "--samplers", "Euler,DPM++ 2M",
                        "--schedulers", "Normal,Karras", "--axes", "pairs", "--seed", 4, "--video",
@@ -241,10 +274,11 @@ def test_train_and_serve_are_wired(monkeypatch, tmp_path, capsys):
 
 
 def test_entry_point_exits_2_without_traceback(tmp_path):
+    """The size rule names the model's own VAE factor: 4 for the shipped shapes model (SD's is 8)."""
     proc = subprocess.run([sys.executable, "-m", "diffusekit.interfaces.cli", "generate", "x", "--width", "30"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip() == \
-        "diffusekit: error: width=30: must be a multiple of 8 from 8 to 4096 (the VAE downsamples by 8)"
+        "diffusekit: error: width=30: must be a multiple of 4 from 8 to 4096 (the model's VAE downsamples by 4)"
 
 
 def test_eval_command_is_wired(capsys):

@@ -12,6 +12,11 @@ A discrete 1000-step model (`schedule` given) is fed c_noise = its fractional ti
 log-sigma interpolation (k-diffusion's DiscreteEpsDDPMDenoiser / DiscreteVDDPMDenoiser). Without a
 schedule the eps / v / x0 wrappers are continuous with c_noise = log(sigma) / 4 (EDM; k-diffusion's
 Denoiser, diffusers' `timestep_type="continuous"`).
+
+`data_range=(lo, hi)` clips the x0 estimate to the range the data lives in: the `clip_denoised` of Ho
+et al. 2020's sampler (diffusers' `clip_sample`), for pixel-space models. An eps network's x0 error is
+sigma times its eps error, and sigma_max is 157 on the DDPM linear schedule: an unclipped estimate
+there is +-15 on data in [-1, 1].
 """
 from __future__ import annotations
 
@@ -49,12 +54,16 @@ class Denoiser(torch.nn.Module):
     prediction: str = ""
 
     def __init__(self, model, schedule: DiscreteSchedule | None = None, *,
-                 sigma_min: float | None = None, sigma_max: float | None = None):
+                 sigma_min: float | None = None, sigma_max: float | None = None,
+                 data_range: tuple[float, float] | None = None):
         super().__init__()
         self.inner_model = model
         self.schedule = schedule
         self._sigma_min = sigma_min
         self._sigma_max = sigma_max
+        if data_range is not None and not data_range[0] < data_range[1]:
+            raise ValueError(f"data_range={data_range!r}: must be (low, high) with low < high")
+        self.data_range = data_range
 
     @property
     def sigma_min(self) -> float:
@@ -93,11 +102,14 @@ class Denoiser(torch.nn.Module):
         sigma = _batch_sigma(sigma, x)                                   # (B,)
         c_skip, c_out, c_in = (_expand(c, x) for c in self.scalings(sigma))
         out = self.inner_model(x * c_in, self.sigma_to_t(sigma), **cond)
-        return c_skip * x + c_out * out
+        x0 = c_skip * x + c_out * out
+        return x0 if self.data_range is None else x0.clamp(*self.data_range)
 
     def extra_repr(self) -> str:
         kind = "discrete" if self.schedule is not None else "continuous"
-        return f"prediction={self.prediction!r}, {kind}, sigma_min={self.sigma_min:.4g}, sigma_max={self.sigma_max:.4g}"
+        clip = "" if self.data_range is None else f", data_range={tuple(self.data_range)}"
+        return (f"prediction={self.prediction!r}, {kind}, sigma_min={self.sigma_min:.4g}, "
+                f"sigma_max={self.sigma_max:.4g}{clip}")
 
 
 class EpsDenoiser(Denoiser):

@@ -24,7 +24,7 @@ from pathlib import Path
 DEFAULT_MODEL = "shapes"
 DTYPES = ("fp32", "bf16", "fp16")
 MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
-PROCESS_MODES = ("preview", "decode")
+PROCESS_MODES = ("auto", "preview", "decode")
 
 # infotext keys that say where an image came from, not how to make it (the rest: pipelines.infotext.FIELDS)
 _INFOTEXT_META = {"Prompt", "Negative prompt", "Model", "Model hash", "Version", "RNG", "ENSD", "Refiner"}
@@ -116,6 +116,16 @@ def _check_names(params) -> None:
     sigma_schedules.resolve(scheduler)
 
 
+def _model_facts(args) -> tuple[int, dict]:
+    """(latent factor, the settings the model's card recommends) of the model `args` names, read from its
+    header and card without loading weights: the defaults and the size checks of generate / compare."""
+    from ..models import read_family
+    from ..pipelines.shipped import recommended, resolve_model
+
+    path = resolve_model(args.model or DEFAULT_MODEL)
+    return read_family(path).latent_factor, recommended(path)
+
+
 def _load_pipeline(args):
     import torch
 
@@ -128,18 +138,20 @@ def _load_pipeline(args):
 
 
 class StepBars:
-    """tqdm progress bars fed by the pipeline's per-step callback: one bar per sampling pass (steps, ETA)."""
+    """Progress fed by the pipeline's per-step callback: one bar per sampling pass (steps, ETA) on a
+    terminal; elsewhere a line per pass (and one every 10 s of a long pass). leave=False: a bar that
+    clears itself, and no lines (an outer progress reports)."""
 
     def __init__(self, leave: bool = True):
         self.bar, self.leave = None, leave
 
     def __call__(self, info) -> None:
-        from tqdm import tqdm
+        from ..progress import progress
 
         if self.bar is None or info.step == 0:
             self.close()
             desc = info.pass_name if info.job_count == 1 else f"{info.pass_name} {info.job_no + 1}/{info.job_count}"
-            self.bar = tqdm(total=info.steps, desc=desc, unit="step", leave=self.leave, disable=None)
+            self.bar = progress(info.steps, desc, "step", leave=self.leave, lines=self.leave)
         self.bar.set_postfix_str(f"sigma {info.sigma:.3g}", refresh=False)
         self.bar.update(1)
 
@@ -151,9 +163,10 @@ class StepBars:
 
 # ---------------------------------------------------------------------------------------- generate
 def _generate_params(args) -> tuple[object, list[str], dict]:
-    """GenerationParams: the defaults, then the --from image's infotext, then the flags given."""
+    """GenerationParams: the model card's settings, then the --from image's infotext, then the flags given."""
     from ..pipelines.infotext import parse_infotext, read_infotext
     from ..pipelines.params import GenerationParams
+    from ..pipelines.shipped import SHIPPED
 
     fields, notes, source = {}, [], {}
     if args.from_image:
@@ -168,6 +181,10 @@ def _generate_params(args) -> tuple[object, list[str], dict]:
         notes = [n for n in notes if not (args.sde_noise and "--sde-noise" in n)]
     elif args.prompt is None:
         raise ValueError("give a PROMPT (\"\" makes an unconditional image) or --from IMAGE")
+    if args.from_image and args.model is None and source.get("Model") in SHIPPED:
+        args.model = source["Model"]
+    factor, recommended = _model_facts(args)
+    fields = {**recommended, **fields}
     if args.prompt is not None:
         fields["prompt"] = args.prompt
     for dest, name in FLAG_FIELDS.items():
@@ -180,7 +197,7 @@ def _generate_params(args) -> tuple[object, list[str], dict]:
         init = _open_image(args.init_image, "--init-image")
         fields["init_images"] = [init]
         for side, v in (("width", init.width), ("height", init.height)):   # default: the init image's size
-            fields.setdefault(side, max(8, v // 8 * 8))
+            fields.setdefault(side, max(8, v // factor * factor))
     if args.mask:
         if not args.init_image:
             raise ValueError(f"--mask {args.mask}: inpainting needs --init-image too")
@@ -203,7 +220,7 @@ def _generate_params(args) -> tuple[object, list[str], dict]:
         raise ValueError(f"--fps {args.fps}: must be > 0 (the notes use 1 frame per step per second)")
     params = GenerationParams(**fields)
     params.save_process = bool(args.save_process)
-    params.validate()
+    params.validate(factor=factor)
     _check_names(params)
     return params, notes, source
 
@@ -247,11 +264,8 @@ class _FirstInterrupt:
 def cmd_generate(args) -> int:
     from ..media.process import write_process_video
     from ..pipelines.infotext import save_png_with_infotext
-    from ..pipelines.shipped import SHIPPED
 
     params, notes, source = _generate_params(args)
-    if args.from_image and args.model is None and source.get("Model") in SHIPPED:
-        args.model = source["Model"]
     for n in notes:
         _note(n)
     pipe = _load_pipeline(args)
@@ -274,7 +288,7 @@ def cmd_generate(args) -> int:
         print(save_png_with_infotext(img, out / f"{stem}.png", text))
         if params.save_process:
             for path in write_process_video(pipe, result, out / f"{stem}-process", index=i,
-                                            mode=args.process_mode or "preview", fps=args.fps or 1.0):
+                                            mode=args.process_mode or "auto", fps=args.fps or 1.0):
                 print(path)
     if result.interrupted:
         _note("the run was interrupted: the images hold the last x0 estimate")
@@ -368,23 +382,25 @@ def cmd_info(args) -> int:
 
 # ---------------------------------------------------------------------------------------- compare
 def cmd_compare(args) -> int:
-    from tqdm import tqdm
-
     from ..media.compare import compare, plan, write_comparison
     from ..pipelines.params import GenerationParams
+    from ..progress import progress as progress_bar
 
     if not args.video and (args.process_mode is not None or args.fps is not None):
         raise ValueError("--process-mode and --fps describe the comparison video: add --video")
     if args.fps is not None and not args.fps > 0:
         raise ValueError(f"--fps {args.fps}: must be > 0 (the notes use 1 frame per step per second)")
-    base = GenerationParams(prompt=args.prompt, **{name: getattr(args, dest) for dest, name in FLAG_FIELDS.items()
-                                                   if hasattr(args, dest) and getattr(args, dest) is not None})
+    factor, recommended = _model_facts(args)
+    flags = {name: getattr(args, dest) for dest, name in FLAG_FIELDS.items()
+             if hasattr(args, dest) and getattr(args, dest) is not None}
+    base = GenerationParams(prompt=args.prompt, **{**recommended, **flags})
+    base.validate(factor=factor)
     base = base.copy(seed=base.resolved_seed())
     lists = dict(samplers=_csv(args.samplers, str, "--samplers"), schedulers=_csv(args.schedulers, str, "--schedulers"),
                  steps_list=_csv(args.steps_list, int, "--steps-list"), cfg_list=_csv(args.cfg_list, float, "--cfg-list"))
     cells = plan(base, args.axes, **lists)[0]                          # every name checked before loading
     pipe = _load_pipeline(args)
-    bar = tqdm(total=sum(len(r) for r in cells), desc="compare", unit="image", disable=None)
+    bar = progress_bar(sum(len(r) for r in cells), "compare", "image", interval=0)   # a line per finished cell
     steps = StepBars(leave=False)
 
     def progress(label):
@@ -392,7 +408,7 @@ def cmd_compare(args) -> int:
         bar.update(1)
 
     try:
-        comp = compare(pipe, base, args.axes, video=args.video, process_mode=args.process_mode or "preview",
+        comp = compare(pipe, base, args.axes, video=args.video, process_mode=args.process_mode or "auto",
                        progress=progress, callback=steps, **lists)
     finally:
         steps.close()
@@ -459,10 +475,10 @@ def _study_samplers(args) -> int:
         cfg.schedules = tuple(cfg.schedules[:3])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    from tqdm import tqdm
+    from ..progress import progress
 
     samplers = [s for s in (cfg.samplers or study.INFO) if s not in study.EXCLUDED]
-    bar = tqdm(total=len(samplers) * len(cfg.schedules), desc="sampler x schedule", unit="pair")
+    bar = progress(len(samplers) * len(cfg.schedules), "sampler x schedule", "pair")
 
     def progress(label):
         bar.set_postfix_str(label)
@@ -499,17 +515,32 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
 
 def _sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--negative-prompt", default=None, help="what to steer away from (the CFG uncond text)")
-    p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale (default 7)")
+    p.add_argument("--cfg-scale", type=float, default=None,
+                   help="classifier-free guidance scale (default: the model card's, 5 for the shipped models; else 7)")
     p.add_argument("--seed", type=int, default=None, help="-1 = random (default); image i uses seed + i")
-    p.add_argument("--width", type=int, default=None, help="a multiple of 8 (default: the model's native size)")
-    p.add_argument("--height", type=int, default=None, help="a multiple of 8 (default: the model's native size)")
+    p.add_argument("--width", type=int, default=None, help="a multiple of the model's VAE factor (8 for SD, 4 for shapes; default: the native size)")
+    p.add_argument("--height", type=int, default=None, help="a multiple of the model's VAE factor (8 for SD, 4 for shapes; default: the native size)")
     p.add_argument("--clip-skip", type=int, default=None, help="A1111 'Clip skip' (default 1)")
 
 
 def cmd_eval(args) -> int:
     from ..evaluation.evaluate import format_markdown, run_from_args
+    from ..progress import progress
 
-    print(format_markdown(run_from_args(args)))
+    bar = None
+
+    def advance(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = progress(total, "eval", "image")
+        bar.update(done - bar.n)
+
+    try:
+        result = run_from_args(args, progress=advance)
+    finally:
+        if bar is not None:
+            bar.close()
+    print(format_markdown(result))
     return 0
 
 
@@ -526,9 +557,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help='the prompt (A1111 syntax: (word:1.2), [from:to:when], BREAK); "" = unconditional')
     _model_flags(g)
     _sampling_flags(g)
-    g.add_argument("--steps", type=int, default=None, help="sampling steps (default 20)")
-    g.add_argument("--sampler", default=None, help='A1111 name or id: "Euler", "DPM++ 2M", dpmpp_2m, ... (default DPM++ 2M)')
-    g.add_argument("--scheduler", default=None, help='sigma schedule: "Automatic" (default), Karras, Normal, Exponential, ...')
+    g.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model card's, else 20)")
+    g.add_argument("--sampler", default=None,
+                   help='A1111 name or id: "Euler", "DPM++ 2M", dpmpp_2m, ... (default: the model card\'s, else DPM++ 2M)')
+    g.add_argument("--scheduler", default=None,
+                   help='sigma schedule: Karras, Normal, Exponential, ..., "Automatic" = the sampler\'s own '
+                        '(default: the model card\'s, Karras for the shipped models; else Automatic)')
     g.add_argument("--batch-size", type=int, default=None, help="images per batch (default 1)")
     g.add_argument("--n-iter", type=int, default=None, help="batches (default 1)")
     g.add_argument("--subseed", type=int, default=None, help="A1111 variation seed")
@@ -551,7 +585,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default="out", help="output folder (default out/)")
     g.add_argument("--save-process", action="store_true", help="also write an MP4 and a GIF with one frame per step")
     g.add_argument("--process-mode", choices=PROCESS_MODES, default=None,
-                   help="preview = cheap linear latent->RGB (default); decode = full VAE decode of each x0 estimate")
+                   help="what the frames show, each the step's x0 estimate: decode = through the VAE (the image "
+                        "the model would return there); preview = a cheap linear latent->RGB map (approximate "
+                        "colours, latent resolution); auto (default) = decode up to 256x256, else preview")
     g.add_argument("--fps", type=float, default=None, help="video frames per second (default 1: one step per second)")
     g.add_argument("--from", dest="from_image", default=None,
                    help="reproduce an image from the parameters in its PNG (flags given here override them)")
@@ -575,9 +611,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--schedulers", default=None, help='comma-separated (default "Normal,Karras" when varied)')
     c.add_argument("--steps-list", default=None, help="comma-separated step counts (default 10,20,30 when varied)")
     c.add_argument("--cfg-list", default=None, help="comma-separated CFG scales (default 3,5,7 when varied)")
-    c.add_argument("--steps", type=int, default=None, help="steps where they are not varied (default 20)")
+    c.add_argument("--steps", type=int, default=None, help="steps where they are not varied (default: the model card's, else 20)")
     c.add_argument("--video", action="store_true", help="also an MP4 of every cell denoising in lock-step")
-    c.add_argument("--process-mode", choices=PROCESS_MODES, default=None, help="video frames: preview (default) or decode")
+    c.add_argument("--process-mode", choices=PROCESS_MODES, default=None, help="video frames: auto (default: decode up to 256x256, else preview), decode or preview")
     c.add_argument("--fps", type=float, default=None, help="video frames per second (default 1)")
     c.add_argument("--out", default="out", help="output folder (default out/)")
     c.set_defaults(func=cmd_compare)

@@ -188,7 +188,7 @@ def _checked(planned: Plan) -> Plan:
 def compare(pipe, base: GenerationParams, axes: str = "samplers-x-schedulers", *,
             samplers: Sequence[str] | None = None, schedulers: Sequence[str] | None = None,
             steps_list: Sequence[int] | None = None, cfg_list: Sequence[float] | None = None,
-            video: bool = False, process_mode: str = "preview",
+            video: bool = False, process_mode: str = "auto",
             progress: Callable[[str], None] | None = None, callback=None) -> Comparison:
     """Run every cell of `plan(...)` on `pipe` and draw the labelled grid (and the lock-step frames).
 

@@ -94,8 +94,11 @@ class GenerationParams:
         """The job's first seed: the given one, or a random 32-bit one for -1 (as A1111)."""
         return int(self.seed) if int(self.seed) != -1 else (rng or random.SystemRandom()).randrange(2**32)
 
-    def validate(self) -> None:
-        """Raise ValueError naming the first bad field and what is valid."""
+    def validate(self, factor: int | None = None) -> None:
+        """Raise ValueError naming the first bad field and what is valid. `factor`: the model's latent
+        downsampling factor (`Pipeline.factor`: 8 for SD's VAE, 4 for `shapes`, 1 in pixel space); width
+        and height must be multiples of it. None (no model at hand) checks their range only; the
+        pipeline checks the rest with its own factor."""
         def bad(name, why):
             raise ValueError(f"{name}={getattr(self, name)!r}: {why}")
 
@@ -116,8 +119,17 @@ class GenerationParams:
             bad("steps", "must be an integer from 1 to 1000")
         for side in ("width", "height"):
             v = getattr(self, side)
-            if v is not None and (not isinstance(v, int) or v < 8 or v > MAX_SIDE or v % 8):
-                bad(side, f"must be a multiple of 8 from 8 to {MAX_SIDE} (the VAE downsamples by 8)")
+            if v is None:
+                continue
+            if factor is None:
+                if not isinstance(v, int) or isinstance(v, bool) or not 8 <= v <= MAX_SIDE:
+                    bad(side, f"must be an integer from 8 to {MAX_SIDE}")
+            elif not isinstance(v, int) or isinstance(v, bool) or not 8 <= v <= MAX_SIDE or v % factor:
+                low = -(-8 // factor) * factor
+                why = (f"the model's VAE downsamples by {factor}" if factor > 1 else
+                       "a pixel-space model: no VAE factor")
+                bad(side, f"must be {f'a multiple of {factor}' if factor > 1 else 'an integer'} from {low} to "
+                          f"{MAX_SIDE} ({why})")
         if not 0.0 <= float(self.denoising_strength) <= 1.0:
             bad("denoising_strength", "must be in [0, 1]")
         if not 0.0 <= float(self.subseed_strength) <= 1.0:

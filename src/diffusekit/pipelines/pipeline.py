@@ -50,7 +50,7 @@ from .latents import (LATENT_RGB, fill_masked, fit_latent_rgb, initial_noise, la
                       pil_to_tensor, prepare_mask, preview, tensor_to_pil)
 from .params import GenerationParams, GenerationResult, StepInfo
 from .sde_noise import BROWNIAN_SAMPLERS, changes_image, pass_noise, require_torchsde
-from .shipped import SHIPPED, resolve_model
+from .shipped import A1111_DEFAULTS, recommended, resolve_model, shipped_name
 
 # A1111's defaults for the SDXL refiner's aesthetic-score input (sdxl_refiner_high/low_aesthetic_score)
 AESTHETIC_SCORE_COND, AESTHETIC_SCORE_UNCOND = 6.0, 2.5
@@ -261,10 +261,14 @@ class Pipeline:
         self.schedule = DiscreteSchedule.from_name(b.kind, b.num_timesteps,
                                                    zero_terminal_snr=self.family.zero_terminal_snr, **opts)
         wrapper = VDenoiser if self.family.prediction_type == "v" else EpsDenoiser
-        self.denoiser = wrapper(UNetAdapter(self.unet), self.schedule)
+        # pixel space: the x0 estimate is clipped to the images' [-1, 1] at every step (see core.denoisers)
+        self.denoiser = wrapper(UNetAdapter(self.unet), self.schedule,
+                                data_range=(-1.0, 1.0) if self.family.pixel_space else None)
         self._rgb = None
         self._refiners: dict[str, Pipeline] = {}
         self.embeddings_dir = embeddings_dir     # textual-inversion files named by their stem in prompts
+        # sampler_name, scheduler, steps, cfg_scale the model's card recommends (shipped.recommended)
+        self.defaults: dict = dict(A1111_DEFAULTS)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -282,9 +286,12 @@ class Pipeline:
         if dtype is None and torch.device(device).type == "cpu":
             dtype = torch.float32
         parts = load_checkpoint(path, family=family, dtype=dtype, device="cpu")
-        if str(name_or_path) in SHIPPED:   # infotext "Model: shapes", not the file's stem "model"
-            parts.name = str(name_or_path)
-        return cls(parts, device=device, lora_dir=lora_dir, embeddings_dir=embeddings_dir)
+        shipped = shipped_name(path)
+        if shipped is not None:            # infotext "Model: shapes", not the file's stem "model"
+            parts.name = shipped
+        pipe = cls(parts, device=device, lora_dir=lora_dir, embeddings_dir=embeddings_dir)
+        pipe.defaults = recommended(path)
+        return pipe
 
     @property
     def lora_dir(self) -> Path | None:
@@ -453,7 +460,7 @@ class Pipeline:
         does after a /skip). Seeds follow A1111: image k of the call has `image_seeds(seed, subseed, ..., k)`.
         `info` of each: model, sampler and schedule ids, the resolved seed and subseed of the call, job_no,
         and `hashes`, the infotext's "Lora hashes" / "TI hashes" fields (A1111's extra_generation_params)."""
-        params.validate()
+        params.validate(factor=self.factor)
         self.refresh_embeddings()
         clean, loras = self._prompt_loras(params.prompt)
         hashes = {"Lora hashes": lora_hashes_text(loras) if loras else None,   # A1111: "name: <12 hex>, ..."
@@ -479,8 +486,6 @@ class Pipeline:
             require_torchsde(params.sde_noise)                     # before any model work
         width = params.width or self.family.default_size
         height = params.height or self.family.default_size
-        if width % self.factor or height % self.factor:
-            raise ValueError(f"width={width}, height={height}: must be multiples of {self.factor} for this model")
         seed = params.resolved_seed()
         subseed = params.subseed if params.subseed != -1 else random.SystemRandom().randrange(2**32)
         init = self._prepare_init(params, width, height) if params.is_img2img else None

@@ -78,14 +78,15 @@ class LossLog:
 
 
 class Progress:
-    """tqdm bar over optimizer steps, showing loss, images/s and the ETA."""
+    """Progress over optimizer steps, showing loss, images/s and the ETA: a tqdm bar on a terminal, a log
+    line every 30 s elsewhere (`diffusekit.progress`)."""
 
     def __init__(self, stage: str, start: int, total: int, enabled: bool = True):
         self.bar = None
         if enabled:
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, initial=start, desc=stage, unit="step", dynamic_ncols=True,
-                            mininterval=5.0)
+            from ..progress import progress
+            self.bar = progress(total, stage, "step", initial=start, interval=30.0, dynamic_ncols=True,
+                                mininterval=5.0)
         self._t, self._images = time.time(), 0
 
     def update(self, images: int, loss: float) -> None:
