@@ -60,6 +60,17 @@ def test_pixel_pipeline_describes_its_space(pipe):
     assert torch.equal(pipe.encode(x), x) and torch.equal(pipe.decode(x), x.clamp(-1, 1))
 
 
+def test_x0_estimates_are_clipped_to_the_pixel_range(pipe, sd1_pipe):
+    """Pixel space: the denoiser clips its x0 estimate to [-1, 1] (Ho et al.'s clip_denoised); at CFG 1 the
+    sampler's every estimate is then inside. Latent models are not clipped (latents have no fixed range)."""
+    assert pipe.denoiser.data_range == (-1.0, 1.0)
+    assert sd1_pipe.denoiser.data_range is None
+    seen = []
+    pipe.generate(GenerationParams(prompt="a red circle", seed=5, **{**SMALL, "cfg_scale": 1.0}),
+                  callback=lambda info: seen.append(info.denoised.abs().max().item()))
+    assert len(seen) == 3 and max(seen) <= 1.0
+
+
 def test_txt2img_latents_are_the_images_and_previews_are_them(pipe):
     seen = []
     r = pipe.generate(GenerationParams(prompt="a red circle", seed=5, batch_size=2, save_process=True, **SMALL),
