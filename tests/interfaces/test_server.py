@@ -60,7 +60,7 @@ def test_txt2img_a1111_response_and_infotext_inside_the_png(client):
     assert (parsed["Seed"], parsed["Sampler"], parsed["Steps"], parsed["Size-1"]) == ("123", "Euler a", "3", "32")
     assert parsed["Model"] == "tiny-a" == info["sd_model_name"]
     assert info["seed"] == 123 and info["all_seeds"] == [123] and info["sampler_name"] == "Euler a"
-    assert data["parameters"]["prompt"] == "a red circle" and data["parameters"]["sampler_index"] == "Euler"
+    assert data["parameters"]["prompt"] == "a red circle" and data["parameters"]["sampler_index"] is None
     assert info["unsupported_fields"] == [] and info["interrupted"] is False
 
 
@@ -98,11 +98,14 @@ def test_sampler_names_legacy_alias_and_defaults(client):
     assert info["sampler_name"] == "DDIM"
     _, info = txt2img(client, prompt="x", seed=1, sampler_name="dpmpp_2m", scheduler="exponential")
     assert (info["sampler_name"], info["scheduler"]) == ("DPM++ 2M", "Exponential")
-    _, info = txt2img(client, prompt="x", seed=1)                               # no sampler: Euler, as A1111's API
-    assert info["sampler_name"] == "Euler"
+    # nothing given: the model card's settings; the tiny model has no card: A1111's UI defaults, as the CLI's
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "seed": 1, "width": 32, "height": 32})
+    info = json.loads(r.json()["info"])
+    assert (info["sampler_name"], info["scheduler"], info["steps"], info["cfg_scale"]) == ("DPM++ 2M", "Automatic", 20, 7.0)
+    assert "Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.0," in info["infotexts"][0]
     schema = client.get("/openapi.json").json()["components"]["schemas"]["Txt2ImgRequest"]["properties"]
-    assert schema["steps"]["default"] == 50 and schema["sampler_index"]["default"] == "Euler"
-    assert schema["cfg_scale"]["default"] == 7.0 and schema["seed"]["default"] == -1
+    assert "default" not in schema["steps"] or schema["steps"]["default"] is None      # null = the model's
+    assert "model card" in schema["cfg_scale"]["description"] and schema["seed"]["default"] == -1
     assert client.get("/docs").status_code == 200
 
 

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from ...pipelines.infotext import MAX_INFOTEXT_CHARS
 from ...pipelines.cost import device_memory_bytes, estimate_memory, pixel_steps
 from ...pipelines.params import MAX_PROMPT_CHARS, GenerationParams
+from ...pipelines.shipped import A1111_DEFAULTS
 
 
 class RequestError(ValueError):
@@ -128,11 +129,12 @@ class Txt2ImgRequest(_Checked):
     seed_resize_from_w: Optional[int] = -1
     sampler_name: Optional[str] = Field(None, description="A1111 label ('DPM++ 2M'), id ('dpmpp_2m') or legacy "
                                                           "combined name ('DPM++ 2M Karras'); null = sampler_index")
-    scheduler: Optional[str] = Field(None, description="schedule label ('Karras') or id; null = 'Automatic'")
+    scheduler: Optional[str] = Field(None, description="schedule label ('Karras') or id; null = the model card's "
+                                                       "(Karras for the shipped models), else 'Automatic'")
     batch_size: Optional[int] = 1
     n_iter: Optional[int] = 1
-    steps: Optional[int] = 50
-    cfg_scale: Optional[float] = 7.0
+    steps: Optional[int] = Field(None, description="null = the model card's (20 for the shipped models), else 20")
+    cfg_scale: Optional[float] = Field(None, description="null = the model card's (5 for the shipped models), else 7")
     width: Optional[int] = Field(None, description="null = the model's native size (512 for SD 1.x)")
     height: Optional[int] = None
     restore_faces: Optional[bool] = None
@@ -167,7 +169,8 @@ class Txt2ImgRequest(_Checked):
     hr_prompt: Optional[str] = ""
     hr_negative_prompt: Optional[str] = ""
     force_task_id: Optional[str] = None
-    sampler_index: Optional[str] = "Euler"
+    sampler_index: Optional[str] = Field(None, description="A1111's older name of sampler_name; both null = the "
+                                                           "model card's sampler (DPM++ 2M), else 'DPM++ 2M'")
     script_name: Optional[str] = None
     script_args: Optional[list[Any]] = Field(default_factory=list)
     send_images: Optional[bool] = True
@@ -340,8 +343,12 @@ def _or(value, default):
     return default if value is None else value
 
 
-def to_generation_params(req: Txt2ImgRequest, *, init_images=None, mask=None, clip_skip: int = 1) -> GenerationParams:
-    """The GenerationParams a request asks for (images already decoded to PIL). Validation happens later."""
+def to_generation_params(req: Txt2ImgRequest, *, init_images=None, mask=None, clip_skip: int = 1,
+                         defaults: dict | None = None) -> GenerationParams:
+    """The GenerationParams a request asks for (images already decoded to PIL). Validation happens later.
+    `defaults`: sampler_name, scheduler, steps and cfg_scale for the fields the request leaves null: those
+    the model's card recommends (`shipped.recommended`), A1111's (`A1111_DEFAULTS`) when not given."""
+    d = defaults or A1111_DEFAULTS
     overrides = req.override_settings or {}
     if overrides.get("CLIP_stop_at_last_layers") is not None:
         v = overrides["CLIP_stop_at_last_layers"]
@@ -349,10 +356,10 @@ def to_generation_params(req: Txt2ImgRequest, *, init_images=None, mask=None, cl
             raise RequestError(f"override_settings.CLIP_stop_at_last_layers={v!r}: must be an integer from 1 to 12",
                                field="override_settings.CLIP_stop_at_last_layers")
         clip_skip = v
-    sampler = req.sampler_name or req.sampler_index or "Euler"
+    sampler = req.sampler_name or req.sampler_index or d["sampler_name"]
     p = GenerationParams(
-        prompt=_or(req.prompt, ""), negative_prompt=_or(req.negative_prompt, ""), steps=_or(req.steps, 50),
-        sampler_name=sampler, scheduler=_or(req.scheduler, "Automatic"), cfg_scale=float(_or(req.cfg_scale, 7.0)),
+        prompt=_or(req.prompt, ""), negative_prompt=_or(req.negative_prompt, ""), steps=_or(req.steps, d["steps"]),
+        sampler_name=sampler, scheduler=_or(req.scheduler, d["scheduler"]), cfg_scale=float(_or(req.cfg_scale, d["cfg_scale"])),
         seed=_or(req.seed, -1), subseed=_or(req.subseed, -1), subseed_strength=float(_or(req.subseed_strength, 0.0)),
         batch_size=_or(req.batch_size, 1), n_iter=_or(req.n_iter, 1), width=req.width, height=req.height,
         clip_skip=clip_skip, eta=req.eta, s_churn=float(_or(req.s_churn, 0.0)), s_tmin=float(_or(req.s_tmin, 0.0)),
