@@ -54,7 +54,7 @@ async function loadLists() {
     api("/sdapi/v1/samplers"), api("/sdapi/v1/schedulers"), api("/sdapi/v1/sd-models"),
     api("/sdapi/v1/options"), api("/diffusekit/v1/info"),
   ]);
-  fillSelect($("sampler"), samplers.map((s) => [s.name, s.name]), "Euler a");
+  fillSelect($("sampler"), samplers.map((s) => [s.name, s.name]), "DPM++ 2M");
   fillSelect($("scheduler"), schedulers.map((s) => [s.label, s.label]), "Automatic");
   fillSelect($("model"), models.map((m) => [m.title, m.model_name]), options.sd_model_checkpoint);
   const box = $("compare-samplers");
@@ -64,8 +64,19 @@ async function loadLists() {
     l.innerHTML = `<input type="checkbox" value="${s.name}" ${i < 4 ? "checked" : ""}> ${s.name}`;
     box.appendChild(l);
   });
-  if (info.native_size) { $("width").value = info.native_size; $("height").value = info.native_size; }
+  applyModelInfo(info);
   $("status").textContent = info.model ? `${info.model} · ${info.device}` : "no model selected";
+}
+
+// the model's native size and the sampling settings its card recommends (the server's defaults too)
+function applyModelInfo(info) {
+  if (info.native_size) { $("width").value = info.native_size; $("height").value = info.native_size; }
+  const d = info.defaults;
+  if (!d) return;
+  if ([...$("sampler").options].some((o) => o.value === d.sampler_name)) $("sampler").value = d.sampler_name;
+  if ([...$("scheduler").options].some((o) => o.value === d.scheduler)) $("scheduler").value = d.scheduler;
+  $("steps").value = d.steps;
+  $("cfg_scale").value = d.cfg_scale;
 }
 
 $("model").addEventListener("change", async () => {
@@ -73,7 +84,7 @@ $("model").addEventListener("change", async () => {
   try {
     await api("/sdapi/v1/options", { sd_model_checkpoint: $("model").value });
     const info = await api("/diffusekit/v1/info");
-    if (info.native_size) { $("width").value = info.native_size; $("height").value = info.native_size; }
+    applyModelInfo(info);
     $("status").textContent = `${info.model} · ${info.device}`;
   } catch (e) { $("status").textContent = String(e.message || e); }
 });
