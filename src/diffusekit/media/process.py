@@ -9,8 +9,9 @@ map is a least-squares fit, whose colours are only roughly the image's) or throu
 decoder (`mode="decode"`, one decode per step: the frames are images the model would output, and the
 last one is the result). `mode="auto"`, the default, decodes where that is cheap: pixel-space models
 (the x0 estimate is the image) and images of at most `AUTO_DECODE_MAX_PIXELS` (256 x 256: the shipped
-`shapes` model's 64 x 64 decode takes about 1.5 sampling steps' time, a second for a 20-step video on
-a CPU), and previews larger ones (an SD 1.5 decode at 512 x 512 takes seconds on a CPU). Every frame is brought to the final image's size and gets a
+`shapes` model's 64 x 64 decode takes as long as one or two of its sampling steps, measured 1.2-1.6x
+the whole 20-step generation for the 20 frames on a CPU), and previews larger ones (an SD 1.5 decode at
+512 x 512 takes seconds on a CPU). Every frame is brought to the final image's size and gets a
 caption bar "step i/n  sigma s" (with the pass name when a run has several: img2img, hires, refiner).
 The notes play them at 1 frame per step per second.
 """
