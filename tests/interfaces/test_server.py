@@ -202,6 +202,38 @@ def test_options_switch_model_and_refuse_names_outside_the_folder(client, models
     assert info["sd_model_name"] == "tiny-a"
 
 
+def test_a_shipped_model_answers_with_its_cards_defaults_its_name_and_its_vae_factor(client):
+    """One set of defaults: a request that names no sampler, steps or CFG gets what the model's card
+    recommends (shapes: DPM++ 2M Karras, 20 steps, CFG 5), as the CLI does; the infotext names the
+    shipped model, not its file's stem; a size error names this model's VAE factor (4; SD's is 8)."""
+    shapes = {"override_settings": {"sd_model_checkpoint": "shapes"}}
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": "a red circle", "seed": 1, **shapes})
+    assert r.status_code == 200, r.text
+    info = json.loads(r.json()["info"])
+    assert "Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 5.0, Seed: 1, Size: 64x64" in info["infotexts"][0]
+    assert "Model: shapes," in info["infotexts"][0] and info["sd_model_name"] == "shapes"
+    params = r.json()["parameters"]
+    assert (params["sampler_name"], params["scheduler"], params["steps"], params["cfg_scale"]) == \
+        ("DPM++ 2M", "Karras", 20, 5.0)                             # the request with its defaults filled in
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "width": 66, "steps": 1, **shapes})
+    assert r.status_code == 422 and "width=66: must be a multiple of 4" in r.text and "downsamples by 4" in r.text
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "width": 36, "height": 32, "steps": 1})   # tiny SD1
+    assert r.status_code == 422 and "multiple of 8" in r.text and "downsamples by 8" in r.text
+    assert client.get("/diffusekit/v1/info").json()["defaults"] == \
+        {"sampler_name": "DPM++ 2M", "scheduler": "Automatic", "steps": 20, "cfg_scale": 7.0}   # tiny-a: no card
+
+
+def test_api_docs_are_served_from_this_server(client):
+    """/docs and /redoc load Swagger UI / ReDoc from this server (fastapi-offline's files), never a CDN."""
+    for page, asset in (("/docs", "swagger-ui-bundle.js"), ("/redoc", "redoc.standalone.js")):
+        html = client.get(page)
+        assert html.status_code == 200 and f"/docs-assets/{asset}" in html.text
+        assert "https://" not in html.text.replace("https://github.com", "")   # no CDN, no Google Fonts
+        js = client.get(f"/docs-assets/{asset}")
+        assert js.status_code == 200 and len(js.content) > 500_000
+    assert client.get("/docs-assets/swagger-ui.css").status_code == 200
+
+
 def test_png_info(client):
     data, info = txt2img(client, prompt="a cat, sitting: calmly", seed=77)
     r = client.post("/sdapi/v1/png-info", json={"image": data["images"][0]})

@@ -38,6 +38,9 @@ def test_type_a_prompt_generate_and_see_the_image_with_its_seed(page):
     assert {"Euler", "Euler a", "DPM++ 2M"} <= set(options)                 # filled from /sdapi/v1/samplers
     assert "Karras" in page.eval_on_selector_all("#scheduler option", "els => els.map(e => e.value)")
     assert page.input_value("#width") == "512"                              # the tiny SD1 model's native size
+    # the model's defaults (/diffusekit/v1/info): tiny-a has no card, so A1111's, as the CLI and the API use
+    assert (page.input_value("#sampler"), page.input_value("#steps"), page.input_value("#cfg_scale")) == \
+        ("DPM++ 2M", "20", "7")
     page.fill("#prompt", "a red circle in the browser")
     page.select_option("#sampler", "Euler")
     page.fill("#steps", "4")
@@ -102,3 +105,28 @@ def test_img2img_tab_with_an_uploaded_image(page, tmp_path):
     assert fig.get_attribute("data-seed") == "99"
     assert "Denoising strength: 0.6" in fig.query_selector("pre.infotext").inner_text()
     assert page.errors == []
+
+
+def test_api_docs_render_offline(page, server):
+    """Swagger UI at /docs draws the API from files this server serves: every request that would leave
+    the server (a CDN) is refused and recorded, and none is made."""
+    outside = []
+
+    def only_this_server(route):
+        if route.request.url.startswith(server.url):
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
+
+    docs = page.context.browser.new_page()
+    try:
+        docs.route("**/*", only_this_server)
+        docs.goto(server.url + "/docs")
+        docs.wait_for_selector(".swagger-ui .opblock-summary-path", timeout=30_000)
+        paths = docs.eval_on_selector_all(".opblock-summary-path", "els => els.map(e => e.textContent)")
+        assert "/sdapi/v1/txt2img" in paths and "/diffusekit/v1/compare" in paths
+        assert outside == []
+        docs.screenshot(path=str(ARTIFACTS / "api-docs.png"))
+    finally:
+        docs.close()

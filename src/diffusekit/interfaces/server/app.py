@@ -19,6 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from ...version import __version__
 from .checkpoints import ModelStore
 from . import errors
+from .docs import add_offline_docs
 from .jobs import ClientWatch, Worker
 from .loras import LoraCatalog
 from .middleware import BasicAuth, BodyLimit, parse_api_auth
@@ -68,7 +69,9 @@ def create_app(*, model: str | None = "shapes", models_dir: str | os.PathLike | 
         await run_in_threadpool(worker.stop)
 
     app = FastAPI(title="diffusekit", version=__version__, lifespan=lifespan, responses=ERROR_RESPONSES,
+                  docs_url=None, redoc_url=None,
                   description="AUTOMATIC1111-compatible /sdapi/v1 API and diffusekit's own /diffusekit/v1 endpoints.")
+    add_offline_docs(app)                    # /docs and /redoc from files this server serves (no CDN)
     app.state.service, app.state.worker, app.state.limits, app.state.flags = service, worker, limits, flags
 
     errors.install(app)                       # one error shape; no error drops the connection

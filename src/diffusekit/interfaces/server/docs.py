@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from starlette.requests import Request
+
 ASSETS_URL = "/docs-assets"
 
 
@@ -33,7 +35,6 @@ def add_offline_docs(app, docs_url: str = "/docs", redoc_url: str = "/redoc") ->
     must have been created with docs_url=None and redoc_url=None (FastAPI's CDN pages off)."""
     from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
     from fastapi.staticfiles import StaticFiles
-    from starlette.requests import Request
 
     app.mount(ASSETS_URL, StaticFiles(directory=docs_assets()), name="docs-assets")
     title = app.title

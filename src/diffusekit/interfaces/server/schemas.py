@@ -230,11 +230,12 @@ class CompareRequest(_Checked):
     prompt: str = ""
     negative_prompt: str = ""
     seed: int = -1
-    steps: int = 20
-    cfg_scale: float = 7.0
+    steps: Optional[int] = Field(None, description="null = the model card's (20 for the shipped models), else 20")
+    cfg_scale: Optional[float] = Field(None, description="null = the model card's (5 for the shipped models), else 7")
     width: Optional[int] = None
     height: Optional[int] = None
-    scheduler: str = "Automatic"
+    scheduler: Optional[str] = Field(None, description="null = the model card's (Karras for the shipped models), "
+                                                       "else 'Automatic'")
     samplers: list[str] = Field(default_factory=lambda: ["Euler", "Euler a", "DPM++ 2M", "DDIM"],
                                 description="the X axis: sampler names")
     y_axis: str = Field("scheduler", description="what varies down the rows: scheduler | steps | cfg_scale | seed")
@@ -444,8 +445,9 @@ def check_memory(p: GenerationParams, pipe, budget_bytes: int | None) -> dict:
     return est
 
 
-def validate_params(p: GenerationParams, limits: Limits) -> None:
-    """Limits first (they name the server limit), then the library's own checks (they name the field)."""
+def validate_params(p: GenerationParams, limits: Limits, factor: int | None = None) -> None:
+    """Limits first (they name the server limit), then the library's own checks (they name the field);
+    `factor`: the model's latent factor once it is known (the size rule names it)."""
     check_limits(p, limits)
     # two fields GenerationParams.validate does not check (torch would fail later without naming them)
     if not -2**63 <= int(p.subseed) < 2**63:
@@ -454,7 +456,7 @@ def validate_params(p: GenerationParams, limits: Limits) -> None:
         raise RequestError(f"inpainting_fill={p.inpainting_fill!r}: valid are 0 (fill), 1 (original), "
                            f"2 (latent noise), 3 (latent nothing)", field="inpainting_fill")
     try:
-        p.validate()
+        p.validate(factor=factor)
     except (ValueError, TypeError) as e:       # the message starts with the field: "steps=0: ..." / "mask: ..."
         name = str(e).split("=", 1)[0].split(":", 1)[0]
         raise RequestError(str(e), field=name if name in _PARAM_FIELDS else None) from None

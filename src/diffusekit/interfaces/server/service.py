@@ -82,6 +82,13 @@ class Service:
         self._jobs = 0
         self.last_video: VideoSource | None = None
 
+    def defaults(self, entry: ModelEntry | None = None) -> dict:
+        """sampler_name, scheduler, steps, cfg_scale for what a request leaves null: the settings the card of
+        `entry` (else the selected model) recommends, as the CLI's defaults (`shipped.recommended`)."""
+        from ...pipelines.shipped import A1111_DEFAULTS, recommended
+        entry = entry or self.selected
+        return recommended(entry.path) if entry is not None else dict(A1111_DEFAULTS)
+
     def _entry_for_operator(self, model: str) -> ModelEntry:
         """The operator (command line) may name a listed model, a shipped one or any path."""
         try:
@@ -151,7 +158,7 @@ class Service:
         if model is not None and not restore:
             self.selected = model
         p = p.copy(width=p.width or pipe.family.default_size, height=p.height or pipe.family.default_size)
-        validate_params(p, self.limits)           # again, now that the model's native size is known
+        validate_params(p, self.limits, factor=pipe.factor)   # again, now that the model's size and VAE are known
         check_memory(p, pipe, self.memory_budget)  # and the memory the request needs on it
         self._jobs += 1
         t0 = time.perf_counter()
@@ -203,13 +210,16 @@ class Service:
         return Outcome(images, info)
 
     def _keep_video(self, pipe: Pipeline, r) -> None:
-        """Previews (cheap latent->RGB map, no VAE) of every step of the job's last image."""
+        """Every step of the job's last image: the noisy latent x_t as a preview (cheap latent->RGB map),
+        the x0 estimate decoded where that is cheap (`media.process`'s "auto", as the CLI's videos)."""
+        from ...media.process import step_frames
         i = len(r.images) - 1
         recs = [rec for rec in r.process if rec["x"].shape[0] > i]
+        x0 = [{**rec, "denoised": rec["denoised"][i:i + 1]} for rec in recs]
         self.last_video = VideoSource(
             job_id=self._jobs, seed=r.seeds[i], infotext=r.infotexts[i],
             x_frames=[pipe.preview(rec["x"][i:i + 1])[0] for rec in recs],
-            denoised_frames=[pipe.preview(rec["denoised"][i:i + 1])[0] for rec in recs],
+            denoised_frames=step_frames(pipe, x0, r.images[i].size, "auto"),
             sigmas=[float(rec["sigma"]) for rec in recs], final=r.images[i].copy())
 
     # ------------------------------------------------------------------ compare samplers

@@ -32,7 +32,7 @@ def router(state: ServerState) -> APIRouter:
     async def compare(req: CompareRequest):
         """An X/Y grid: the samplers across, `y_axis` (scheduler | steps | cfg_scale | seed) down."""
         await run_in_threadpool(check_prompt_loras, loras, req.prompt)
-        planned = await run_in_threadpool(compare_plan, req, limits)
+        planned = await run_in_threadpool(compare_plan, req, limits, service.defaults())
         grid, info = await state.run_job("compare", lambda ctx: service.compare(ctx, planned))
         info |= {"samplers": [str(s) for s in req.samplers], "rows": [str(v) for v in req.y_values],
                  "y_axis": req.y_axis}
@@ -55,12 +55,13 @@ def router(state: ServerState) -> APIRouter:
         pipe, sel = service.loaded, service.selected
         return {"version": __version__, "model": sel.name if sel else None,
                 "family": pipe.family.name if pipe else None, "native_size": pipe.family.default_size if pipe else None,
-                "limits": limits.as_dict(), "queue_size": worker.queue_size, "device": service.device}
+                "limits": limits.as_dict(), "queue_size": worker.queue_size, "device": service.device,
+                "defaults": service.defaults()}
 
     return router
 
 
-def compare_plan(req: CompareRequest, limits: Limits) -> comparison.Plan:
+def compare_plan(req: CompareRequest, limits: Limits, defaults: dict) -> comparison.Plan:
     """The grid's cells (`media.compare.grid`: samplers across, y_axis down), checked before anything is queued."""
     if not req.samplers:
         raise RequestError("samplers: give at least one sampler name", field="samplers")
@@ -79,8 +80,9 @@ def compare_plan(req: CompareRequest, limits: Limits) -> comparison.Plan:
             values.append(read(v))
         except (TypeError, ValueError, OverflowError):
             raise RequestError(f"y_values: {v!r} is not a valid {req.y_axis}", field="y_values") from None
-    base = GenerationParams(prompt=req.prompt, negative_prompt=req.negative_prompt, seed=req.seed, steps=req.steps,
-                            cfg_scale=req.cfg_scale, width=req.width, height=req.height, scheduler=req.scheduler)
+    given = {"steps": req.steps, "cfg_scale": req.cfg_scale, "scheduler": req.scheduler}   # null: the model's
+    base = GenerationParams(prompt=req.prompt, negative_prompt=req.negative_prompt, seed=req.seed, width=req.width,
+                            height=req.height, **{k: defaults[k] if v is None else v for k, v in given.items()})
     for v in values:
         row = base.copy(**{req.y_axis: v})
         for s in req.samplers:

@@ -29,13 +29,14 @@ def router(state: ServerState) -> APIRouter:
     # ---------------------------------------------------------------- generation
     def prepare(req: Txt2ImgRequest, images: list | None, mask) -> tuple:
         unsupported = unsupported_fields(req, has_mask=mask is not None)
-        p = to_generation_params(req, init_images=images, mask=mask, clip_skip=service.clip_skip)
-        sampler_labels(p.sampler_name, p.scheduler)              # unknown names: 422 before queueing
-        check_prompt_loras(loras, p.prompt)                       # unknown LoRAs too, before a model loads
         overrides = req.override_settings or {}
         entry = None
         if overrides.get("sd_model_checkpoint") not in (None, ""):
             entry = store.find(overrides["sd_model_checkpoint"], field="override_settings.sd_model_checkpoint")
+        p = to_generation_params(req, init_images=images, mask=mask, clip_skip=service.clip_skip,
+                                 defaults=service.defaults(entry))   # null fields: the model card's settings
+        sampler_labels(p.sampler_name, p.scheduler)              # unknown names: 422 before queueing
+        check_prompt_loras(loras, p.prompt)                       # unknown LoRAs too, before a model loads
         if req.refiner_checkpoint not in (None, "", "None"):
             p.refiner_checkpoint = str(store.find(req.refiner_checkpoint, field="refiner_checkpoint").path)
         validate_params(p, limits)
@@ -48,6 +49,8 @@ def router(state: ServerState) -> APIRouter:
                                                                     unsupported=unsupported))
         encoded = await run_in_threadpool(lambda: [encode_png(i) for i in outcome.images]) if req.send_images is not False else []
         params = req.model_dump()
+        params.update({k: getattr(p, k) for k in ("sampler_name", "scheduler", "steps", "cfg_scale")
+                       if params[k] is None and not (k == "sampler_name" and params["sampler_index"])})
         if isinstance(req, Img2ImgRequest) and not req.include_init_images:
             params["init_images"], params["mask"] = None, None
         return {"images": encoded, "parameters": params, "info": json.dumps(outcome.info)}
