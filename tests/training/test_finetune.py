@@ -174,28 +174,9 @@ def test_lora_file_acts_the_same_in_diffusers_peft(tmp_path):
     diffusers StableDiffusionPipeline with `load_lora_weights` (peft layers, not fused) and applied by
     our loader to the same weights: UNet and text-encoder outputs agree to 1e-5 of the output scale."""
     pytest.importorskip("peft")
-    diffusers = pytest.importorskip("diffusers")
     parity = _load("_parity", "pipelines/test_parity_diffusers.py")
     from diffusekit import Pipeline
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, sample_size=16,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=2, cross_attention_dim=32)
-    vae = diffusers.AutoencoderKL(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
-                                  down_block_types=("DownEncoderBlock2D",) * 2,
-                                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4)
-    with torch.no_grad():
-        for m in (unet, vae):
-            for p in m.parameters():
-                p.copy_(torch.randn_like(p) * 0.05)
-    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2, vocab_size=49408,
-        max_position_embeddings=77, hidden_act="quick_gelu")).eval()
-    ref = diffusers.StableDiffusionPipeline(
-        vae=vae.eval(), text_encoder=text, tokenizer=parity.clip_tokenizer_folder(tmp_path / "tok"), unet=unet.eval(),
-        scheduler=diffusers.DDIMScheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    ref = parity.tiny_diffusers_pipeline(tmp_path)
     ref.save_pretrained(tmp_path / "pipe")
     ours = Pipeline.from_pretrained(tmp_path / "pipe").parts          # a diffusers folder as the base
     net = LoRANetwork(ours, rank=3, alpha=1.5, targets=("attn", "proj", "ff", "conv", "te"), conv_rank=2,
