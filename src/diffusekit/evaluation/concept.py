@@ -80,41 +80,53 @@ def concept_scores(images, scenes: list[Scene]) -> dict[str, float]:
 
 def evaluate_finetune(*, lora: str | Path | None = None, embedding: str | Path | None = None, base: str = "shapes",
                       n_concept: int = 50, n_single: int = 60, n_pair: int = 30, word: str = CONCEPT,
-                      settings: dict | None = None) -> dict:
+                      include_base: bool = True, settings: dict | None = None) -> dict:
     """Detector scores of `base` with a LoRA file (prompt tag `<lora:NAME:1>`) or a textual-inversion file
-    (prompts write `word`) against the plain base: the new concept on held-out prompts, and the old
+    (prompts write `word`) and of the plain base: the new concept on held-out prompts, and the old
     vocabulary (`adherence.evaluate_adherence`, hexagon among the detector's candidates, so a circle
-    drawn as a hexagon counts as a miss) with the fine-tune loaded. Returns a JSON-able dict."""
+    drawn as a hexagon counts as a miss). An embedding cannot change a prompt that does not name it:
+    its old-vocabulary images are checked to be bit-identical to the base's on a few prompts and its
+    scores are the base's. Returns a JSON-able dict (base numbers only with include_base)."""
     from ..pipelines.pipeline import Pipeline
-    from .adherence import evaluate_adherence, pipeline_generator
+    from .adherence import adherence_prompts, evaluate_adherence, pipeline_generator
     settings = settings or dict(steps=20, sampler_name="DPM++ 2M", scheduler="Karras", cfg_scale=5.0)
-    if (lora is None) == (embedding is None):
-        raise ValueError("give exactly one of lora= (a .safetensors LoRA) or embedding= (a textual-inversion file)")
-    path = Path(lora or embedding)
-    pipe = Pipeline.from_pretrained(base, **({"lora_dir": path.parent} if lora else {"embeddings_dir": path.parent}))
+    if lora is not None and embedding is not None:
+        raise ValueError("give one of lora= (a .safetensors LoRA) or embedding= (a textual-inversion file), or neither")
+    path = Path(lora or embedding) if (lora or embedding) else None
+    kw = {} if path is None else {"lora_dir": path.parent} if lora else {"embeddings_dir": path.parent}
+    pipe = Pipeline.from_pretrained(base, **kw)
     plain = pipeline_generator(pipe, **settings)
     tag = f" <lora:{path.stem}:1>" if lora else ""
     tuned = lambda prompt, seed: plain(prompt + tag, seed)      # noqa: E731
-    scenes = heldout_concept_scenes(n_concept, word=word)
-    base_scenes = heldout_concept_scenes(n_concept)              # the base model is asked in plain words
-    out = {"file": str(path), "settings": settings, "n_concept": n_concept, "n_single": n_single, "n_pair": n_pair,
-           "concept_base": concept_scores([plain(t, 3000 + i) for i, (_, t) in enumerate(base_scenes)],
-                                          [s for s, _ in base_scenes]),
-           "concept_tuned": concept_scores([tuned(t, 3000 + i) for i, (_, t) in enumerate(scenes)],
-                                           [s for s, _ in scenes]),
-           "prompts": [t for _, t in scenes[:5]]}
-    old = {name: evaluate_adherence(gen, n_single=n_single, n_pair=n_pair, shapes=ALL_SHAPES)
-           for name, gen in (("base", plain), ("tuned", tuned))}
-    out["old_base"] = {"single": old["base"].single, "pair": old["base"].pair}
-    out["old_tuned"] = {"single": old["tuned"].single, "pair": old["tuned"].pair}
-    out["old_kept"] = {f"{g}.{k}": (old["tuned"].__dict__[g][k] / v if v else 1.0)
-                       for g in ("single", "pair") for k, v in old["base"].__dict__[g].items()}
+    out = {"file": str(path) if path else None, "settings": settings, "n_concept": n_concept,
+           "n_single": n_single, "n_pair": n_pair}
+
+    def concept(gen, w):
+        scenes = heldout_concept_scenes(n_concept, word=w)
+        return concept_scores([gen(t, 3000 + i) for i, (_, t) in enumerate(scenes)], [s for s, _ in scenes])
+
+    if include_base:
+        out["concept_base"] = concept(plain, CONCEPT)             # the base is asked in plain words
+        old = evaluate_adherence(plain, n_single=n_single, n_pair=n_pair, shapes=ALL_SHAPES)
+        out["old_base"] = {"single": old.single, "pair": old.pair}
+    if path is None:
+        return out
+    out["concept_tuned"] = concept(tuned, word)
+    out["prompts"] = [t for _, t in heldout_concept_scenes(3, word=word)]
+    if embedding is not None:
+        bare = pipeline_generator(Pipeline.from_pretrained(base), **settings)
+        singles, _ = adherence_prompts(3, 0)
+        out["old_identical_without_the_word"] = all(
+            plain(s.caption, 1000 + i).tobytes() == bare(s.caption, 1000 + i).tobytes() for i, s in enumerate(singles))
+        return out
+    old = evaluate_adherence(tuned, n_single=n_single, n_pair=n_pair, shapes=ALL_SHAPES)
+    out["old_tuned"] = {"single": old.single, "pair": old.pair}
     return out
 
 
 def main(argv=None) -> None:
     """python -m diffusekit.evaluation.concept data FOLDER [--n 200] [--word W]
-    python -m diffusekit.evaluation.concept eval (--lora FILE | --embedding FILE) [--word W] [--json OUT]"""
+    python -m diffusekit.evaluation.concept eval [--lora FILE | --embedding FILE] [--word W] [--no-base] [--json OUT]"""
     import argparse
     import time
 
@@ -133,6 +145,7 @@ def main(argv=None) -> None:
     e.add_argument("--n-single", type=int, default=60)
     e.add_argument("--n-pair", type=int, default=30)
     e.add_argument("--threads", type=int, default=1)
+    e.add_argument("--no-base", action="store_true", help="skip the base model's numbers")
     e.add_argument("--json")
     a = ap.parse_args(argv)
     if a.cmd == "data":
@@ -141,7 +154,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(a.threads)
     t0 = time.time()
     res = evaluate_finetune(lora=a.lora, embedding=a.embedding, word=a.word, n_concept=a.n_concept,
-                            n_single=a.n_single, n_pair=a.n_pair)
+                            n_single=a.n_single, n_pair=a.n_pair, include_base=not a.no_base)
     res["wall_s"] = round(time.time() - t0, 1)
     text = json.dumps(res, indent=2)
     print(text)
