@@ -241,5 +241,6 @@ def save_kohya_lora(tensors: Mapping[str, torch.Tensor], path: str | Path, metad
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.safetensors")
     save_file(dict(tensors), str(tmp), metadata=meta)
+    os.chmod(tmp, 0o644)                          # safetensors creates 0600; a LoRA file is meant to be shared
     os.replace(tmp, path)
     return path
