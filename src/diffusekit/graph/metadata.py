@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from .. import __version__
+from ..version import __version__
 from ..core import samplers as sampler_registry
 from ..core import sigmas as sigma_schedules
 from ..pipelines.infotext import format_infotext

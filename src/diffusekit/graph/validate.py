@@ -21,7 +21,7 @@ from typing import Any
 
 from .spec import NODES, Input, NodeSpec
 
-CHOICES_SHOWN = 20   # ComfyUI leaves longer choice lists out of the message (scanned model folders)
+CHOICES_SHOWN = 64   # longer choice lists are left out of the message (ComfyUI: 20; ours name every sampler)
 
 
 @dataclass
