@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from conftest import SERVER_LIMITS, ServerProcess
-from test_webui_browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS
+from test_webui_browser import ARTIFACTS, open_page
 
 EXAMPLES = ARTIFACTS.parent / "examples" / "workflows"
 
@@ -29,22 +29,10 @@ def comfy_server(models_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def page(comfy_server):
-    sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed")
-    if not CHROMIUM or not __import__("pathlib").Path(CHROMIUM).is_file():
-        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            pg = browser.new_page(viewport={"width": 1200, "height": 1000})
-            errors = []
-            pg.on("pageerror", lambda e: errors.append(str(e)))
-            pg.goto(comfy_server.url + "/")
-            pg.click("#tab-workflow")
-            pg.wait_for_function("document.getElementById('wf-socket').textContent === 'connected'", timeout=30_000)
-            pg.errors = errors
-            yield pg
-        finally:
-            browser.close()
+    with open_page(comfy_server.url + "/") as pg:
+        pg.click("#tab-workflow")
+        pg.wait_for_function("document.getElementById('wf-socket').textContent === 'connected'", timeout=30_000)
+        yield pg
 
 
 def two_samplers(steps: int = 6) -> dict:

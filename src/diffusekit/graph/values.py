@@ -35,19 +35,19 @@ def lora_targets(pipe) -> LoRATargets:
     return _TARGETS[pipe]
 
 
+def _merging(pipe, loras: list[tuple[LoRA, float, float]]):
+    """The LoRAs (LoRA, te, unet multipliers) merged into the pipeline's weights for a `with` block."""
+    return merged(lora_targets(pipe), loras) if loras else contextlib.nullcontext()
+
+
 @dataclass(frozen=True)
 class ModelRef:
     pipe: object
     name: str
     loras: tuple[tuple[str, LoRA, float], ...] = ()      # (file name, LoRA, strength_model)
 
-    @contextlib.contextmanager
     def applied(self):
-        if not self.loras:
-            yield
-            return
-        with merged(lora_targets(self.pipe), [(lora, 0.0, w) for _, lora, w in self.loras]):
-            yield
+        return _merging(self.pipe, [(lora, 0.0, w) for _, lora, w in self.loras])
 
 
 @dataclass(frozen=True)
@@ -56,13 +56,8 @@ class ClipRef:
     clip_skip: int = 1                                    # stop_at_clip_layer -N = A1111's Clip skip N
     loras: tuple[tuple[str, LoRA, float], ...] = ()      # (file name, LoRA, strength_clip)
 
-    @contextlib.contextmanager
     def applied(self):
-        if not self.loras:
-            yield
-            return
-        with merged(lora_targets(self.pipe), [(lora, w, 0.0) for _, lora, w in self.loras]):
-            yield
+        return _merging(self.pipe, [(lora, w, 0.0) for _, lora, w in self.loras])
 
 
 @dataclass(frozen=True)

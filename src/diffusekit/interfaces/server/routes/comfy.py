@@ -43,6 +43,17 @@ async def _json_body(request: Request):
         return comfy_error(400, "invalid_json", "The request body is not valid JSON", str(e))
 
 
+async def _json_object(request: Request):
+    """A body that must be {"clear": true} and/or {"delete": [ids]} (POST /queue, POST /history)."""
+    body = await _json_body(request)
+    if isinstance(body, JSONResponse):
+        return body
+    if not isinstance(body, dict) or not isinstance(body.get("delete", []), list):
+        return comfy_error(400, "invalid_request", "the body must be {\"clear\": true} and/or {\"delete\": [prompt ids]}",
+                           repr(body)[:200])
+    return body
+
+
 def router(state: ServerState, queue: ComfyQueue, prefix: str = "") -> APIRouter:
     """ComfyUI's routes under `prefix` ("" and "/api")."""
     r = APIRouter(prefix=prefix, tags=["comfyui"])
@@ -89,16 +100,12 @@ def router(state: ServerState, queue: ComfyQueue, prefix: str = "") -> APIRouter
 
     @r.post("/queue")
     async def post_queue(request: Request):
-        body = await _json_body(request)
+        body = await _json_object(request)
         if isinstance(body, JSONResponse):
             return body
-        if not isinstance(body, dict):
-            return comfy_error(400, "invalid_request", "the body must be {\"clear\": true} or {\"delete\": [ids]}")
         if body.get("clear"):
             queue.clear()
-        if "delete" in body:
-            if not isinstance(body["delete"], list):
-                return comfy_error(400, "invalid_request", "delete must be a list of prompt ids")
+        if body.get("delete"):
             queue.delete([str(x) for x in body["delete"]])
         return Response(status_code=200)
 
@@ -125,15 +132,10 @@ def router(state: ServerState, queue: ComfyQueue, prefix: str = "") -> APIRouter
 
     @r.post("/history")
     async def post_history(request: Request):
-        body = await _json_body(request)
+        body = await _json_object(request)
         if isinstance(body, JSONResponse):
             return body
-        if not isinstance(body, dict):
-            return comfy_error(400, "invalid_request", "the body must be {\"clear\": true} or {\"delete\": [ids]}")
-        delete = body.get("delete") or []
-        if not isinstance(delete, list):
-            return comfy_error(400, "invalid_request", "delete must be a list of prompt ids")
-        queue.edit_history(bool(body.get("clear")), delete)
+        queue.edit_history(bool(body.get("clear")), body.get("delete") or [])
         return Response(status_code=200)
 
     @r.get("/view")
