@@ -153,3 +153,9 @@ def test_server_limits_apply_where_the_graph_fixes_them(prompt, env):
     p["5"]["inputs"].update(width=4096, height=4096, batch_size=3)
     errors = validate_prompt(p, env, limits=limits).node_errors["5"]["errors"]
     assert ["max_pixels" in errors[0]["message"], "max_batch_size" in errors[1]["message"]] == [True, True]
+
+
+def test_comfyuis_embedding_syntax_names_the_embedding_file():
+    from diffusekit.graph.nodes.loaders import _comfy_prompt
+    assert _comfy_prompt("a cat, embedding:EasyNegative.pt, (embedding:style:1.2)") == "a cat, EasyNegative, (style:1.2)"
+    assert _comfy_prompt("no embeddings here") == "no embeddings here"

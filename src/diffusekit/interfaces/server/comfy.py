@@ -44,15 +44,31 @@ class Sockets:
     """The connected websockets by client id; `send` is safe from any thread."""
 
     def __init__(self):
-        self.clients: dict[str, Any] = {}
+        self._clients: dict[str, Any] = {}
+        self._lock = threading.Lock()        # the event loop adds/removes, the worker thread reads
         self.loop: asyncio.AbstractEventLoop | None = None
+
+    def add(self, sid: str, ws) -> None:
+        with self._lock:
+            self._clients[sid] = ws
+
+    def remove(self, sid: str, ws) -> None:
+        with self._lock:
+            if self._clients.get(sid) is ws:
+                del self._clients[sid]
+
+    def __contains__(self, sid) -> bool:
+        with self._lock:
+            return sid in self._clients
 
     def send(self, event: str | None, data: Any, sid: str | None = None) -> None:
         """JSON {"type": event, "data": data} (bytes: a binary frame) to `sid`, or to everyone when None."""
         loop = self.loop
         if loop is None or loop.is_closed():
             return
-        targets = list(self.clients.values()) if sid is None else [self.clients[sid]] if sid in self.clients else []
+        with self._lock:
+            targets = list(self._clients.values()) if sid is None else \
+                [self._clients[sid]] if sid in self._clients else []
         if not targets:
             return
         msg = data if isinstance(data, (bytes, bytearray)) else {"type": event, "data": data}
@@ -158,7 +174,7 @@ class ComfyQueue:
             self.sockets.send(event, data, sid)
 
         def preview(render):
-            if sid in self.sockets.clients:
+            if sid in self.sockets:
                 try:
                     self.sockets.send(None, preview_frame(render()), sid)
                 except Exception as e:                  # a preview is a nicety

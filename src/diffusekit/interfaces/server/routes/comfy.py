@@ -212,7 +212,7 @@ def router(state: ServerState, queue: ComfyQueue, prefix: str = "") -> APIRouter
         await ws.accept()
         queue.sockets.loop = asyncio.get_running_loop()
         sid = ws.query_params.get("clientId") or uuid.uuid4().hex
-        queue.sockets.clients[sid] = ws
+        queue.sockets.add(sid, ws)
         try:
             await ws.send_json({"type": "status", "data": {"status": queue.queue_info(), "sid": sid}})
             while True:
@@ -220,8 +220,7 @@ def router(state: ServerState, queue: ComfyQueue, prefix: str = "") -> APIRouter
         except (WebSocketDisconnect, RuntimeError):
             pass
         finally:
-            if queue.sockets.clients.get(sid) is ws:
-                queue.sockets.clients.pop(sid, None)
+            queue.sockets.remove(sid, ws)
 
     return r
 
