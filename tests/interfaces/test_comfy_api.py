@@ -90,6 +90,8 @@ def test_the_websocket_client_of_comfyuis_example_gets_its_images(comfy, client)
     client_id = str(uuid.uuid4())
     with ws_client.connect(ws_url(url, client_id)) as ws:
         hello = json.loads(ws.recv(timeout=10))
+        ws.send("hello")                                        # clients may talk: ignored, socket stays
+        ws.send(b"\x00\x01")
         assert hello["type"] == "status" and hello["data"]["sid"] == client_id
         assert hello["data"]["status"]["exec_info"]["queue_remaining"] >= 0
         queued = queue_prompt(client, graph(seed=8566257), client_id)

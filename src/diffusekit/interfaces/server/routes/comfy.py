@@ -215,8 +215,8 @@ def router(state: ServerState, queue: ComfyQueue, prefix: str = "") -> APIRouter
         queue.sockets.add(sid, ws)
         try:
             await ws.send_json({"type": "status", "data": {"status": queue.queue_info(), "sid": sid}})
-            while True:
-                await ws.receive_text()            # ComfyUI ignores what clients send
+            while (await ws.receive())["type"] != "websocket.disconnect":
+                pass                               # ComfyUI ignores what clients send (text or binary)
         except (WebSocketDisconnect, RuntimeError):
             pass
         finally:
