@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from diffusekit.core import sigmas as sigma_schedules
-from diffusekit.graph.sampling import ConditionedDenoiser, calculate_sigmas, ksample, prepare_noise
+from diffusekit.graph.sampling import (SCHEDULERS, ConditionedDenoiser, calculate_sigmas, ksample, prepare_noise,
+                                       sampler_names)
 from diffusekit.graph.values import ModelRef
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -127,3 +128,19 @@ def test_area_entries_are_averaged_with_feathered_weights(pipe):
     w = 1 / 8                                                   # the box's last row fades to 1/8 of its weight
     torch.testing.assert_close(out[0, 0, 15, 0], torch.tensor((1 + 3 * w) / (1 + w)))
     torch.testing.assert_close(out[1], torch.full((4, 32, 32), -2.0))             # the negative ignores the box
+
+
+@pytest.mark.parametrize("name", sampler_names())
+def test_every_listed_sampler_runs(pipe, conds, name):
+    pos, neg = conds
+    out = ksample(ModelRef(pipe, "tiny"), 5, 4, 3.0, name, "karras", pos, neg, {"samples": torch.zeros(1, 4, 4, 4)})
+    assert out["samples"].shape == (1, 4, 4, 4) and torch.isfinite(out["samples"]).all()
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_every_listed_scheduler_runs(pipe, conds, scheduler):
+    pos, neg = conds
+    s = calculate_sigmas(pipe, "euler", scheduler, 6)
+    assert float(s[-1]) == 0 and bool((s[1:] < s[:-1]).all())
+    out = ksample(ModelRef(pipe, "tiny"), 5, 6, 3.0, "euler", scheduler, pos, neg, {"samples": torch.zeros(1, 4, 4, 4)})
+    assert torch.isfinite(out["samples"]).all()
