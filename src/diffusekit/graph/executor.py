@@ -8,8 +8,9 @@ A node whose signature was computed in the previous run is not run again; its ou
 
 Events go to `send(event, data)` with ComfyUI's websocket message names and payloads: execution_start,
 execution_cached, executing, progress, executed, execution_success, execution_error,
-execution_interrupted; `preview(render)` receives step previews as functions returning a PIL image (render only if shown). `RunRecord` is what the history
-keeps: the UI outputs per node, the status messages, success or not.
+execution_interrupted; `preview(render)` receives step previews as functions returning a PIL image
+(rendered only if shown). `RunRecord` is what the history keeps: the UI outputs per node, the status
+messages, success or not.
 """
 from __future__ import annotations
 

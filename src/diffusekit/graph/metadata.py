@@ -93,7 +93,7 @@ def a1111_infotext(prompt: dict, image_node: str, env, size: tuple[int, int]) ->
     chain = _samplers_upstream(prompt, _link(prompt[image_node], "images"))
     if not chain:
         return None
-    first, last = prompt[chain[0]], prompt[chain[-1]]
+    first = prompt[chain[0]]
     i = first["inputs"]
     sampler = i.get("sampler_name")
     from .sampling import SAMPLERS

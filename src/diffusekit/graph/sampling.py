@@ -282,7 +282,6 @@ def ksample(model, seed: int, steps: int, cfg: float, sampler_name: str, schedul
     max_denoise = math.isclose(sigma_max, s0, rel_tol=1e-5) or s0 > sigma_max
     x = latent_in + noise * (math.sqrt(1.0 + s0 * s0) if max_denoise else s0)
 
-    b = x.shape[0]
     height, width = raw.shape[2] * pipe.factor, raw.shape[3] * pipe.factor
     base = ConditionedDenoiser(comfy_denoiser(pipe), [list(positive), list(negative)], pipe, pipe.factor,
                                (height, width))
@@ -308,7 +307,8 @@ def ksample(model, seed: int, steps: int, cfg: float, sampler_name: str, schedul
 
     opts = dict(knobs)
     if sampler_id in ANCESTRAL_NOISE:
-        opts["generator"] = torch.Generator("cpu").manual_seed(int(seed) + 1)   # k-diffusion default_noise_sampler on a CPU
+        # k-diffusion's default_noise_sampler on a CPU: a fresh generator seeded with seed + 1
+        opts["generator"] = torch.Generator("cpu").manual_seed(int(seed) + 1)
     elif sampler_id in ("dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde"):
         try:
             from ..pipelines.sde_noise import comfyui_noise_sampler

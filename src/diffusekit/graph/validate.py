@@ -99,7 +99,8 @@ def _check_link(name: str, spec: Input, value: list, prompt: dict, nodes: dict) 
     source = str(value[0])
     if source not in prompt:
         return _error("bad_linked_input", f"Linked node {source!r} does not exist",
-                      f"{name}: node {source!r} is not in the workflow (nodes: {', '.join(sorted(prompt, key=_id_key))})",
+                      f"{name}: node {source!r} is not in the workflow "
+                      f"(nodes: {', '.join(sorted(prompt, key=_id_key))})",
                       input_name=name, input_config=config, received_value=value, linked_node=value)
     src_spec = nodes.get(prompt[source].get("class_type")) if isinstance(prompt[source], dict) else None
     if src_spec is None:
@@ -131,7 +132,8 @@ def _limit_errors(spec: NodeSpec, inputs: dict, limits) -> list[dict]:
     if spec.class_type in ("KSampler", "KSamplerAdvanced") and isinstance(steps, int) and steps > limits.max_steps:
         over("steps", steps, limits.max_steps, "max_steps")
     w, h = inputs.get("width"), inputs.get("height")
-    if spec.class_type in ("EmptyLatentImage", "LatentUpscale", "ImageScale") and isinstance(w, int) and isinstance(h, int):
+    sized = spec.class_type in ("EmptyLatentImage", "LatentUpscale", "ImageScale")
+    if sized and isinstance(w, int) and isinstance(h, int):
         if w * h > limits.max_pixels:
             over("width", f"{w}x{h}", limits.max_pixels, "max_pixels")
     b = inputs.get("batch_size")

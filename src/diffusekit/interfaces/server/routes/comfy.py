@@ -49,8 +49,8 @@ async def _json_object(request: Request):
     if isinstance(body, JSONResponse):
         return body
     if not isinstance(body, dict) or not isinstance(body.get("delete", []), list):
-        return comfy_error(400, "invalid_request", "the body must be {\"clear\": true} and/or {\"delete\": [prompt ids]}",
-                           repr(body)[:200])
+        return comfy_error(400, "invalid_request",
+                           "the body must be {\"clear\": true} and/or {\"delete\": [prompt ids]}", repr(body)[:200])
     return body
 
 
