@@ -159,3 +159,18 @@ def test_comfyuis_embedding_syntax_names_the_embedding_file():
     from diffusekit.graph.nodes.loaders import _comfy_prompt
     assert _comfy_prompt("a cat, embedding:EasyNegative.pt, (embedding:style:1.2)") == "a cat, EasyNegative, (style:1.2)"
     assert _comfy_prompt("no embeddings here") == "no embeddings here"
+
+
+def test_graph_size_and_prompt_length_are_bounded(env):
+    from diffusekit.graph.validate import MAX_NODES
+    from diffusekit.interfaces.server.schemas import Limits
+    chain = {"0": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}}
+    for i in range(1, MAX_NODES + 1):
+        chain[str(i)] = {"class_type": "LatentUpscaleBy", "inputs": {"samples": [str(i - 1), 0],
+                                                                     "upscale_method": "bilinear", "scale_by": 1.0}}
+    v = validate_prompt(chain, env)
+    assert not v.ok and f"at most {MAX_NODES}" in v.error["message"]
+    p = example("txt2img")
+    p["6"]["inputs"]["text"] = "word " * 5000
+    err = only_error(validate_prompt(p, env, limits=Limits(max_prompt_chars=1000)), "6")
+    assert "max_prompt_chars=1000" in err["message"]

@@ -298,3 +298,20 @@ def test_interrupt_stops_inside_the_sampler(env):
     record = GraphExecutor(env).run(g, "int", check.outputs, should_stop=stop)
     assert record.interrupted and not record.success
     assert record.messages[-1][0] == "execution_interrupted" and record.messages[-1][1]["node_id"] == "3"
+
+
+def test_the_deepest_accepted_graph_runs(env):
+    """MAX_NODES nodes in one chain: validation, ordering, signatures and the editor graph stay iterative
+    enough for Python's recursion limit."""
+    from diffusekit.graph.validate import MAX_NODES
+    g = {"a": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "shapes"}},
+         "0": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}}
+    n = MAX_NODES - 4
+    for i in range(1, n):
+        g[str(i)] = {"class_type": "LatentUpscaleBy", "inputs": {"samples": [str(i - 1), 0],
+                                                                 "upscale_method": "nearest-exact", "scale_by": 1.0}}
+    g["d"] = {"class_type": "VAEDecode", "inputs": {"samples": [str(n - 1), 0], "vae": ["a", 2]}}
+    g["p"] = {"class_type": "PreviewImage", "inputs": {"images": ["d", 0]}}
+    record = run(env, g)
+    assert len(record.executed) == len(g)
+    assert len(json.loads(Image.open(saved(env, record, "p")[0]).info["workflow"])["nodes"]) == len(g)

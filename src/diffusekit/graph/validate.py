@@ -10,8 +10,9 @@ Checked, for every node an output node depends on: the class_type exists; every 
 a link is a [node_id, index] pair naming an existing node and one of its outputs, of the input's type; a
 widget value converts to its type (INT, FLOAT, STRING, BOOLEAN; NaN and infinity refused), lies within its
 min/max and, for a choice, is one of the choices (the error lists them); no dependency cycle; and the
-server's limits (`limits`: an object with max_steps, max_pixels, max_batch_size) where a node's inputs
-fix them. Values are converted in place (the string "20" becomes the int 20), as ComfyUI does.
+server's limits (`limits`: an object with max_steps, max_pixels, max_batch_size, max_prompt_chars) where
+a node's inputs fix them; at most MAX_NODES nodes. Values are converted in place (the string "20" becomes
+the int 20), as ComfyUI does.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from typing import Any
 
 from .spec import NODES, Input, NodeSpec
 
+MAX_NODES = 500     # deeper graphs would also run past Python's recursion limit in the walks below
 CHOICES_SHOWN = 64   # longer choice lists are left out of the message (ComfyUI: 20; ours name every sampler)
 
 
@@ -136,6 +138,10 @@ def _limit_errors(spec: NodeSpec, inputs: dict, limits) -> list[dict]:
     if sized and isinstance(w, int) and isinstance(h, int):
         if w * h > limits.max_pixels:
             over("width", f"{w}x{h}", limits.max_pixels, "max_pixels")
+    text = inputs.get("text")
+    max_chars = getattr(limits, "max_prompt_chars", None)
+    if spec.class_type == "CLIPTextEncode" and isinstance(text, str) and max_chars and len(text) > max_chars:
+        over("text", f"{len(text)} characters", max_chars, "max_prompt_chars")
     b = inputs.get("batch_size")
     if spec.class_type == "EmptyLatentImage" and isinstance(b, int) and b > limits.max_batch_size:
         over("batch_size", b, limits.max_batch_size, "max_batch_size")
@@ -211,6 +217,8 @@ def validate_prompt(prompt: Any, env=None, *, nodes: dict[str, NodeSpec] | None 
     if not isinstance(prompt, dict) or not prompt:
         return _prompt_error("invalid_prompt", "The prompt must be a non-empty JSON object {node_id: node}",
                              f"got {type(prompt).__name__}")
+    if len(prompt) > MAX_NODES:
+        return _prompt_error("invalid_prompt", f"The workflow has {len(prompt)} nodes; at most {MAX_NODES} are accepted")
     outputs = []
     for node_id, node in prompt.items():
         if not isinstance(node, dict) or "class_type" not in node:

@@ -7,6 +7,7 @@ import re
 import torch
 
 from ...models.lora import load_lora
+from ...pipelines.params import MAX_PROMPT_CHARS
 from ..spec import MAX_RESOLUTION, Combo, Float, Int, Link, String, register
 from ..values import ClipRef, ModelRef, VaeRef
 
@@ -60,6 +61,8 @@ def _comfy_prompt(text: str) -> str:
 def clip_text_encode(ctx, text, clip):
     """Encodes a prompt with the model's text encoders (A1111 prompt syntax: weights, BREAK, embeddings)."""
     pipe = clip.pipe
+    if len(str(text)) > MAX_PROMPT_CHARS:
+        raise ValueError(f"the text is {len(str(text))} characters; at most {MAX_PROMPT_CHARS} are accepted")
     if pipe.text is None:
         raise ValueError(f"model {pipe.name!r} has no text encoder: it is not text-conditioned")
     pipe.refresh_embeddings()
