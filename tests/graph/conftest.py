@@ -1,13 +1,11 @@
 """Workflows on real models: the shipped `shapes` model and tiny random-weight SD 1.x checkpoints (written
 the way users hand them over), a LoRA file for them, and folders for the graph's input/output/temp."""
 import importlib.util
-import json
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-EXAMPLES = ROOT / "examples" / "workflows"
 
 
 def _load(name: str, path: Path):
@@ -20,10 +18,6 @@ def _load(name: str, path: Path):
 # tiny SD1 checkpoints (interfaces/conftest.py) and kohya LoRA files for them (models/test_lora.py)
 _models = _load("_graph_tiny_models", ROOT / "tests" / "interfaces" / "conftest.py")
 _loras = _load("_graph_tiny_loras", ROOT / "tests" / "models" / "test_lora.py")
-
-
-def example(name: str) -> dict:
-    return json.loads((EXAMPLES / f"{name}.json").read_text())
 
 
 @pytest.fixture(scope="session")

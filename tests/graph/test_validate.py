@@ -7,7 +7,7 @@ import pytest
 from diffusekit.graph import validate_prompt
 from diffusekit.graph.sampling import SCHEDULERS, sampler_names
 
-from conftest import example
+from workflow_files import example
 
 
 @pytest.fixture()

@@ -15,7 +15,7 @@ from diffusekit.evaluation.shapes_detector import detect
 from diffusekit.graph import GraphExecutor, validate_prompt
 from diffusekit.pipelines.infotext import parse_infotext
 
-from conftest import EXAMPLES, example
+from workflow_files import EXAMPLES, example
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

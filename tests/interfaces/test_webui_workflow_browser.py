@@ -2,13 +2,24 @@
 carries one), run it through the ComfyUI API with live progress and previews over the websocket, see the
 images and the denoising video. Skipped where Playwright or Chromium is missing, like test_webui_browser."""
 import copy
+import importlib.util
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
-from conftest import SERVER_LIMITS, ServerProcess
-from test_webui_browser import ARTIFACTS, open_page
+
+def _load(name: str, file: str):
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(file))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+_servers = _load("_wf_browser_servers", "conftest.py")              # ServerProcess, SERVER_LIMITS
+_browser = _load("_wf_browser_page", "test_webui_browser.py")       # open_page, ARTIFACTS
+ARTIFACTS, open_page = _browser.ARTIFACTS, _browser.open_page
 
 EXAMPLES = ARTIFACTS.parent / "examples" / "workflows"
 
@@ -18,8 +29,9 @@ def comfy_server(models_dir, tmp_path_factory):
     for dep in ("fastapi", "uvicorn", "websockets"):
         pytest.importorskip(dep)
     root = tmp_path_factory.mktemp("wf-browser")
-    srv = ServerProcess(root / "server.log", model="tiny-a", models_dir=str(models_dir), queue_size=3,
-                        output_dir=str(root / "output"), input_dir=str(root / "input"), **SERVER_LIMITS)
+    srv = _servers.ServerProcess(root / "server.log", model="tiny-a", models_dir=str(models_dir), queue_size=3,
+                                 output_dir=str(root / "output"), input_dir=str(root / "input"),
+                                 **_servers.SERVER_LIMITS)
     try:
         srv.wait_ready()
         yield srv

@@ -47,6 +47,7 @@ log = logging.getLogger("diffusekit.graph")
 SAMPLERS: dict[str, tuple[str, dict]] = {
     "euler": ("euler", {}), "euler_ancestral": ("euler_ancestral", {}), "heun": ("heun", {}),
     "dpm_2": ("dpm_2", {}), "dpm_2_ancestral": ("dpm_2_ancestral", {}), "lms": ("lms", {}),
+    "dpm_fast": ("dpm_fast", {}), "dpm_adaptive": ("dpm_adaptive", {}),     # read only the schedule's ends
     "dpmpp_2s_ancestral": ("dpmpp_2s_ancestral", {}), "dpmpp_sde": ("dpmpp_sde", {}),
     "dpmpp_sde_gpu": ("dpmpp_sde", {}), "dpmpp_2m": ("dpmpp_2m", {}), "dpmpp_2m_sde": ("dpmpp_2m_sde", {}),
     "dpmpp_2m_sde_gpu": ("dpmpp_2m_sde", {}), "dpmpp_2m_sde_heun": ("dpmpp_2m_sde", {"solver_type": "heun"}),
