@@ -136,7 +136,7 @@ def _comfy_environment(state: ServerState, output_dir, input_dir, embeddings_dir
         entry = next(e for e in store.entries() if e.path == path)
         return service.pipeline(entry)
 
-    temp = tempfile.mkdtemp(prefix="diffusekit-temp-")
+    temp = Path(tempfile.gettempdir()) / f"diffusekit-temp-{os.getpid()}"     # PreviewImage; made when first used
     return Environment(models_dir=store.models_dir, lora_dir=state.loras.folder if state.loras else None,
                        embeddings_dir=embeddings_dir, output_dir=Path(output_dir), input_dir=Path(input_dir),
                        temp_dir=Path(temp), device=service.device, limits=state.limits,
