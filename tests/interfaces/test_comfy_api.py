@@ -255,11 +255,15 @@ def test_path_tricks_are_refused(comfy, client):
 
 def test_queue_delete_interrupt_and_a_full_queue(comfy, client):
     url, root = comfy
-    long = queue_prompt(client, graph(steps=4000, size=64, seed=2))["prompt_id"]
+    long = queue_prompt(client, graph(steps=4000, size=64, seed=2), client_id="owner")["prompt_id"]
     deadline = time.monotonic() + 60
     while [i[1] for i in client.get("/queue").json()["queue_running"]] != [long]:
         assert time.monotonic() < deadline
         time.sleep(0.05)
+    with ws_client.connect(ws_url(url, "owner")) as ws:                   # the owner reconnects mid-prompt
+        assert json.loads(ws.recv(timeout=10))["type"] == "status"
+        now = json.loads(ws.recv(timeout=10))
+        assert now["type"] == "executing" and now["data"]["prompt_id"] == long and now["data"]["node"]
     waiting = queue_prompt(client, graph(seed=3))["prompt_id"]
     q = client.get("/queue").json()
     assert [i[1] for i in q["queue_running"]] == [long] and [i[1] for i in q["queue_pending"]] == [waiting]

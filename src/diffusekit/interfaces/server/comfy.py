@@ -100,6 +100,7 @@ class ComfyQueue:
         self.pending: OrderedDict[str, tuple[list, Future]] = OrderedDict()
         self.running: dict[str, list] = {}
         self.history: OrderedDict[str, dict] = OrderedDict()
+        self.executing: tuple[str, str, str | None] | None = None    # (prompt_id, node_id, client id) now
         self._pipe_seen = None
 
     # ------------------------------------------------------------------ queue
@@ -171,6 +172,7 @@ class ComfyQueue:
         def send(event, data):
             if event == "executing" and data.get("node") is not None:
                 ctx.start_batch(0, f"workflow: node {data['node']}")
+                self.executing = (prompt_id, data["node"], sid)
             self.sockets.send(event, data, sid)
 
         def preview(render):
@@ -185,6 +187,7 @@ class ComfyQueue:
                                        should_stop=ctx.should_stop)
         finally:
             self._pipe_seen = self.service.loaded if self.service is not None else None
+            self.executing = None
         return record
 
     def _finished(self, prompt_id: str, future: Future) -> None:

@@ -215,6 +215,9 @@ def router(state: ServerState, queue: ComfyQueue, prefix: str = "") -> APIRouter
         queue.sockets.add(sid, ws)
         try:
             await ws.send_json({"type": "status", "data": {"status": queue.queue_info(), "sid": sid}})
+            now = queue.executing
+            if now is not None and now[2] == sid:   # a client back during its own prompt learns the node
+                await ws.send_json({"type": "executing", "data": {"node": now[1], "prompt_id": now[0]}})
             while (await ws.receive())["type"] != "websocket.disconnect":
                 pass                               # ComfyUI ignores what clients send (text or binary)
         except (WebSocketDisconnect, RuntimeError):
