@@ -144,3 +144,21 @@ def test_every_listed_scheduler_runs(pipe, conds, scheduler):
     assert float(s[-1]) == 0 and bool((s[1:] < s[:-1]).all())
     out = ksample(ModelRef(pipe, "tiny"), 5, 6, 3.0, "euler", scheduler, pos, neg, {"samples": torch.zeros(1, 4, 4, 4)})
     assert torch.isfinite(out["samples"]).all()
+
+
+def test_prompt_weights_interpolate_from_the_empty_prompt_as_comfyui(pipe):
+    """(word:1.5): that token's state is empty + 1.5 (state - empty), the rest untouched; [word] is text."""
+    from diffusekit.graph.nodes.loaders import encode_comfy
+    from diffusekit.pipelines import prompts as P
+    enc = pipe.text
+    weighted = encode_comfy(enc, "a (red:1.5) circle").context
+    plain = encode_comfy(enc, "a red circle").context
+    empty = enc.encode_chunks([P.empty_chunk()]).context
+    red = 1 + enc.chunks("a")[0].tokens.index(P.EOS_ID)               # BOS, "a", then "red"
+    expected = plain.clone()
+    expected[0, red] = empty[0, red] + 1.5 * (plain[0, red] - empty[0, red])
+    torch.testing.assert_close(weighted, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(weighted, plain)
+    bracket = encode_comfy(enc, "a [red] circle")                     # ComfyUI: brackets are plain text
+    assert all(w == 1.0 for c in enc.chunks(r"a \[red\] circle") for w in c.weights)
+    torch.testing.assert_close(bracket.context, enc.encode_chunks(enc.chunks(r"a \[red\] circle")).context)

@@ -21,8 +21,8 @@ and this module does the same way:
 - inpainting (a latent "noise_mask"): outside the mask the latent is re-noised to the current sigma
   before each model call and the prediction replaced by the original latent (KSamplerX0Inpaint).
 
-Differences that remain: prompt weights follow A1111's emphasis (ComfyUI interpolates from the empty
-prompt), the tokenizer splits long prompts A1111's way, the samplers compute their coefficients in float64.
+Differences that remain: the tokenizer splits prompts over 75 tokens A1111's way, the samplers compute
+their coefficients in float64 (prompt weights are ComfyUI's: `nodes.loaders.encode_comfy`).
 """
 from __future__ import annotations
 

@@ -7,6 +7,7 @@ import re
 import torch
 
 from ...models.lora import load_lora
+from ...pipelines import prompts as P
 from ...pipelines.params import MAX_PROMPT_CHARS
 from ..spec import MAX_RESOLUTION, Combo, Float, Int, Link, String, register
 from ..values import ClipRef, ModelRef, VaeRef
@@ -50,8 +51,26 @@ def lora_loader(ctx, model, clip, lora_name, strength_model, strength_clip):
 
 
 def _comfy_prompt(text: str) -> str:
-    """ComfyUI's `embedding:name` (optionally with the file extension) -> the name A1111 prompts use."""
-    return _EMBEDDING.sub(lambda m: re.sub(r"\.(pt|bin|safetensors)$", "", m.group(1)), text)
+    """ComfyUI's prompt text in the A1111 syntax our tokenizer reads: `embedding:name` (optionally with the
+    file extension) -> the name; square brackets are plain text in ComfyUI, so they are escaped."""
+    text = _EMBEDDING.sub(lambda m: re.sub(r"\.(pt|bin|safetensors)$", "", m.group(1)), text)
+    return re.sub(r"(?<!\\)([\[\]])", r"\\\1", text)
+
+
+def encode_comfy(text_conditioner, text: str, clip_skip: int = 1):
+    """A prompt encoded with ComfyUI's token weights (sd1_clip.encode_token_weights): the chunks are encoded
+    unweighted beside as many empty chunks, and a token of weight w becomes empty + w (token - empty), the
+    empty prompt's hidden state at that position; the pooled output is the first chunk's, unweighted.
+    (A1111 instead scales the token by w and renormalises the mean.)"""
+    chunks = text_conditioner.chunks(_comfy_prompt(text))
+    if all(w == 1.0 for c in chunks for w in c.weights):
+        return text_conditioner.encode_chunks(chunks, clip_skip)
+    plain = [P.Chunk(c.tokens, (1.0,) * len(c.weights), c.fixes) for c in chunks]
+    ours, empty = text_conditioner.encode_batch([plain, [P.empty_chunk()] * len(plain)], clip_skip)
+    w = torch.tensor([x for c in chunks for x in P.build_weights(c)], dtype=ours.context.dtype,
+                     device=ours.context.device)[None, :, None]                   # (1, 77n, 1)
+    context = empty.context + w * (ours.context - empty.context)
+    return type(ours)(context, ours.pooled)
 
 
 @register("CLIPTextEncode", category="conditioning", display_name="CLIP Text Encode (Prompt)",
@@ -59,7 +78,8 @@ def _comfy_prompt(text: str) -> str:
                   "clip": Link("CLIP", tooltip="The CLIP model used for encoding the text.")},
           outputs=("CONDITIONING",))
 def clip_text_encode(ctx, text, clip):
-    """Encodes a prompt with the model's text encoders (A1111 prompt syntax: weights, BREAK, embeddings)."""
+    """Encodes a prompt with the model's text encoders: (word:1.2) weights as ComfyUI applies them,
+    embedding:NAME for textual-inversion embeddings."""
     pipe = clip.pipe
     if len(str(text)) > MAX_PROMPT_CHARS:
         raise ValueError(f"the text is {len(str(text))} characters; at most {MAX_PROMPT_CHARS} are accepted")
@@ -67,7 +87,7 @@ def clip_text_encode(ctx, text, clip):
         raise ValueError(f"model {pipe.name!r} has no text encoder: it is not text-conditioned")
     pipe.refresh_embeddings()
     with clip.applied(), torch.no_grad():
-        c = pipe.text.encode_chunks(pipe.text.chunks(_comfy_prompt(str(text))), clip.clip_skip)
+        c = encode_comfy(pipe.text, str(text), clip.clip_skip)
     return ([[c.context.cpu(), {"pooled_output": None if c.pooled is None else c.pooled.cpu()}]],)
 
 
