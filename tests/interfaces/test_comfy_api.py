@@ -264,6 +264,8 @@ def test_queue_delete_interrupt_and_a_full_queue(comfy, client):
         assert json.loads(ws.recv(timeout=10))["type"] == "status"
         now = json.loads(ws.recv(timeout=10))
         assert now["type"] == "executing" and now["data"]["prompt_id"] == long and now["data"]["node"]
+    job = client.get("/sdapi/v1/progress").json()["state"]["job"]       # one worker for both APIs
+    assert job == f"workflow {long[:8]}"
     waiting = queue_prompt(client, graph(seed=3))["prompt_id"]
     q = client.get("/queue").json()
     assert [i[1] for i in q["queue_running"]] == [long] and [i[1] for i in q["queue_pending"]] == [waiting]
