@@ -18,7 +18,7 @@ from diffusekit.models.loading import save_checkpoint
 from diffusekit.models.unet import UNetModel
 from diffusekit.models.vae import AutoencoderKL
 
-SERVER_LIMITS = dict(max_steps=100, max_batch_size=4, max_images=12, max_body_bytes=2 * 2**20)
+SERVER_LIMITS = dict(max_steps=100, max_batch_size=4, max_images=12, max_body_bytes=2 * 2**20, max_pixel_steps=2**25)
 
 
 def save_tiny_sd1(path: Path, seed: int) -> Path:

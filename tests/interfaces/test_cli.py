@@ -154,7 +154,7 @@ def test_compare_grid_and_lock_step_video(tiny, tmp_path, capsys):
     (["--init-image", "{img}", "--denoising-strength", "1.5"], "1.5"),
     (["--init-image", "{tmp}/missing.png"], "missing.png"),
     (["--mask", "{img}"], "--init-image"),
-    (["--init-image", "{img}", "--mask", "{mask16}"], "(16, 16)"),
+    (["--init-image", "{img}", "--mask", "{mask16}"], "16x16"),
     (["--model", "{tmp}/nope.safetensors"], "nope.safetensors"),
     (["--fps", "2"], "--save-process"),
     (["--save-process", "--fps", "0"], "--fps 0"),
@@ -235,6 +235,9 @@ def test_train_and_serve_are_wired(monkeypatch, tmp_path, capsys):
     assert calls["serve"] == dict(host="127.0.0.1", port=7861, model="shapes", models_dir="m", api_auth="me:pw",
                                   queue_size=3)
     assert main(["serve", "--api-auth", "nocolon"]) == 2 and "user:password" in capsys.readouterr().err
+    calls.pop("serve")
+    assert main(["serve", "--max-pixel-steps", "1000000", "--max-memory-mb", "8000"]) == 0
+    assert calls["serve"]["max_pixel_steps"] == 1_000_000 and calls["serve"]["max_memory_mb"] == 8000
 
 
 def test_entry_point_exits_2_without_traceback(tmp_path):

@@ -190,7 +190,8 @@ def test_options_switch_model_and_refuse_names_outside_the_folder(client, models
             r = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": name})
             assert 400 <= r.status_code < 500 and "sd_model_checkpoint" in r.text, (name, r.text)
         r = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "broken"})     # listed, but not a model
-        assert r.status_code == 422 and "broken" in r.text, r.text
+        assert r.status_code == 503 and "'broken.safetensors' cannot be loaded" in r.json()["detail"], r.text
+        assert r.json()["error"] == "Service Unavailable" and str(models_dir) not in r.text    # no server paths
         assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"].startswith("more/tiny-b")
     finally:
         assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "tiny-a"}).status_code == 200
@@ -397,12 +398,37 @@ BAD = [  # (endpoint, body or raw string, a word the message must contain)
     ("compare", {"samplers": ["Euler"] * 5, "y_axis": "steps", "y_values": [1, 2, 3]}, "max_images"),
     ("compare", {"y_axis": "colour", "y_values": [1]}, "y_axis"),
     ("compare", {"y_axis": "steps", "y_values": ["ten"]}, "y_values"),
+    # hardening (issue 20): each of these was a 500 or was silently accepted
+    ("txt2img", {"enable_hr": True, "hr_scale": 1e308}, "hr_scale"),
+    ("txt2img", '{"override_settings": {"CLIP_stop_at_last_layers": Infinity}}', "CLIP_stop_at_last_layers"),
+    ("txt2img", {"override_settings": {"CLIP_stop_at_last_layers": True}}, "CLIP_stop_at_last_layers"),
+    ("compare", '{"samplers": ["Euler"], "y_axis": "cfg_scale", "y_values": [Infinity]}', "y_values"),
+    ("compare", {"samplers": ["Euler"], "y_axis": "steps", "y_values": [True]}, "y_values"),
+    ("options", '{"a": ' * 1000 + "1" + "}" * 1000, "nested too deeply"),
+    ("options", '{"\\ud800": 1}', "unicode"),
+    ("options", {"CLIP_stop_at_last_layers": "2"}, "CLIP_stop_at_last_layers"),
+    ("txt2img", '{"comments": {"x": "\\ud800"}}', "comments"),
+    ("txt2img", '{"prompt": "a \\ud800 cat"}', "prompt"),
+    ("txt2img", '{"negative_prompt": "\\udfff"}', "negative_prompt"),
+    ("txt2img", "NESTED300", "nested more than"),
+    ("txt2img", {"seed": True}, "seed"),
+    ("txt2img", {"seed": "123"}, "seed"),
+    ("txt2img", {"cfg_rescale": False}, "cfg_rescale"),
+    ("txt2img", {"steps": 20.5}, "steps"),
+    ("txt2img", {"width": "32"}, "width"),
+    ("txt2img", {"width": 512, "height": 512, "steps": 100, "batch_size": 2}, "max_pixel_steps"),
+    ("png-info", {"image": 5}, "image"),
 ]
 PATHS = {"txt2img": "/sdapi/v1/txt2img", "img2img": "/sdapi/v1/img2img", "png-info": "/sdapi/v1/png-info",
          "options": "/sdapi/v1/options", "compare": "/diffusekit/v1/compare"}
 
 
 def _materialize(body):
+    if body == "NESTED300":                           # comments nested 300 deep (a 500 once the image was made)
+        inner: dict = {}
+        for _ in range(300):
+            inner = {"a": inner}
+        return {**TINY, "comments": inner}
     if not isinstance(body, dict):
         return body
     out = dict(body)
@@ -424,6 +450,63 @@ def test_bad_input_is_a_4xx_naming_the_field(client, endpoint, body, word):
     assert 400 <= r.status_code < 500, (r.status_code, r.text[:500])
     assert word.lower() in r.text.lower(), r.text[:500]
     assert len(r.text) < 20_000                       # a 100k prompt is not echoed back
+
+
+def test_every_bad_request_leaves_the_kept_alive_connection_usable(server):
+    """After each refusal the same connection carries the next request (uvicorn drops a connection after
+    an exception escapes the app, so every error must be an answer, not an exception)."""
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    sock = None
+    try:
+        for endpoint, body, _ in BAD:
+            body = _materialize(body)
+            raw = body if isinstance(body, str) else json.dumps(body)
+            conn.request("POST", PATHS[endpoint], body=raw.encode("utf-8", "surrogatepass"),
+                         headers={"Content-Type": "application/json"})
+            r = conn.getresponse()
+            r.read()
+            assert 400 <= r.status < 500 and r.getheader("connection") != "close", (endpoint, body, r.status)
+            sock = sock or conn.sock
+            conn.request("GET", "/sdapi/v1/progress?skip_current_image=true")
+            r = conn.getresponse()
+            assert r.status == 200 and json.loads(r.read())["state"]["job_count"] == 0
+            assert conn.sock is sock, (endpoint, body)        # still the first connection: never reopened
+    finally:
+        conn.close()
+
+
+def test_hostile_infotext_in_png_info(client, server):
+    """A 325-byte PNG whose zTXt `parameters` holds 120,000 letters froze the server for 64 s (quadratic
+    parsing on the event loop). Over max_infotext_chars it is refused unparsed; under it, it parses in one
+    pass, and /progress answers meanwhile."""
+    def zpng(text: str) -> str:
+        from PIL import PngImagePlugin
+        meta = PngImagePlugin.PngInfo()
+        meta.add_text("parameters", text, zip=True)
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8)).save(buf, format="PNG", pnginfo=meta)
+        return base64.b64encode(buf.getvalue()).decode()
+
+    huge = zpng("a" * 120_000)
+    assert len(base64.b64decode(huge)) < 1000
+    r = client.post("/sdapi/v1/png-info", json={"image": huge})
+    assert r.status_code == 422 and r.json()["field"] == "image" and "max_infotext_chars=65536" in r.text
+    hostile = "a prompt\n" + "a" * 30_000 + "\n" + 'Steps: "x, ' * 3_000
+    results = {}
+
+    def post():
+        with httpx.Client(base_url=server.url, timeout=30) as c:    # a hang guard, not a measurement
+            results["r"] = [c.post("/sdapi/v1/png-info", json={"image": zpng(hostile)}) for _ in range(3)]
+
+    t = threading.Thread(target=post)
+    t.start()
+    while t.is_alive():                                            # the event loop keeps answering
+        assert client.get("/sdapi/v1/progress", params={"skip_current_image": True}).status_code == 200
+        t.join(0.05)
+    for r in results["r"]:
+        assert r.status_code == 200, r.text
+        assert r.json()["info"] == hostile and r.json()["parameters"]["Prompt"].startswith("a prompt\naaa")
 
 
 def test_body_over_the_limit_and_then_a_good_request(client, server_limits):

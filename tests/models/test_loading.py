@@ -11,6 +11,7 @@ import json
 import os
 import pickle
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -523,3 +524,25 @@ def test_diffusers_folder_problems_are_checkpoint_errors(tmp_path, bpe_folder):
     weights.unlink()
     with pytest.raises(CheckpointError, match="no weight file"):
         load_checkpoint(tmp_path / "p")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d.update(default_size=7), "default_size=7"),
+    (lambda d: d.update(default_size=True), "default_size=True"),
+    (lambda d: d.update(default_size="512"), "default_size='512'"),
+    (lambda d: d.update(latent_scale=float("nan")), "latent_scale=nan"),
+    (lambda d: d.update(latent_scale=0), "latent_scale=0"),
+    (lambda d: d["beta_schedule"].update(beta_end=2.0), "beta_end=2.0"),
+    (lambda d: d["beta_schedule"].update(num_timesteps=0), "num_timesteps=0"),
+    (lambda d: d.update(prediction_type="x0?"), "prediction_type"),
+])
+def test_model_metadata_is_validated_at_load(tmp_path, sd1_file, edit, message):
+    """Metadata read from a file is input too: a stored family with an impossible value fails at load,
+    naming it, instead of loading and failing every later request (a native size of 7 px)."""
+    path, fam, mods = sd1_file
+    stored = fam.to_dict()
+    edit(stored)
+    out = tmp_path / "meta.safetensors"
+    safetensors.torch.save_file(dict(flat_state(mods, fam)), out, metadata={"diffusekit.family": json.dumps(stored)})
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        load_checkpoint(out)

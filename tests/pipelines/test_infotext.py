@@ -5,6 +5,8 @@ Layout and parsing rules from AUTOMATIC1111 stable-diffusion-webui v1.10 (proces
 """
 
 import os
+import random
+import re
 
 import pytest
 from PIL import Image
@@ -108,6 +110,29 @@ def test_last_line_needs_three_pairs_to_be_parameters():
     parsed = parse_infotext("a photo\nstyle: anime, mood: calm")
     assert parsed["Prompt"] == "a photo\nstyle: anime, mood: calm"
     assert "style" not in parsed and parsed["Schedule type"] == "Automatic"
+
+
+# A1111's own parameter regex (infotext_utils.re_param), the reference the linear scanner must equal
+A1111_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def test_param_pairs_equal_a1111_regex_findall_on_random_lines():
+    from diffusekit.pipelines.infotext import _param_pairs
+    rng = random.Random(20)
+    alphabet = list("aZ_1 -/::,,\"\"\\\n\t") + ["é", "\u00a0", "\r", "x"]
+    for _ in range(20_000):
+        line = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 24)))
+        assert _param_pairs(line) == A1111_PARAM.findall(line), repr(line)
+    line = A1111_TEXT.split("\n")[-1]
+    assert _param_pairs(line) == A1111_PARAM.findall(line)
+
+
+@pytest.mark.timeout(60)  # a hang guard only: A1111's regex would take hours here
+@pytest.mark.parametrize("line", ["a" * 2_000_000, "a-" * 1_000_000, "Steps: " + "x" * 2_000_000,
+                                  'k: "x, ' * 100_000, '\\"' * 500_000, "Seed: 1, " * 100_000 + "z" * 1_000_000])
+def test_hostile_infotext_parses_in_one_pass(line):
+    parsed = parse_infotext("prompt\n" + line)
+    assert parsed["Prompt"].startswith("prompt")
 
 
 def test_prompt_only_text_and_empty_values():

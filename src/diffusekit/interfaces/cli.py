@@ -7,6 +7,7 @@
     diffusekit compare PROMPT --samplers "Euler,DPM++ 2M" --schedulers "Normal,Karras" [--video]
     diffusekit train CONFIG [--resume]
     diffusekit serve [--host 127.0.0.1] [--port 7860] [--model shapes] [--lora-dir DIR] [--embeddings-dir DIR]
+                     [--max-pixel-steps N] [--max-memory-mb MB]
     diffusekit workflow FILE.json [--out DIR]     a ComfyUI API-format workflow (or a PNG carrying one)
     diffusekit study samplers [--quick]
 
@@ -438,6 +439,9 @@ def cmd_serve(args) -> int:
         kwargs["lora_dir"] = args.lora_dir
     if args.embeddings_dir is not None:
         kwargs["embeddings_dir"] = args.embeddings_dir
+    for name in ("max_pixel_steps", "max_memory_mb"):
+        if getattr(args, name) is not None:
+            kwargs[name] = getattr(args, name)
     serve(**kwargs)
     return 0
 
@@ -673,6 +677,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(listed at GET /sdapi/v1/loras)")
     s.add_argument("--embeddings-dir", default=None,
                    help="folder of textual-inversion embeddings that prompts may name (GET /sdapi/v1/embeddings)")
+    s.add_argument("--max-pixel-steps", type=int, default=None,
+                   help="work budget of one request: width x height x steps x images over its passes (default 2**30)")
+    s.add_argument("--max-memory-mb", type=int, default=None,
+                   help="memory budget of one request, estimated from the model (default: the device's memory)")
     s.set_defaults(func=cmd_serve)
 
 

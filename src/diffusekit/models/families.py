@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
@@ -48,6 +49,13 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded as asked; the message says why and what to do."""
 
 
+MAX_DEFAULT_SIZE = 8192   # px: the largest native side a family may declare
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 @dataclass(frozen=True)
 class BetaSchedule:
     """The training noise schedule beta_1..beta_T (Ho et al. 2020). SD trains with
@@ -57,6 +65,16 @@ class BetaSchedule:
     beta_start: float = 0.00085
     beta_end: float = 0.012
     num_timesteps: int = 1000
+
+    def __post_init__(self):  # read from checkpoint metadata too: a bad value must fail here, not at sampling
+        if not isinstance(self.kind, str):
+            raise ValueError(f"beta_schedule.kind={self.kind!r}: must be a name such as 'scaled_linear'")
+        for name in ("beta_start", "beta_end"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < v < 1.0:
+                raise ValueError(f"beta_schedule.{name}={v!r}: must be a number strictly between 0 and 1")
+        if not _is_int(self.num_timesteps) or not 2 <= self.num_timesteps <= 100_000:
+            raise ValueError(f"beta_schedule.num_timesteps={self.num_timesteps!r}: must be an integer from 2 to 100000")
 
 
 @dataclass(frozen=True)
@@ -114,8 +132,20 @@ class ModelFamily:
     vae_force_upcast: bool = False
 
     def __post_init__(self):
+        # checkpoint metadata sets these too: refuse at load what would only fail (or draw black) later
         if self.prediction_type not in ("eps", "v"):
             raise ValueError(f"prediction_type={self.prediction_type!r}; valid: 'eps', 'v'")
+        if not _is_int(self.default_size) or not 8 <= self.default_size <= MAX_DEFAULT_SIZE or self.default_size % 8:
+            raise ValueError(f"default_size={self.default_size!r}: the native image side must be a multiple of 8 "
+                             f"from 8 to {MAX_DEFAULT_SIZE}")
+        s = self.latent_scale
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s <= 0:
+            raise ValueError(f"latent_scale={s!r}: must be a finite number > 0 (SD 1.x: 0.18215, SDXL: 0.13025)")
+        if not _is_int(self.size_embed_dim) or self.size_embed_dim < 1:
+            raise ValueError(f"size_embed_dim={self.size_embed_dim!r}: must be a positive integer")
+        for name in ("zero_terminal_snr", "vae_force_upcast"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be true or false")
 
     @property
     def pixel_space(self) -> bool:

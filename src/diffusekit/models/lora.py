@@ -215,9 +215,12 @@ def load_lora(path: str | os.PathLike, te_count: int = 1) -> LoRA:
     path = Path(path)
     if path.suffix != ".safetensors":
         raise LoRAError(f"{path}: only .safetensors LoRA files are read (got {path.suffix or 'no extension'!r})")
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        sd = {k: f.get_tensor(k) for k in f.keys()}
-        metadata = f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+            metadata = f.metadata() or {}
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types on a broken file
+        raise LoRAError(f"{path} is not a readable safetensors file: {type(e).__name__}: {e}") from None
     return LoRA.from_state_dict(sd, metadata, path, te_count)
 
 

@@ -105,8 +105,15 @@ def read_keys() -> set[str]:
     return {f.key for f in FIELDS if f.read}
 
 
-# A1111's parameter regex: `Key: value` pairs, a value either JSON-quoted or up to the next comma.
-_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+# A1111's parameter regex, r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)': `Key: value` pairs, a
+# value either JSON-quoted or up to the next comma. Its `findall` is quadratic in the line's length (a
+# 120 kB run of letters holding no ':' costs ~n^2/2 steps, with the GIL held); `_param_pairs` finds the
+# same pairs in one left-to-right pass, with these pieces of it.
+_SPACE = re.compile(r"\s*")
+_WORD = re.compile(r"\w")
+_KEY_TAIL = re.compile(r"[\w \-/]*")
+_PLAIN = re.compile(r'[^\\"]*')
+MAX_INFOTEXT_CHARS = 65_536  # what readers of untrusted images (the server's png-info) parse at most
 _IMAGE_SIZE = re.compile(r"^(\d+)x(\d+)$")
 _NEGATIVE = "Negative prompt:"
 _MIN_PARAMS = 3  # a last line with fewer `Key: value` pairs is still prompt text
@@ -195,6 +202,67 @@ def split_legacy_sampler(sampler: str) -> tuple[str, str | None]:
     return sampler, None
 
 
+def _quoted_end(line: str, start: int, memo: dict[int, int]) -> int:
+    """Where the scan of a quoted value's body from `start` stops: the index of its closing '"', or -1 (a
+    backslash before a newline or the end, or no closing quote). The regex's `(?:\\.|[^\\"])+"` read as a
+    function of the start. A scan goes run by run (a run: the characters up to the next '\\' or '"') and
+    every scan starts right after a '"', hence at a run's start; `memo` (shared by one line's scans) maps
+    run starts to where they end, so all of a line's scans together read each run once."""
+    path, i, n = [], start, len(line)
+    while True:
+        if i in memo:
+            end = memo[i]
+            break
+        path.append(i)
+        j = _PLAIN.match(line, i).end()
+        if j >= n:
+            end = -1
+        elif line[j] == '"':
+            end = j
+        elif j + 1 >= n or line[j + 1] == "\n":             # a backslash with nothing it may escape
+            end = -1
+        else:
+            i = j + 2
+            continue
+        break
+    for k in path:
+        memo[k] = end
+    return end
+
+
+def _param_pairs(line: str) -> list[tuple[str, str]]:
+    """`re.findall` of A1111's parameter regex over `line` (the same pairs, see the comment at `_SPACE`), in
+    time linear in the line's length.
+
+    Why one pass is enough: after the leading spaces a key is a word character plus the longest run of
+    `[\\w \\-/]` after it, and it counts only when a ':' follows that run. When none follows, no start inside
+    the run can do better (it reaches the same run end), so the search goes on from the run's end. A value
+    is a quoted string ending where a ',' or the line's end follows it, else everything up to the next ','.
+    """
+    pairs: list[tuple[str, str]] = []
+    memo: dict[int, int] = {}
+    pos, n = 0, len(line)
+    while pos < n:
+        q = _SPACE.match(line, pos).end()
+        if q >= n or not _WORD.match(line, q):
+            pos = q + 1                                  # no key starts anywhere in line[pos:q + 1]
+            continue
+        r = _KEY_TAIL.match(line, q + 1).end()
+        if r == q + 1 or r >= n or line[r] != ":":
+            pos = r                                      # no key starts anywhere in line[pos:r]
+            continue
+        s = _SPACE.match(line, r + 1).end()
+        end = _quoted_end(line, s + 1, memo) if s < n and line[s] == '"' else -1
+        after = end + 1
+        if end > s + 1 and (after == n or line[after] == "," or (after == n - 1 and line[after] == "\n")):
+            value, pos = line[s:after], after + (after < n and line[after] == ",")
+        else:
+            comma = line.find(",", s)
+            value, pos = (line[s:], n) if comma < 0 else (line[s:comma], comma + 1)
+        pairs.append((line[q:r], value))
+    return pairs
+
+
 def parse_infotext(text: str) -> dict[str, Any]:
     """Parse an A1111 infotext into `{"Prompt": ..., "Negative prompt": ..., "Steps": "20", ...}`.
 
@@ -211,9 +279,10 @@ def parse_infotext(text: str) -> dict[str, Any]:
     negative_lines: list[str] = []
 
     *lines, last = text.strip().split("\n")
-    if len(_PARAM.findall(last)) < _MIN_PARAMS:
+    pairs = _param_pairs(last)
+    if len(pairs) < _MIN_PARAMS:
         lines.append(last)
-        last = ""
+        pairs = []
 
     in_negative = False
     for line in lines:
@@ -225,7 +294,7 @@ def parse_infotext(text: str) -> dict[str, Any]:
     res["Prompt"] = "\n".join(prompt_lines)
     res["Negative prompt"] = "\n".join(negative_lines)
 
-    for key, value in _PARAM.findall(last):
+    for key, value in pairs:
         if not value:
             continue  # A1111 fails on an empty value and skips the key
         if value[0] == '"' and value[-1] == '"':

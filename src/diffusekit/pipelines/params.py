@@ -101,6 +101,15 @@ class GenerationParams:
 
         if not isinstance(self.prompt, str):
             bad("prompt", "must be a string")
+        for name in ("prompt", "negative_prompt"):
+            text = getattr(self, name) or ""
+            if isinstance(text, str) and not text.isascii():
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    raise ValueError(f"{name}: character {e.start} is a lone surrogate ({ascii(text[e.start])}), "
+                                     f"which is not text; send valid Unicode (a surrogate pair joins two into "
+                                     f"one character)") from None
         if len(self.prompt) > MAX_PROMPT_CHARS or len(self.negative_prompt or "") > MAX_PROMPT_CHARS:
             raise ValueError(f"prompt is {len(self.prompt)} characters; at most {MAX_PROMPT_CHARS} are accepted")
         if not isinstance(self.steps, int) or not 1 <= self.steps <= 1000:
@@ -134,6 +143,11 @@ class GenerationParams:
             bad("inpainting_fill", "must be 0 (fill), 1 (original), 2 (latent noise) or 3 (latent nothing)")
         if self.mask is not None and not self.init_images:
             bad("mask", "inpainting needs init_images too")
+        if self.mask is not None and hasattr(self.mask, "size") and hasattr(self.init_images[0], "size") \
+                and tuple(self.mask.size) != tuple(self.init_images[0].size):
+            (mw, mh), (iw, ih) = self.mask.size, self.init_images[0].size
+            raise ValueError(f"mask: its size {mw}x{mh} differs from the init image's {iw}x{ih} "
+                             f"(init_images[0]); send a mask of the init image's size")
         if self.mask_blur < 0:
             bad("mask_blur", "must be >= 0")
         if self.refiner_switch_at is not None and not 0.0 < float(self.refiner_switch_at) < 1.0:

@@ -63,6 +63,14 @@ HIRES_LATENT_MODES = {
 }
 
 
+DECODE_PIXELS_PER_CALL = 1024 * 1024   # VAE decode: as many images per call as hold this many pixels (>= 1)
+
+
+class NonFiniteOutput(RuntimeError):
+    """Sampling or decoding gave NaN / inf: the model (its weights or configuration) is broken, not the
+    request; raised instead of returning the black image such values turn into."""
+
+
 class Interrupted(Exception):
     """Raised inside sampling when the caller asked to stop; carries the last x0 estimate, which the
     pipeline decodes and returns (as A1111 returns its last latent)."""
@@ -367,20 +375,33 @@ class Pipeline:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Model-space latents -> (B, 3, H, W) in [-1, 1]. A non-finite result of a half-precision VAE
-        (the fp16 SDXL VAE overflows: black images) is decoded again in float32."""
+        """Model-space latents -> (B, 3, H, W) in [-1, 1], `DECODE_PIXELS_PER_CALL` pixels' worth of images
+        per VAE call (one image at a time from 1024x1024 up: the decoder's activations grow with batch x
+        pixels; each image decodes alone anyway). A non-finite result of a half-precision VAE (the fp16
+        SDXL VAE overflows: black images) is decoded again in float32. Non-finite latents, or a non-finite
+        float32 decode, raise `NonFiniteOutput` (broken weights: never a silent black image)."""
+        if not torch.isfinite(latents).all():
+            raise NonFiniteOutput(f"sampling produced non-finite latents (NaN or inf) with model {self.name!r}: "
+                                  f"its UNet weights or its configuration are broken")
         if self.vae is None:
             return latents.float().clamp(-1, 1)
+        per_call = max(1, DECODE_PIXELS_PER_CALL // (latents.shape[-2] * latents.shape[-1] * self.factor ** 2))
+        return torch.cat([self._decode(latents[i:i + per_call]) for i in range(0, latents.shape[0], per_call)])
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         dtype = next(self.vae.parameters()).dtype
         z = latents / self.scale
         force32 = self.family.vae_force_upcast and dtype == torch.float16
         out = None if force32 else self.vae.decode(z.to(dtype)).float()
-        if out is None or not torch.isfinite(out).all():
+        if out is None or (dtype != torch.float32 and not torch.isfinite(out).all()):
             self.vae.float()
             try:
                 out = self.vae.decode(z.float()).float()
             finally:
                 self.vae.to(dtype)
+        if not torch.isfinite(out).all():
+            raise NonFiniteOutput(f"the VAE of model {self.name!r} decoded non-finite values (NaN or inf), in "
+                                  f"float32 too: its VAE weights are broken")
         return out.clamp(-1, 1)
 
     def preview(self, latents: torch.Tensor):
@@ -462,8 +483,6 @@ class Pipeline:
             raise ValueError(f"width={width}, height={height}: must be multiples of {self.factor} for this model")
         seed = params.resolved_seed()
         subseed = params.subseed if params.subseed != -1 else random.SystemRandom().randrange(2**32)
-        if params.is_img2img and params.mask is not None and tuple(params.mask.size) != tuple(params.init_images[0].size):
-            raise ValueError(f"mask size {params.mask.size} differs from the init image size {params.init_images[0].size}")
         init = self._prepare_init(params, width, height) if params.is_img2img else None
         call = _Call(params, text_params, sampler_id, schedule_id, width, height, seed, subseed, hashes, init,
                      callback, should_stop)

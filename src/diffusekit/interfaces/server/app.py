@@ -1,9 +1,10 @@
 """The HTTP layer: AUTOMATIC1111's /sdapi/v1 API, diffusekit's own /diffusekit/v1 endpoints and the web UI.
 
 Thin: parse and check a request, hand the work to the worker thread (`jobs.Worker`), format the answer.
-Every refusal is a 4xx whose message names the field or the server limit; only a bug is a 500, and a job
-that fails never takes the server down. `create_app` builds the shared `ServerState` and includes one
-router per API (`routes/`), each of which receives that state.
+Every refusal is a 4xx whose message names the field or the server limit; what fails inside the server (a
+broken model file, a bug) is a 500 (`errors.py`), and a job that fails never takes the server down.
+`create_app` builds the shared `ServerState` and includes one router per API (`routes/`), each of which
+receives that state.
 """
 from __future__ import annotations
 
@@ -12,23 +13,22 @@ import os
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from ...version import __version__
 from .checkpoints import ModelStore
-from .jobs import QueueFull, ShuttingDown, Worker
+from . import errors
+from .jobs import ClientWatch, Worker
 from .loras import LoraCatalog
-from .middleware import BasicAuth, BodyLimit, error_response, parse_api_auth
+from .middleware import BasicAuth, BodyLimit, parse_api_auth
 from ...graph import Environment
 from .comfy import ComfyQueue
 from .routes import comfy as comfy_routes
 from .routes import diffusekit as diffusekit_routes
 from .routes import sdapi as sdapi_routes
 from .routes import webui as webui_routes
-from .schemas import Limits, RequestError
+from .schemas import ERROR_RESPONSES, Limits
 from .service import Service
 from .state import ServerState
 
@@ -72,43 +72,11 @@ def create_app(*, model: str | None = "shapes", models_dir: str | os.PathLike | 
         yield
         await run_in_threadpool(worker.stop)
 
-    app = FastAPI(title="diffusekit", version=__version__, lifespan=lifespan,
+    app = FastAPI(title="diffusekit", version=__version__, lifespan=lifespan, responses=ERROR_RESPONSES,
                   description="AUTOMATIC1111-compatible /sdapi/v1 API and diffusekit's own /diffusekit/v1 endpoints.")
     app.state.service, app.state.worker, app.state.limits, app.state.flags = service, worker, limits, flags
 
-    # ---------------------------------------------------------------- errors
-    @app.exception_handler(RequestValidationError)
-    async def on_validation(request: Request, exc: RequestValidationError):
-        items, lines = [], []
-        for e in exc.errors():
-            loc = [str(x) for x in e.get("loc", ())]
-            where = ".".join(loc[1:] if loc[:1] == ["body"] and len(loc) > 1 else loc) or "body"
-            if e.get("type") == "json_invalid":
-                where = "body"
-                msg = f"the request body is not valid JSON ({e.get('ctx', {}).get('error', e.get('msg'))})"
-            else:
-                msg = e.get("msg", "invalid")
-            items.append({"loc": loc, "msg": msg, "type": e.get("type")})
-            lines.append(f"{where}: {msg}")
-        return JSONResponse({"detail": items, "error": "Unprocessable Entity", "errors": "; ".join(lines)[:2000]},
-                            status_code=422)
-
-    @app.exception_handler(RequestError)
-    async def on_request_error(request: Request, exc: RequestError):
-        return error_response(exc.status, str(exc)[:4000], exc.field)
-
-    @app.exception_handler(QueueFull)
-    async def on_queue_full(request: Request, exc: QueueFull):
-        return error_response(503, str(exc), headers={"Retry-After": str(exc.retry_after)})
-
-    @app.exception_handler(ShuttingDown)
-    async def on_shutdown(request: Request, exc: ShuttingDown):
-        return error_response(503, str(exc), headers={"Retry-After": "5"})
-
-    @app.exception_handler(Exception)
-    async def on_unexpected(request: Request, exc: Exception):
-        log.exception("unexpected error in %s %s", request.method, request.url.path)
-        return error_response(500, f"{type(exc).__name__}: {exc}"[:4000])
+    errors.install(app)                       # one error shape; no error drops the connection
 
     state = ServerState(service=service, worker=worker, limits=limits, store=store, loras=loras, flags=flags)
     app.state.server = state
@@ -120,6 +88,7 @@ def create_app(*, model: str | None = "shapes", models_dir: str | os.PathLike | 
     for prefix in ("", "/api"):                      # ComfyUI serves every route under /api too
         app.include_router(comfy_routes.router(state, comfy, prefix))
 
+    app.add_middleware(ClientWatch)           # lets a job see its client leave (jobs.wait_for_job)
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
     if api_auth:
         app.add_middleware(BasicAuth, allowed=allowed_users)

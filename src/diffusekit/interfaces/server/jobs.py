@@ -7,10 +7,12 @@ free to answer /progress, /interrupt and the other cheap endpoints while a job r
 """
 from __future__ import annotations
 
+import asyncio
 import base64
+import collections
+import contextvars
 import io
 import logging
-import queue
 import threading
 import time
 from concurrent.futures import Future
@@ -34,6 +36,58 @@ class QueueFull(Exception):
 
 class ShuttingDown(Exception):
     """The worker was stopped while the job was waiting."""
+
+
+class ClientGone(Exception):
+    """The client disconnected while its job waited or ran; the job was dropped or interrupted."""
+
+
+# the ASGI `receive` of the request being handled (set by `ClientWatch`): after the body it yields only
+# http.disconnect, which is how a handler learns that its client went away while its job waits or runs
+_CLIENT_RECEIVE: contextvars.ContextVar = contextvars.ContextVar("diffusekit_client_receive", default=None)
+
+
+class ClientWatch:
+    """ASGI middleware that lets `wait_for_job` see the client disconnect (Starlette does not cancel a
+    handler whose client left; A1111 runs such jobs to the end)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        token = _CLIENT_RECEIVE.set(receive if scope["type"] == "http" else None)
+        try:
+            return await self.app(scope, receive, send)
+        finally:
+            _CLIENT_RECEIVE.reset(token)
+
+
+async def _until_disconnect(receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass                                  # a body the handler did not read
+
+
+async def wait_for_job(worker: "Worker", future: Future):
+    """Await a submitted job's result without blocking the event loop. When the client disconnects first,
+    the job is abandoned (`Worker.abandon`: dropped if waiting, interrupted if running) and ClientGone
+    raised; when the handler itself is cancelled, likewise."""
+    job = asyncio.wrap_future(future)
+    job.add_done_callback(lambda f: f.cancelled() or f.exception())   # a dropped job's outcome is no one's
+    receive = _CLIENT_RECEIVE.get()
+    gone = asyncio.ensure_future(_until_disconnect(receive)) if receive is not None else None
+    try:
+        if gone is not None:
+            await asyncio.wait({job, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not job.done():
+                worker.abandon(future)
+                raise ClientGone("the client disconnected; its job was dropped")
+        return await job
+    except asyncio.CancelledError:
+        worker.abandon(future)
+        raise
+    finally:
+        if gone is not None:
+            gone.cancel()
 
 
 @dataclass
@@ -118,9 +172,9 @@ class Worker:
         if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 0:
             raise ValueError(f"queue_size={queue_size!r}: must be an integer >= 0")
         self.queue_size = queue_size
-        self._q: queue.Queue[_Task | None] = queue.Queue()   # bounded by `submit`
+        self._waiting: collections.deque[_Task] = collections.deque()   # bounded by `submit`
+        self._wake = threading.Condition()                  # guards _waiting; the worker waits on it
         self._lock = threading.Lock()
-        self._submit_lock = threading.Lock()
         self._state = _State()
         self._running: _Task | None = None
         self._preview_watched_until = 0.0
@@ -139,14 +193,13 @@ class Worker:
         """Interrupt the running job, fail the waiting ones, and end the thread."""
         self._stopping = True
         self.interrupt()
-        while True:
-            try:
-                t = self._q.get_nowait()
-            except queue.Empty:
-                break
-            if t is not None and t.future.set_running_or_notify_cancel():
+        with self._wake:
+            waiting = list(self._waiting)
+            self._waiting.clear()
+            self._wake.notify_all()
+        for t in waiting:
+            if t.future.set_running_or_notify_cancel():
                 t.future.set_exception(ShuttingDown("the server is shutting down"))
-        self._q.put_nowait(None)
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -156,15 +209,29 @@ class Worker:
         if self._stopping:
             raise ShuttingDown("the server is shutting down")
         task = _Task(label, fn)
-        with self._submit_lock:
-            waiting = self._q.qsize()
+        with self._wake:
+            waiting = len(self._waiting)
             if waiting >= self.queue_size and (self.queue_size > 0 or waiting or self._running is not None):
                 raise QueueFull(self.queue_size, self._retry_after())
-            self._q.put_nowait(task)
+            self._waiting.append(task)
+            self._wake.notify()
         return task.future
 
+    def abandon(self, future: Future) -> None:
+        """The client of `future`'s job went away: a waiting job leaves the queue (its slot is free at once);
+        the running one is interrupted at its next step, as /interrupt does (and frees the worker then)."""
+        with self._wake:
+            for t in self._waiting:
+                if t.future is future:
+                    self._waiting.remove(t)
+                    t.future.cancel()
+                    return
+        with self._lock:
+            if self._running is not None and self._running.future is future:
+                self._state.interrupted = True
+
     def pending(self) -> int:
-        return self._q.qsize()
+        return len(self._waiting)
 
     def _retry_after(self) -> int:
         typical = sorted(self._durations)[len(self._durations) // 2] if self._durations else 5.0
@@ -212,13 +279,12 @@ class Worker:
     # ------------------------------------------------------------------ the thread
     def _loop(self) -> None:
         while True:
-            task = self._q.get()
-            if task is None or self._stopping:
-                if task is not None and task.future.set_running_or_notify_cancel():
-                    task.future.set_exception(ShuttingDown("the server is shutting down"))
+            with self._wake:
+                while not self._waiting and not self._stopping:
+                    self._wake.wait()
                 if self._stopping:
                     return
-                continue
+                task = self._waiting.popleft()
             if not task.future.set_running_or_notify_cancel():
                 continue                                   # the client went away before it started
             with self._lock:

@@ -19,14 +19,16 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        # refused before the body is read: the connection cannot carry another request, so say so
         too_big = error_response(422, f"the request body is over the server limit max_body_bytes={self.max_bytes}",
-                                 field="max_body_bytes")
+                                 field="max_body_bytes", headers={"Connection": "close"})
         declared = dict(scope.get("headers") or []).get(b"content-length")
         try:
             if declared is not None and int(declared) > self.max_bytes:
                 return await too_big(scope, receive, send)
         except ValueError:
-            return await error_response(400, "Content-Length is not a number")(scope, receive, send)
+            return await error_response(400, "Content-Length is not a number",
+                                        headers={"Connection": "close"})(scope, receive, send)
         chunks, seen = [], 0
         while True:
             message = await receive()
@@ -84,20 +86,27 @@ class BasicAuth:
             await receive()                                 # the websocket.connect event
             return await send({"type": "websocket.close", "code": 1008})
         if not ok:
-            resp = JSONResponse({"detail": "Incorrect username or password"}, status_code=401,
-                                headers={"WWW-Authenticate": 'Basic realm="diffusekit"'})
+            resp = error_response(401, "Incorrect username or password",
+                                  headers={"WWW-Authenticate": 'Basic realm="diffusekit"'})
             return await resp(scope, receive, send)
         return await self.app(scope, receive, send)
 
 
 def error_response(status: int, message: str, field: str | None = None, headers: dict | None = None) -> JSONResponse:
-    body = {"detail": message, "error": REASONS.get(status, "Error")}
+    """The one error body (`schemas.ErrorResponse`): {"detail": message, "error": reason phrase, "field": ...}."""
+    body = {"detail": safe_text(message), "error": REASONS.get(status, "Error")}
     if field:
-        body["field"] = field
+        body["field"] = safe_text(field, 200)
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-REASONS = {400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 409: "Conflict", 422: "Unprocessable Entity",
-           500: "Internal Server Error", 503: "Service Unavailable"}
+def safe_text(text: object, limit: int = 4000) -> str:
+    """`text` as a string that UTF-8 can encode (a lone surrogate becomes `\\ud800`), at most `limit` chars."""
+    return str(text)[:limit].encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+REASONS = {400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed", 409: "Conflict",
+           422: "Unprocessable Entity", 499: "Client Closed Request", 500: "Internal Server Error",
+           503: "Service Unavailable"}
 
 

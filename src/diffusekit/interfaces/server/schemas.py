@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields as dc_fields
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from ...pipelines.infotext import MAX_INFOTEXT_CHARS
+from ...pipelines.cost import device_memory_bytes, estimate_memory, pixel_steps
 from ...pipelines.params import MAX_PROMPT_CHARS, GenerationParams
 
 
@@ -40,21 +42,78 @@ class Limits:
     max_body_bytes: int = 32 * 2**20       # request body (base64 init images live here)
     max_input_pixels: int = 4096 * 4096    # a decoded init image / mask / png-info image
     max_prompt_chars: int = MAX_PROMPT_CHARS
+    # the cost of the whole request, not of one field (every field within its limit still multiplies up):
+    max_pixel_steps: int = 2**30           # work: width*height*steps*images, summed over the passes (hires too)
+    max_memory_mb: Optional[int] = None    # estimated peak memory (weights + activations); None = the device's
+    max_infotext_chars: int = MAX_INFOTEXT_CHARS   # png-info: the longest infotext read from an image
 
     def __post_init__(self):
         for f in dc_fields(self):
             v = getattr(self, f.name)
-            if not isinstance(v, int) or v < 1:
+            if v is None and f.name == "max_memory_mb":
+                continue
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{f.name}={v!r}: limits must be positive integers")
 
     def as_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dc_fields(self)}
 
 
-_MODEL = ConfigDict(extra="allow", populate_by_name=True, allow_inf_nan=False, protected_namespaces=())
+# strict: a number field takes a JSON number only (true / "123" are refused, not read as 1 / 123; an integer
+# field also refuses 1.5 and 1.0), as pydantic's strict mode; a float field takes integers too.
+_MODEL = ConfigDict(extra="allow", populate_by_name=True, allow_inf_nan=False, protected_namespaces=(), strict=True)
+MAX_JSON_DEPTH = 32          # nesting of the free-form fields (comments, override_settings, script_args, ...)
 
 
-class Txt2ImgRequest(BaseModel):
+def check_json_value(value: Any, where: str) -> None:
+    """Refuse what the server could not send back or work with: a lone surrogate ("\\ud800": JSON allows
+    it, UTF-8 cannot encode it) in any string or key, and nesting deeper than MAX_JSON_DEPTH. ValueError
+    naming the path (`comments.a[0]`); iterative, so no depth can overflow the stack here."""
+    stack = [(value, where, 0)]
+    while stack:
+        v, path, depth = stack.pop()
+        if isinstance(v, str):
+            _check_text(v, path)
+        elif isinstance(v, (dict, list)):
+            if depth >= MAX_JSON_DEPTH:
+                raise ValueError(f"{path}: nested more than {MAX_JSON_DEPTH} levels deep")
+            if isinstance(v, dict):
+                for k, item in v.items():
+                    key = str(k)
+                    _check_text(key, f"{path} (a key)")
+                    stack.append((item, f"{path}.{key[:40]}", depth + 1))
+            else:
+                stack.extend((item, f"{path}[{i}]", depth + 1) for i, item in enumerate(v))
+
+
+def _check_text(text: str, path: str) -> None:
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{path}: character {e.start} is a lone surrogate ({ascii(text[e.start])}), which is "
+                         f"not text; send valid Unicode") from None
+
+
+class _Checked(BaseModel):
+    """Every field and every extra (unknown) field goes through `check_json_value` (field name in the path)."""
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _valid_json(cls, v, info: ValidationInfo):
+        if v is not None:
+            check_json_value(v, info.field_name)
+        return v
+
+    @model_validator(mode="after")
+    def _valid_extras(self):
+        for k, v in (self.model_extra or {}).items():
+            check_json_value({k: v}, "body")
+        return self
+
+
+class Txt2ImgRequest(_Checked):
     """POST /sdapi/v1/txt2img. A1111's fields; `save_process`, `cfg_rescale` and `sde_noise` are diffusekit additions."""
 
     model_config = _MODEL
@@ -151,7 +210,7 @@ class GenerationResponse(BaseModel):
 
 
 class PngInfoRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     image: str = Field(description="a base64 image (PNG with a `parameters` chunk, or JPEG/WebP with EXIF)")
 
 
@@ -161,10 +220,10 @@ class PngInfoResponse(BaseModel):
     parameters: dict[str, Any]
 
 
-class CompareRequest(BaseModel):
+class CompareRequest(_Checked):
     """POST /diffusekit/v1/compare: one prompt and seed, samplers across, a second axis down."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
     prompt: str = ""
     negative_prompt: str = ""
     seed: int = -1
@@ -176,7 +235,62 @@ class CompareRequest(BaseModel):
     samplers: list[str] = Field(default_factory=lambda: ["Euler", "Euler a", "DPM++ 2M", "DDIM"],
                                 description="the X axis: sampler names")
     y_axis: str = Field("scheduler", description="what varies down the rows: scheduler | steps | cfg_scale | seed")
-    y_values: list[Any] = Field(default_factory=lambda: ["Automatic"], description="the rows' values")
+    y_values: list[Any] = Field(default_factory=lambda: ["Automatic"],
+                                description="the rows' values: schedule names (strings) for y_axis=scheduler, "
+                                            "integers for steps and seed, numbers for cfg_scale")
+
+    @model_validator(mode="after")
+    def _axis_values(self):
+        """Strict like the fields: the values of a numeric axis are JSON numbers, not true or "20"."""
+        want = {"scheduler": (str,), "steps": (int,), "seed": (int,), "cfg_scale": (int, float)}.get(self.y_axis)
+        for v in self.y_values if want else ():
+            ok = isinstance(v, want) and not isinstance(v, bool) and (not isinstance(v, float) or math.isfinite(v))
+            if not ok:
+                kind = "a schedule name" if want == (str,) else "an integer" if want == (int,) else "a finite number"
+                raise ValueError(f"y_values: {v!r} is not {kind} (y_axis={self.y_axis})")
+        return self
+
+
+class OptionsRequest(_Checked):
+    """POST /sdapi/v1/options: the settings to change. Two take effect here; any other A1111 setting is
+    accepted and, when it differs from what GET /sdapi/v1/options reports, named in `unsupported_options`."""
+
+    model_config = _MODEL
+    sd_model_checkpoint: Optional[str] = Field(None, description="load this model now (a title, name or hash "
+                                                                 "from GET /sdapi/v1/sd-models)")
+    CLIP_stop_at_last_layers: Optional[int] = Field(None, ge=1, le=12, description="Clip skip for later jobs")
+
+
+class OptionsResponse(BaseModel):
+    unsupported_options: list[str] = Field(description="the settings given that this server does not apply")
+
+
+class ValidationItem(BaseModel):
+    loc: list[Union[str, int]]
+    msg: str
+    type: Optional[str] = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error answer, 4xx and 5xx, has this shape."""
+
+    detail: Union[str, list[ValidationItem]] = Field(
+        description="what went wrong: a sentence naming the field or limit; a list, one item per problem, when "
+                    "the body does not fit the schema")
+    error: str = Field(description="the HTTP reason phrase ('Unprocessable Entity', 'Internal Server Error', ...)")
+    field: Optional[str] = Field(None, description="the request field or server limit the refusal names")
+    errors: Optional[str] = Field(None, description="schema problems, all of them in one line")
+
+
+ERROR_STATUSES = {400: "the body is not JSON the server can parse, or a header is malformed",
+                  401: "api_auth is set and the credentials are missing or wrong",
+                  404: "nothing to show yet, or no such route",
+                  405: "the route exists for other methods (see the Allow header)",
+                  409: "no model is selected",
+                  422: "a field or the request's cost is outside what this server accepts (the message names it)",
+                  500: "the server failed: a broken model, LoRA or embedding file, or a bug (never the request)",
+                  503: "busy (the queue is full: see Retry-After), shutting down, or the model cannot be loaded"}
+ERROR_RESPONSES = {code: {"model": ErrorResponse, "description": why} for code, why in ERROR_STATUSES.items()}
 
 
 # ---------------------------------------------------------------------------------------- translation
@@ -230,11 +344,11 @@ def to_generation_params(req: Txt2ImgRequest, *, init_images=None, mask=None, cl
     """The GenerationParams a request asks for (images already decoded to PIL). Validation happens later."""
     overrides = req.override_settings or {}
     if overrides.get("CLIP_stop_at_last_layers") is not None:
-        try:
-            clip_skip = int(overrides["CLIP_stop_at_last_layers"])
-        except (TypeError, ValueError):
-            raise RequestError(f"override_settings.CLIP_stop_at_last_layers={overrides['CLIP_stop_at_last_layers']!r}: "
-                               f"must be an integer from 1 to 12", field="override_settings") from None
+        v = overrides["CLIP_stop_at_last_layers"]
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 12:
+            raise RequestError(f"override_settings.CLIP_stop_at_last_layers={v!r}: must be an integer from 1 to 12",
+                               field="override_settings.CLIP_stop_at_last_layers")
+        clip_skip = v
     sampler = req.sampler_name or req.sampler_index or "Euler"
     p = GenerationParams(
         prompt=_or(req.prompt, ""), negative_prompt=_or(req.negative_prompt, ""), steps=_or(req.steps, 50),
@@ -284,11 +398,43 @@ def check_limits(p: GenerationParams, limits: Limits) -> None:
         if p.width * p.height > limits.max_pixels:
             raise RequestError(f"width * height = {p.width} * {p.height} = {p.width * p.height} pixels is over the "
                                f"server limit max_pixels={limits.max_pixels}", field="width")
-        if p.enable_hr and isinstance(p.hr_scale, (int, float)) and math.isfinite(p.hr_scale):
+        if p.enable_hr and isinstance(p.hr_scale, (int, float)):
+            if not 1.0 <= p.hr_scale <= 4.0:                # before any arithmetic: 1e308 * 512 overflows
+                raise RequestError(f"hr_scale={p.hr_scale!r}: must be from 1 to 4", field="hr_scale")
             hw, hh = int(p.width * p.hr_scale), int(p.height * p.hr_scale)
             if hw * hh > limits.max_pixels:
                 raise RequestError(f"the hires-fix output {hw}x{hh} (hr_scale={p.hr_scale}) is over the server limit "
                                    f"max_pixels={limits.max_pixels}", field="hr_scale")
+        if all(isinstance(v, int) for v in (p.steps, p.batch_size, p.n_iter, p.hr_second_pass_steps)):
+            work = pixel_steps(p)
+            if work > limits.max_pixel_steps:
+                raise RequestError(f"the request's work, width x height x steps x images summed over its passes, is "
+                                   f"{work:,} pixel-steps, over the server budget max_pixel_steps="
+                                   f"{limits.max_pixel_steps:,}: ask for fewer or smaller images or fewer steps",
+                                   field="max_pixel_steps")
+
+
+def memory_budget_bytes(limits: Limits, device) -> int | None:
+    """max_memory_mb, or without it the device's total memory (GPU memory, else RAM); None if unknown."""
+    return limits.max_memory_mb * 2**20 if limits.max_memory_mb else device_memory_bytes(device)
+
+
+def check_memory(p: GenerationParams, pipe, budget_bytes: int | None) -> dict:
+    """Refuse (422 naming max_memory_mb) a request whose estimated peak memory on `pipe` (weights plus
+    activations, `pipelines.cost.estimate_memory`; width/height resolved) exceeds the budget."""
+    from ...pipelines.pipeline import DECODE_PIXELS_PER_CALL
+    modules = [m for m in (pipe.unet, pipe.vae, *pipe.parts.text_encoders) if m is not None]
+    weights = sum(t.numel() * t.element_size() for m in modules for t in m.parameters())
+    est = estimate_memory(pipe.family, p, width=p.width, height=p.height,
+                          dtype_bytes=next(pipe.unet.parameters()).element_size(), weight_bytes=weights,
+                          decode_pixels_per_call=DECODE_PIXELS_PER_CALL)
+    if budget_bytes and est["peak"] > budget_bytes:
+        gib = 2**30
+        raise RequestError(f"the request would need about {est['peak'] / gib:.1f} GiB (weights {weights / gib:.1f} "
+                           f"GiB + UNet {est['unet'] / gib:.1f} GiB or VAE decode {est['vae'] / gib:.1f} GiB, estimated "
+                           f"from the model's shape), over the server budget max_memory_mb={budget_bytes // 2**20}: "
+                           f"ask for fewer or smaller images", field="max_memory_mb")
+    return est
 
 
 def validate_params(p: GenerationParams, limits: Limits) -> None:
@@ -302,5 +448,9 @@ def validate_params(p: GenerationParams, limits: Limits) -> None:
                            f"2 (latent noise), 3 (latent nothing)", field="inpainting_fill")
     try:
         p.validate()
-    except (ValueError, TypeError) as e:
-        raise RequestError(str(e)) from None
+    except (ValueError, TypeError) as e:       # the message starts with the field: "steps=0: ..." / "mask: ..."
+        name = str(e).split("=", 1)[0].split(":", 1)[0]
+        raise RequestError(str(e), field=name if name in _PARAM_FIELDS else None) from None
+
+
+_PARAM_FIELDS = {f.name for f in dc_fields(GenerationParams)}

@@ -17,9 +17,10 @@ from ...media.compare import Plan
 from ...pipelines.params import GenerationParams
 from ...pipelines.pipeline import Pipeline, split_sampler_name
 from .checkpoints import ModelEntry, ModelStore
+from .errors import ModelUnavailable, redact
 from .jobs import JobContext
 from .loras import LoraCatalog
-from .schemas import Limits, RequestError, validate_params
+from .schemas import Limits, RequestError, check_memory, memory_budget_bytes, validate_params
 
 
 
@@ -70,6 +71,7 @@ class Service:
         self.embeddings_dir = embeddings_dir    # and textual-inversion embeddings from this one
         self.limits = limits
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.memory_budget = memory_budget_bytes(limits, self.device)   # bytes a request may need (estimated)
         self.dtype = dtype
         self.clip_skip = 1
         self.selected: ModelEntry | None = None
@@ -101,12 +103,22 @@ class Service:
                                "{\"sd_model_checkpoint\": ...}", status=409)
         if self._pipe is None or self._pipe_entry != entry:
             self._pipe = None                       # free the old weights before loading the new ones
-            self._pipe = Pipeline.from_pretrained(entry.path, device=self.device, dtype=self.dtype,
-                                                  lora_dir=self.loras.folder if self.loras else None,
-                                                  embeddings_dir=self.embeddings_dir)
+            try:
+                self._pipe = Pipeline.from_pretrained(entry.path, device=self.device, dtype=self.dtype,
+                                                      lora_dir=self.loras.folder if self.loras else None,
+                                                      embeddings_dir=self.embeddings_dir)
+            except Exception as e:                  # a broken file on the server: not the client's fault
+                reason = redact(str(e).replace(str(entry.path), entry.name), self.folders())
+                raise ModelUnavailable(f"the model {entry.name!r} cannot be loaded ({type(e).__name__}: "
+                                       f"{reason}); select another with POST /sdapi/v1/options") from e
             self._pipe_entry = entry
             self.store.remember_hash(entry, list(self._pipe.parts.files))
         return self._pipe
+
+    def folders(self) -> dict:
+        """The server's folders by option name (error messages name these, never the paths)."""
+        return {"models_dir": self.store.models_dir, "lora_dir": self.loras.folder if self.loras else None,
+                "embeddings_dir": self.embeddings_dir}
 
     def embeddings_listing(self, refresh: bool = False) -> dict:
         """GET /sdapi/v1/embeddings of the model in memory (nothing before one is loaded); refresh=True
@@ -140,6 +152,7 @@ class Service:
             self.selected = model
         p = p.copy(width=p.width or pipe.family.default_size, height=p.height or pipe.family.default_size)
         validate_params(p, self.limits)           # again, now that the model's native size is known
+        check_memory(p, pipe, self.memory_budget)  # and the memory the request needs on it
         self._jobs += 1
         t0 = time.perf_counter()
         images, seeds, subseeds, infotexts, skipped = [], [], [], [], []
@@ -205,6 +218,10 @@ class Service:
         interrupted, /skip drops the current cell."""
         from ...media.compare import run
         pipe = self.pipeline()
+        for row in planned.cells:                 # the largest cell decides; sizes resolved as `run` resolves them
+            for p in row:
+                size = p.width or pipe.family.default_size, p.height or pipe.family.default_size
+                check_memory(p.copy(width=size[0], height=size[1]), pipe, self.memory_budget)
         total = sum(len(row) for row in planned.cells)
         ctx.set_job_count(total)
         comp = run(pipe, planned, callback=ctx.on_step,

@@ -77,7 +77,7 @@ def compare_plan(req: CompareRequest, limits: Limits) -> comparison.Plan:
     for v in req.y_values:
         try:
             values.append(read(v))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise RequestError(f"y_values: {v!r} is not a valid {req.y_axis}", field="y_values") from None
     base = GenerationParams(prompt=req.prompt, negative_prompt=req.negative_prompt, seed=req.seed, steps=req.steps,
                             cfg_scale=req.cfg_scale, width=req.width, height=req.height, scheduler=req.scheduler)

@@ -3,17 +3,18 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Optional
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query
 from starlette.concurrency import run_in_threadpool
 
 from ....core import samplers as sampler_registry
 from ....core import sigmas as sigma_schedules
 from ..images import decode_image, encode_png
 from ..loras import check_prompt_loras
-from ..schemas import (GenerationResponse, Img2ImgRequest, PngInfoRequest, PngInfoResponse, RequestError,
-                       Txt2ImgRequest, to_generation_params, unsupported_fields, validate_params)
+from ..schemas import (GenerationResponse, Img2ImgRequest, OptionsRequest, OptionsResponse, PngInfoRequest,
+                       PngInfoResponse, RequestError, Txt2ImgRequest, to_generation_params, unsupported_fields,
+                       validate_params)
 from ..service import sampler_labels
 from ..state import ServerState
 
@@ -159,25 +160,17 @@ def router(state: ServerState) -> APIRouter:
     async def get_options():
         return await run_in_threadpool(current_options)
 
-    @router.post("/sdapi/v1/options")
-    async def set_options(request: Request):
-        try:
-            body = await request.json()
-        except (ValueError, UnicodeDecodeError) as e:
-            raise RequestError(f"the request body is not valid JSON ({e})", field="body") from None
-        if not isinstance(body, dict):
-            raise RequestError("the options body must be a JSON object {\"option\": value}", field="body")
-        if "CLIP_stop_at_last_layers" in body:
-            v = body["CLIP_stop_at_last_layers"]
-            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 12:
-                raise RequestError(f"CLIP_stop_at_last_layers={v!r}: must be an integer from 1 to 12",
-                                   field="CLIP_stop_at_last_layers")
+    @router.post("/sdapi/v1/options", response_model=Optional[OptionsResponse])
+    async def set_options(req: OptionsRequest):
+        """Change settings: sd_model_checkpoint loads that model now (its errors answer this request),
+        CLIP_stop_at_last_layers sets Clip skip. Answers null, or the settings it did not apply."""
+        body = {**req.model_dump(exclude_unset=True), **(req.model_extra or {})}
         entry = None
         if body.get("sd_model_checkpoint") is not None:
             entry = await run_in_threadpool(store.find, body["sd_model_checkpoint"])
         if entry is not None:
             await run_job("load model", lambda ctx: service.select(ctx, entry))
-        if "CLIP_stop_at_last_layers" in body:
+        if body.get("CLIP_stop_at_last_layers") is not None:
             service.clip_skip = body["CLIP_stop_at_last_layers"]
         known = current_options()
         ignored = sorted(k for k, v in body.items() if k not in ("sd_model_checkpoint", "CLIP_stop_at_last_layers")
@@ -197,9 +190,12 @@ def router(state: ServerState) -> APIRouter:
     async def png_info(req: PngInfoRequest):
         from ....pipelines.infotext import parse_infotext, read_infotext
 
-        def work():
+        def work():                                # off the event loop: decoding and parsing untrusted data
             img = decode_image(req.image, "image", limits)
             text = read_infotext(img) or ""
+            if len(text) > limits.max_infotext_chars:
+                raise RequestError(f"image: its infotext has {len(text)} characters, over the server limit "
+                                   f"max_infotext_chars={limits.max_infotext_chars}", field="image")
             items = {k: v for k, v in img.info.items() if isinstance(v, (str, int, float)) and k != "parameters"}
             return {"info": text, "items": items, "parameters": parse_infotext(text) if text else {}}
 

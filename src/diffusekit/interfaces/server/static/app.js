@@ -219,10 +219,13 @@ $("compare-run").addEventListener("click", async () => {
   showError($("compare-error"), null);
   const b = requestBody();
   const samplers = [...document.querySelectorAll("#compare-samplers input:checked")].map((x) => x.value);
-  const values = $("compare-values").value.split(",").map((v) => v.trim()).filter((v) => v);
+  const axis = $("compare-y").value;
+  // the API takes numbers for the numeric axes (strict types); text that is no number goes as typed, to be named
+  const values = $("compare-values").value.split(",").map((v) => v.trim()).filter((v) => v)
+    .map((v) => (axis === "scheduler" || v === "" || Number.isNaN(Number(v)) ? v : Number(v)));
   const body = {
     prompt: b.prompt, negative_prompt: b.negative_prompt, seed: b.seed, steps: b.steps, cfg_scale: b.cfg_scale,
-    width: b.width, height: b.height, scheduler: b.scheduler, samplers, y_axis: $("compare-y").value, y_values: values,
+    width: b.width, height: b.height, scheduler: b.scheduler, samplers, y_axis: axis, y_values: values,
   };
   $("compare-run").disabled = true;
   busy = true;
