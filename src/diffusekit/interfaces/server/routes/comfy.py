@@ -14,10 +14,12 @@ import os
 import platform
 import sys
 from pathlib import Path
+from typing import Any
 
 from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import FileResponse, JSONResponse, Response
 from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from ....graph import PathRefused, object_info, validate_prompt
@@ -28,6 +30,27 @@ from ..jobs import QueueFull, ShuttingDown
 from ..state import ServerState
 
 UPLOAD_TYPES = ("input", "temp", "output")
+
+
+class ComfyErrorInfo(BaseModel):
+    type: str = Field(description="ComfyUI's error type, e.g. prompt_outputs_failed_validation, invalid_json")
+    message: str
+    details: str = ""
+    extra_info: dict[str, Any] = Field(default_factory=dict)
+
+
+class ComfyErrorBody(BaseModel):
+    """ComfyUI's error answer: one error, and per node the inputs that failed validation."""
+    error: ComfyErrorInfo
+    node_errors: dict[str, Any] = Field(default_factory=dict)
+
+
+# ComfyUI's routes answer their own refusals in ComfyUI's shape; auth (401), the body limit (422) and server
+# failures (500) keep the server-wide shape documented on the app.
+COMFY_RESPONSES = {400: {"model": ComfyErrorBody, "description": "bad input: invalid JSON, a graph that fails "
+                         "validation (node_errors names node, input and valid choices), a refused path"},
+                   404: {"model": ComfyErrorBody, "description": "no such file, prompt or model folder"},
+                   503: {"model": ComfyErrorBody, "description": "the queue is full (see Retry-After)"}}
 
 
 def comfy_error(status: int, type_: str, message: str, details: str = "", **extra) -> JSONResponse:
@@ -56,7 +79,7 @@ async def _json_object(request: Request):
 
 def router(state: ServerState, queue: ComfyQueue, prefix: str = "") -> APIRouter:
     """ComfyUI's routes under `prefix` ("" and "/api")."""
-    r = APIRouter(prefix=prefix, tags=["comfyui"])
+    r = APIRouter(prefix=prefix, tags=["comfyui"], responses=COMFY_RESPONSES)
     env = queue.env
 
     @r.post("/prompt")
@@ -98,7 +121,7 @@ def router(state: ServerState, queue: ComfyQueue, prefix: str = "") -> APIRouter
     async def get_queue():
         return queue.current_queue()
 
-    @r.post("/queue")
+    @r.post("/queue", response_class=Response, responses={200: {"description": "done (an empty body, as ComfyUI answers)"}})
     async def post_queue(request: Request):
         body = await _json_object(request)
         if isinstance(body, JSONResponse):
@@ -109,7 +132,7 @@ def router(state: ServerState, queue: ComfyQueue, prefix: str = "") -> APIRouter
             queue.delete([str(x) for x in body["delete"]])
         return Response(status_code=200)
 
-    @r.post("/interrupt")
+    @r.post("/interrupt", response_class=Response, responses={200: {"description": "done (an empty body, as ComfyUI answers)"}})
     async def post_interrupt(request: Request):
         body = await request.body()
         pid = None
@@ -130,7 +153,7 @@ def router(state: ServerState, queue: ComfyQueue, prefix: str = "") -> APIRouter
     async def get_history_item(prompt_id: str):
         return queue.get_history(prompt_id)
 
-    @r.post("/history")
+    @r.post("/history", response_class=Response, responses={200: {"description": "done (an empty body, as ComfyUI answers)"}})
     async def post_history(request: Request):
         body = await _json_object(request)
         if isinstance(body, JSONResponse):
