@@ -13,7 +13,8 @@ ALLOWED = {
     "training": {"training", "evaluation", "media", "pipelines", "models", "core"},
     "evaluation": {"evaluation", "training", "media", "pipelines", "models", "core"},
     "media": {"media", "pipelines", "models", "core"},
-    "interfaces": {"interfaces", "training", "evaluation", "media", "pipelines", "models", "core"},
+    "graph": {"graph", "media", "pipelines", "models", "core"},
+    "interfaces": {"interfaces", "graph", "training", "evaluation", "media", "pipelines", "models", "core"},
 }
 
 

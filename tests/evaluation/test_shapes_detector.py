@@ -28,3 +28,26 @@ def test_detector_works_at_other_sizes():
     scene = Scene("white", (ShapeObject("triangle", "red", "small", "top"), ShapeObject("square", "blue", "small", "bottom")))
     d = detect(render(scene, size=128))
     assert score(d, scene)["position"]
+
+
+def test_detector_names_hexagons_when_asked_and_keeps_the_five_shapes():
+    """The fine-tuning concept (`NEW_SHAPES`): rendered hexagons of every size, colour, position and
+    background are named by the detector given SHAPES + NEW_SHAPES, the dataset's own images still
+    score as before with the larger candidate set, and the default detector (five shapes) cannot say
+    "hexagon" at all."""
+    import random
+
+    from diffusekit.training.datasets.shapes import BACKGROUNDS, COLORS, NEW_SHAPES, POSITIONS, SHAPES, SIZES
+    every = SHAPES + NEW_SHAPES
+    rng = random.Random(0)
+    for size in SIZES:
+        for pos in POSITIONS:
+            bg = rng.choice(BACKGROUNDS)
+            color = rng.choice([c for c in COLORS if c != bg])
+            scene = Scene(bg, (ShapeObject("hexagon", color, size, pos),))
+            img = render(scene, rng=rng)
+            assert all(score(detect(img, shapes=every), scene).values()), scene
+            assert detect(img).objects[0].shape != "hexagon"
+    ds = ShapesDataset(seed=12)
+    for i in range(150):
+        assert score(detect(ds[i]["image"], shapes=every), ds[i]["scene"]) == score(detect(ds[i]["image"]), ds[i]["scene"])

@@ -2,6 +2,7 @@
 
 Skipped, with the reason, where Playwright or the browser is missing. The screenshot is kept in
 test-artifacts/webui.png (git-ignored; CI uploads it)."""
+import contextlib
 import shutil
 from pathlib import Path
 
@@ -13,8 +14,10 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
-@pytest.fixture(scope="module")
-def page(server):
+@contextlib.contextmanager
+def open_page(url: str):
+    """A headless Chromium page at `url`, its uncaught script errors collected in `page.errors` (skips the
+    test where Playwright or the browser is missing)."""
     sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed "
                                                                  "(pip install playwright)")
     if not Path(CHROMIUM).is_file():
@@ -23,14 +26,19 @@ def page(server):
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             pg = browser.new_page(viewport={"width": 1200, "height": 1000})
-            errors = []
-            pg.on("pageerror", lambda e: errors.append(str(e)))
-            pg.goto(server.url + "/")
-            pg.wait_for_function("document.querySelectorAll('#sampler option').length > 0", timeout=30_000)
-            pg.errors = errors
+            pg.errors = []
+            pg.on("pageerror", lambda e: pg.errors.append(str(e)))
+            pg.goto(url)
             yield pg
         finally:
             browser.close()
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    with open_page(server.url + "/") as pg:
+        pg.wait_for_function("document.querySelectorAll('#sampler option').length > 0", timeout=30_000)
+        yield pg
 
 
 def test_type_a_prompt_generate_and_see_the_image_with_its_seed(page):

@@ -56,10 +56,8 @@ def clip_tokenizer_folder(folder):
     return transformers.CLIPTokenizer.from_pretrained(str(folder), model_max_length=77)
 
 
-@pytest.fixture(scope="module")
-def pipes(tmp_path_factory):
-    """(diffusers pipeline, our pipeline) on the same weights."""
-    tmp = tmp_path_factory.mktemp("parity")
+def tiny_diffusers_pipeline(tmp):
+    """A tiny random-weight diffusers StableDiffusionPipeline (SD1 layout; tokenizer folder under tmp)."""
     torch.manual_seed(0)
     unet = diffusers.UNet2DConditionModel(
         block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, sample_size=16,
@@ -80,6 +78,14 @@ def pipes(tmp_path_factory):
     ref = diffusers.StableDiffusionPipeline(vae=vae.eval(), text_encoder=text, tokenizer=clip_tokenizer_folder(tmp / "tok"),
                                             unet=unet.eval(), scheduler=sched, safety_checker=None,
                                             feature_extractor=None, requires_safety_checker=False)
+    return ref
+
+
+@pytest.fixture(scope="module")
+def pipes(tmp_path_factory):
+    """(diffusers pipeline, our pipeline) on the same weights."""
+    tmp = tmp_path_factory.mktemp("parity")
+    ref = tiny_diffusers_pipeline(tmp)
     ref.set_progress_bar_config(disable=True)
     ref.save_pretrained(tmp / "pipe")
     ours = Pipeline.from_pretrained(tmp / "pipe")

@@ -9,7 +9,9 @@ x = (1 - sigma) x0 + sigma eps with sigma in [0, 1] (rectified flow, SD3). The s
 see D, so they never branch on the prediction type.
 
 A discrete 1000-step model (`schedule` given) is fed c_noise = its fractional timestep, found by
-log-sigma interpolation (k-diffusion's DiscreteEpsDDPMDenoiser / DiscreteVDDPMDenoiser). Without a
+log-sigma interpolation (k-diffusion's DiscreteEpsDDPMDenoiser / DiscreteVDDPMDenoiser), or with
+`quantize=True` the nearest integer timestep in log sigma (k-diffusion's `quantize` option; what
+ComfyUI's ModelSamplingDiscrete.timestep feeds its UNet). Without a
 schedule the eps / v / x0 wrappers are continuous with c_noise = log(sigma) / 4 (EDM; k-diffusion's
 Denoiser, diffusers' `timestep_type="continuous"`).
 
@@ -54,11 +56,14 @@ class Denoiser(torch.nn.Module):
     prediction: str = ""
 
     def __init__(self, model, schedule: DiscreteSchedule | None = None, *,
-                 sigma_min: float | None = None, sigma_max: float | None = None,
+                 sigma_min: float | None = None, sigma_max: float | None = None, quantize: bool = False,
                  data_range: tuple[float, float] | None = None):
         super().__init__()
+        if quantize and schedule is None:
+            raise ValueError("quantize=True rounds to the nearest training timestep: it needs a discrete schedule")
         self.inner_model = model
         self.schedule = schedule
+        self.quantize = bool(quantize)
         self._sigma_min = sigma_min
         self._sigma_max = sigma_max
         if data_range is not None and not data_range[0] < data_range[1]:
@@ -84,7 +89,10 @@ class Denoiser(torch.nn.Module):
         """The network's time input c_noise for sigma."""
         sigma = torch.as_tensor(sigma)
         if self.schedule is not None:
-            return self.schedule.sigma_to_t(sigma)
+            t = self.schedule.sigma_to_t(sigma)
+            # log-linear interpolation makes t - floor(t) the fraction of the log-sigma gap, so rounding it
+            # picks the neighbour nearest in log sigma (ties, a measure-zero case, go up)
+            return torch.floor(t + 0.5) if self.quantize else t
         return sigma.log() / 4
 
     def t_to_sigma(self, t) -> torch.Tensor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..training.datasets.shapes import Scene, ShapesDataset
+from ..training.datasets.shapes import SHAPES, Scene, ShapesDataset
 from .shapes_detector import detect, score
 
 __all__ = ["AdherenceReport", "adherence_prompts", "evaluate_adherence", "score_images"]
@@ -51,14 +51,15 @@ def adherence_prompts(n_single: int, n_pair: int, seed: int = 0) -> tuple[list[S
     return singles, pairs
 
 
-def score_images(images, scenes: list[Scene]) -> dict[str, float]:
-    """Mean of each `score` key over (image, scene) pairs; size only over single-object scenes."""
+def score_images(images, scenes: list[Scene], shapes: tuple[str, ...] = SHAPES) -> dict[str, float]:
+    """Mean of each `score` key over (image, scene) pairs; size only over single-object scenes.
+    shapes: the detector's candidate shapes (`shapes_detector.classify_shape`)."""
     if len(images) != len(scenes):
         raise ValueError(f"{len(images)} images for {len(scenes)} scenes")
     totals: dict[str, int] = {}
     counts: dict[str, int] = {}
     for img, scene in zip(images, scenes):
-        for k, v in score(detect(img), scene).items():
+        for k, v in score(detect(img, shapes=shapes), scene).items():
             if k == "size" and len(scene.objects) != 1:
                 continue
             totals[k] = totals.get(k, 0) + int(v)
@@ -67,7 +68,7 @@ def score_images(images, scenes: list[Scene]) -> dict[str, float]:
 
 
 def evaluate_adherence(generate: Callable[[str, int], object], *, n_single: int = 100, n_pair: int = 50,
-                       seed: int = 0, settings: dict | None = None) -> AdherenceReport:
+                       seed: int = 0, settings: dict | None = None, shapes: tuple[str, ...] = SHAPES) -> AdherenceReport:
     """Score `generate(prompt, seed) -> PIL image` on the evaluation scenes (image seeds 1000 + i).
 
     For a Pipeline use `pipeline_generator(pipe, steps=20, sampler_name="DPM++ 2M", scheduler="Karras",
@@ -75,8 +76,8 @@ def evaluate_adherence(generate: Callable[[str, int], object], *, n_single: int 
     singles, pairs = adherence_prompts(n_single, n_pair, seed)
     single_imgs = [generate(s.caption, 1000 + i) for i, s in enumerate(singles)]
     pair_imgs = [generate(s.caption, 2000 + i) for i, s in enumerate(pairs)]
-    return AdherenceReport(single=score_images(single_imgs, singles) if singles else {},
-                           pair=score_images(pair_imgs, pairs) if pairs else {},
+    return AdherenceReport(single=score_images(single_imgs, singles, shapes) if singles else {},
+                           pair=score_images(pair_imgs, pairs, shapes) if pairs else {},
                            n_single=n_single, n_pair=n_pair, settings=dict(settings or {}))
 
 

@@ -67,6 +67,7 @@ def _components(mask: np.ndarray) -> list[np.ndarray]:
 
 # area of each shape as drawn by the renderer, in units of its circumradius squared
 _AREA_PER_R2 = {"circle": math.pi, "square": 2.0, "diamond": 1.6, "triangle": 3 * math.sqrt(3) / 4,
+                "hexagon": 3 * math.sqrt(3) / 2,
                 "star": 10 * 0.5 * 0.45 * math.sin(math.pi / 5)}
 
 
@@ -83,14 +84,15 @@ def _template(shape: str, cx: float, cy: float, r: float, h: int, w: int) -> np.
     return np.asarray(img.resize((w, h), Image.BOX)) >= 128
 
 
-def classify_shape(ys: np.ndarray, xs: np.ndarray, h: int, w: int) -> tuple[str, float]:
+def classify_shape(ys: np.ndarray, xs: np.ndarray, h: int, w: int, shapes: tuple[str, ...] = SHAPES) -> tuple[str, float]:
     """(shape, circumradius in pixels) of one object's half-coverage mask, by the best-overlapping
-    template: each shape is redrawn at the mask's centroid with the radius its area implies."""
+    template: each shape is redrawn at the mask's centroid with the radius its area implies.
+    shapes: the candidates; the dataset's five by default, `SHAPES + NEW_SHAPES` for a fine-tuned concept."""
     mask = np.zeros((h, w), dtype=bool)
     mask[ys, xs] = True
     cx, cy = xs.mean() + 0.5, ys.mean() + 0.5
     best, best_iou, best_r = "circle", -1.0, 0.0
-    for shape in SHAPES:
+    for shape in shapes:
         r = math.sqrt(len(ys) / _AREA_PER_R2[shape])
         t = _template(shape, cx, cy, r, h, w)
         iou = (t & mask).sum() / max((t | mask).sum(), 1)
@@ -99,8 +101,9 @@ def classify_shape(ys: np.ndarray, xs: np.ndarray, h: int, w: int) -> tuple[str,
     return best, best_r
 
 
-def detect(image: Image.Image, min_area: int | None = None) -> Detection:
-    """Read a shapes-world image back into attributes. Works at any square size."""
+def detect(image: Image.Image, min_area: int | None = None, shapes: tuple[str, ...] = SHAPES) -> Detection:
+    """Read a shapes-world image back into attributes. Works at any square size. `shapes`: the
+    candidate shapes (`classify_shape`)."""
     arr = np.asarray(image.convert("RGB"), dtype=np.float32)
     hgt, wid, _ = arr.shape
     scale = wid / 64.0
@@ -129,7 +132,7 @@ def detect(image: Image.Image, min_area: int | None = None) -> Detection:
         core = ((pix - _PALETTE[color_idx]) ** 2).sum(-1) < ((pix - bg) ** 2).sum(-1)
         if core.sum() >= min_area // 2:
             ys, xs = ys[core], xs[core]
-        shape, radius = classify_shape(ys, xs, hgt, wid)
+        shape, radius = classify_shape(ys, xs, hgt, wid, shapes)
         size = "large" if radius / scale > (SIZES["small"] + SIZES["large"]) / 2 else "small"
         cx, cy = (xs.mean() + 0.5) / wid, (ys.mean() + 0.5) / hgt
         position = min(POSITIONS, key=lambda p: (POSITIONS[p][0] - cx) ** 2 + (POSITIONS[p][1] - cy) ** 2)

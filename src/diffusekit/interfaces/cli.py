@@ -8,6 +8,7 @@
     diffusekit train CONFIG [--resume]
     diffusekit serve [--host 127.0.0.1] [--port 7860] [--model shapes] [--lora-dir DIR] [--embeddings-dir DIR]
                      [--max-pixel-steps N] [--max-memory-mb MB]
+    diffusekit workflow FILE.json [--out DIR]     a ComfyUI API-format workflow (or a PNG carrying one)
     diffusekit study samplers [--quick]
 
 Bad input is one line on stderr and exit status 2, never a traceback (`diffusekit --debug ...` shows it).
@@ -461,6 +462,76 @@ def cmd_serve(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------- workflow
+def read_workflow(path: Path) -> dict:
+    """An API-format workflow from a .json file or from a PNG's `prompt` chunk (ComfyUI's and ours)."""
+    if path.suffix.lower() == ".png":
+        from PIL import Image
+        with Image.open(path) as img:
+            text = img.info.get("prompt")
+        if not text:
+            raise ValueError(f"{path}: the PNG carries no ComfyUI `prompt` chunk")
+    else:
+        text = path.read_text()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if isinstance(data, dict) and "prompt" in data and isinstance(data["prompt"], dict):
+        data = data["prompt"]                     # a POST /prompt body
+    if isinstance(data, dict) and "nodes" in data and "links" in data:
+        raise ValueError(f"{path} is ComfyUI's editor format; export it with \"Save (API Format)\" (or pass a PNG)")
+    return data
+
+
+def cmd_workflow(args) -> int:
+    from ..graph import Environment, GraphExecutor, validate_prompt
+
+    prompt = read_workflow(Path(args.file))
+    out = Path(args.out)
+    env = Environment(models_dir=args.models_dir, lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir,
+                      output_dir=out, input_dir=args.input_dir or Path(args.file).resolve().parent,
+                      temp_dir=out / "temp", device=args.device or "cpu")
+    checked = validate_prompt(prompt, env)
+    if not checked.ok:
+        lines = [f"node {n} ({e['class_type']}): {err['message']}: {err['details']}"
+                 for n, e in checked.node_errors.items() for err in e["errors"]]
+        raise ValueError("; ".join([checked.error["message"] + (": " + checked.error["details"] if not lines else "")]
+                                   + lines))
+    progress = _Progress(enabled=sys.stderr.isatty())
+
+    def send(event, data):
+        if event == "executing" and data.get("node") is not None:
+            progress.label = f"node {data['node']} {prompt[data['node']]['class_type']}"
+        elif event == "progress":
+            progress.step(data["value"], data["max"])
+
+    record = GraphExecutor(env).run(prompt, "cli", checked.outputs, send=send)
+    progress.close()
+    if not record.success:
+        e = record.error or {}
+        raise RuntimeError(f"node {e.get('node_id')} ({e.get('node_type')}) failed: {e.get('exception_message')}")
+    for node, ui in record.outputs.items():
+        for f in ui.get("images", []):
+            print(env.folder(f["type"]) / f["subfolder"] / f["filename"])
+    return 0
+
+
+class _Progress:
+    """One self-rewriting stderr line: the running node and its sampling step."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.label = enabled, ""
+
+    def step(self, value: int, total: int) -> None:
+        if self.enabled:
+            print(f"\r{self.label}: step {value}/{total}   ", end="", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.enabled:
+            print(file=sys.stderr)
+
+
 # ---------------------------------------------------------------------------------------- study
 def _study_samplers(args) -> int:
     from ..evaluation import study
@@ -648,6 +719,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="memory budget of one request, estimated from the model (default: the device's memory)")
     s.set_defaults(func=cmd_serve)
 
+
+    w = sub.add_parser("workflow", help="run a ComfyUI API-format workflow (JSON, or a PNG carrying one) with "
+                                        "the core nodes; prints the files its output nodes wrote")
+    w.add_argument("file", help="workflow .json (ComfyUI \"Save (API Format)\") or a PNG with a `prompt` chunk")
+    w.add_argument("--out", default="out/workflow", help="output folder, ComfyUI's output/ (default out/workflow)")
+    w.add_argument("--models-dir", default=None, help="folder of checkpoints ckpt_name picks from (shipped "
+                                                     "models are always there)")
+    w.add_argument("--lora-dir", default=None, help="folder of LoRA files lora_name picks from")
+    w.add_argument("--embeddings-dir", default=None, help="textual-inversion embeddings (embedding:NAME)")
+    w.add_argument("--input-dir", default=None, help="folder LoadImage reads (default: the workflow's folder)")
+    w.add_argument("--device", default=None, help="torch device (default cpu)")
+    w.set_defaults(func=cmd_workflow)
 
     st = sub.add_parser("study", help="studies that explain samplers and schedules")
     st_sub = st.add_subparsers(dest="study", required=True)

@@ -15,6 +15,8 @@ recipe's conventions (see `configs/shapes.toml`):
     [decoder] optional last stage: fine-tune the VAE decoder with the encoder frozen (as Stability's
              sd-vae-ft-mse), so the latents and the trained UNet stay valid while images sharpen
     [log]    sample prompts and cadence
+    [finetune] optional: fine-tune a loaded checkpoint (LoRA, full, textual inversion) instead of
+             training [model] from scratch; see `finetune_config.py`
 
 Overrides are dotted keys, e.g. {"train.steps": 10, "model.unet.model_channels": 32}.
 """
@@ -25,6 +27,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
+
+from .finetune_config import FinetuneConfig
 
 DATASETS = ("shapes", "digits", "folder")
 PREDICTIONS = ("eps", "v", "x0", "flow")
@@ -115,6 +119,7 @@ class TrainConfig:
     train: OptimConfig = field(default_factory=OptimConfig)
     decoder: OptimConfig | None = None
     log: LogConfig = field(default_factory=LogConfig)
+    finetune: FinetuneConfig | None = None   # [finetune]: train on a loaded checkpoint (finetune_config.py)
     source: str = ""            # the file it came from
 
     def validate(self) -> None:
@@ -132,6 +137,10 @@ class TrainConfig:
             if stage.steps < 0 or stage.batch_size < 1 or stage.grad_accum < 1:
                 raise ValueError(f"{name}: steps >= 0, batch_size >= 1 and grad_accum >= 1 needed; got "
                                  f"{stage.steps}, {stage.batch_size}, {stage.grad_accum}")
+        if self.finetune is not None:
+            if self.vae is not None or self.decoder is not None:
+                raise ValueError("[finetune] trains a loaded checkpoint; drop [vae] and [decoder]")
+            self.finetune.validate(self.data.kind)
         if self.vae is not None and self.model.vae is None:
             raise ValueError("a [vae] stage needs [model.vae] (the autoencoder's shape)")
         if self.decoder is not None and self.vae is None:
@@ -166,7 +175,7 @@ def _set_dotted(tree: dict, key: str, value) -> None:
 
 
 def config_from_dict(tree: Mapping[str, Any], source: str = "") -> TrainConfig:
-    tables = {"run", "data", "model", "vae", "train", "decoder", "log"}
+    tables = {"run", "data", "model", "vae", "train", "decoder", "log", "finetune"}
     unknown = sorted(set(tree) - tables)
     if unknown:
         raise ValueError(f"unknown table(s) {unknown} in {source or 'the config'}; valid: {sorted(tables)}")
@@ -178,6 +187,7 @@ def config_from_dict(tree: Mapping[str, Any], source: str = "") -> TrainConfig:
         train=_build(OptimConfig, tree.get("train", {}), "train"),
         decoder=_build(OptimConfig, tree["decoder"], "decoder") if "decoder" in tree else None,
         log=_build(LogConfig, tree.get("log", {}), "log"),
+        finetune=_build(FinetuneConfig, tree["finetune"], "finetune") if "finetune" in tree else None,
         source=source,
     )
     cfg.validate()

@@ -314,7 +314,7 @@ class Trainer:
         train_mod = module
         if w.size > 1:
             train_mod = nn.parallel.DistributedDataParallel(module)
-        order = DataOrder(len(self.dataset), self.cfg.data.seed)
+        order = self.data_order(B)
         autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if ocfg.precision == "bf16"
                     else nullcontext())
         params = [p for p in module.parameters() if p.requires_grad]
@@ -378,6 +378,10 @@ class Trainer:
                 self.on_step(stage, done)
         progress.close()
         return ema
+
+    def data_order(self, batch_size: int):
+        """The global sample order: `order.indices(step * batch_size, batch_size)` is step's batch."""
+        return DataOrder(len(self.dataset), self.cfg.data.seed)
 
     def _restore(self, extra: dict) -> None:
         if "latent_scale" in extra:
@@ -575,6 +579,9 @@ def train_from_config(path: str | Path, *, resume: bool = False, overrides: dict
                       stages: tuple[str, ...] = STAGES) -> Path:
     """`diffusekit train CONFIG [--resume]`: train the stages of the config; returns the run folder."""
     cfg = load_config(path, overrides)
+    if cfg.finetune is not None:   # [finetune]: a loaded checkpoint, not a model from scratch
+        from .finetune import FineTuner
+        return FineTuner(cfg, resume=resume).run()
     return Trainer(cfg, resume=resume).run(stages)
 
 

@@ -26,7 +26,8 @@ def create_app(**kwargs):
 def serve(host: str = "127.0.0.1", port: int = 7860, model: str | None = "shapes",
           models_dir: str | os.PathLike | None = None, api_auth: str | None = None, queue_size: int = 8,
           device: str | None = None, log_level: str = "info", lora_dir: str | os.PathLike | None = None,
-          embeddings_dir: str | os.PathLike | None = None, **limits) -> None:
+          embeddings_dir: str | os.PathLike | None = None, output_dir: str | os.PathLike = "output",
+          input_dir: str | os.PathLike = "input", **limits) -> None:
     """Run the server until interrupted.
 
     host: 127.0.0.1 by default (this machine only); "0.0.0.0" listens on every interface (then use api_auth).
@@ -35,6 +36,7 @@ def serve(host: str = "127.0.0.1", port: int = 7860, model: str | None = "shapes
     lora_dir: the folder of LoRA .safetensors files that `<lora:NAME:WEIGHT>` prompt tags name (A1111's
         --lora-dir); GET /sdapi/v1/loras lists it, POST /sdapi/v1/refresh-loras re-scans it.
     embeddings_dir: textual-inversion embeddings (A1111's --embeddings-dir); GET /sdapi/v1/embeddings.
+    output_dir / input_dir: ComfyUI's folders (SaveImage writes to output, uploads and LoadImage use input).
     api_auth: "user:password[,user2:password2]" HTTP basic auth on every route (A1111's --api-auth).
     queue_size: how many jobs may wait behind the running one (0: none); more answer 503 with Retry-After.
     limits: any field of `Limits` (max_pixels, max_steps, max_batch_size, max_images, max_body_bytes, ...).
@@ -48,6 +50,7 @@ def serve(host: str = "127.0.0.1", port: int = 7860, model: str | None = "shapes
         logging.getLogger("diffusekit.server").warning(
             "listening on %s without api_auth: anyone who can reach this port can use the server", host)
     app = create_app(model=model, models_dir=models_dir, api_auth=api_auth, queue_size=queue_size, device=device,
-                     lora_dir=lora_dir, embeddings_dir=embeddings_dir, **limits)
+                     lora_dir=lora_dir, embeddings_dir=embeddings_dir, output_dir=output_dir, input_dir=input_dir,
+                     **limits)
     app.state.flags.update(host=host, port=port)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

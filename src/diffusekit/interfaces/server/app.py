@@ -23,6 +23,9 @@ from .docs import add_offline_docs
 from .jobs import ClientWatch, Worker
 from .loras import LoraCatalog
 from .middleware import BasicAuth, BodyLimit, parse_api_auth
+from ...graph import Environment
+from .comfy import ComfyQueue
+from .routes import comfy as comfy_routes
 from .routes import diffusekit as diffusekit_routes
 from .routes import sdapi as sdapi_routes
 from .routes import webui as webui_routes
@@ -36,10 +39,12 @@ log = logging.getLogger("diffusekit.server")
 def create_app(*, model: str | None = "shapes", models_dir: str | os.PathLike | None = None,
                api_auth: str | None = None, queue_size: int = 8, device: str | None = None,
                limits: Limits | None = None, preload: bool = True, lora_dir: str | os.PathLike | None = None,
-               embeddings_dir: str | os.PathLike | None = None, **limit_overrides) -> FastAPI:
+               embeddings_dir: str | os.PathLike | None = None, output_dir: str | os.PathLike = "output",
+               input_dir: str | os.PathLike = "input", **limit_overrides) -> FastAPI:
     """Build the FastAPI app. `model`: a name in the models folder, a shipped name or a path (None = none
     selected yet); `lora_dir`: the folder `<lora:NAME:WEIGHT>` prompt tags read (GET /sdapi/v1/loras lists it);
     `embeddings_dir`: textual-inversion files whose names prompts may use (GET /sdapi/v1/embeddings lists them);
+    `output_dir` / `input_dir`: ComfyUI's output folder (SaveImage) and input folder (uploads, LoadImage);
     `limit_overrides`: any field of `Limits` (max_pixels=..., max_steps=...)."""
     unknown = set(limit_overrides) - set(Limits().as_dict())
     if unknown:
@@ -81,9 +86,30 @@ def create_app(*, model: str | None = "shapes", models_dir: str | os.PathLike | 
     app.include_router(sdapi_routes.router(state))
     app.include_router(diffusekit_routes.router(state))
     app.include_router(webui_routes.router())
+    comfy = ComfyQueue(worker, _comfy_environment(state, output_dir, input_dir, embeddings_dir), service)
+    app.state.comfy = comfy
+    for prefix in ("", "/api"):                      # ComfyUI serves every route under /api too
+        app.include_router(comfy_routes.router(state, comfy, prefix))
 
     app.add_middleware(ClientWatch)           # lets a job see its client leave (jobs.wait_for_job)
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
     if api_auth:
         app.add_middleware(BasicAuth, allowed=allowed_users)
     return app
+
+
+def _comfy_environment(state: ServerState, output_dir, input_dir, embeddings_dir) -> Environment:
+    """The ComfyUI routes' folders, listing the server's checkpoints and loading them through its service
+    (one model in memory for both APIs; the worker thread is the only one that loads)."""
+    import tempfile
+    store, service = state.store, state.service
+
+    def load(path: Path):
+        entry = next(e for e in store.entries() if e.path == path)
+        return service.pipeline(entry)
+
+    temp = Path(tempfile.gettempdir()) / f"diffusekit-temp-{os.getpid()}"     # PreviewImage; made when first used
+    return Environment(models_dir=store.models_dir, lora_dir=state.loras.folder if state.loras else None,
+                       embeddings_dir=embeddings_dir, output_dir=Path(output_dir), input_dir=Path(input_dir),
+                       temp_dir=Path(temp), device=service.device, limits=state.limits,
+                       checkpoints=lambda: {e.name: e.path for e in store.entries()}, loader=load)

@@ -65,13 +65,14 @@ def parse_api_auth(credentials: str) -> list[bytes]:
 
 
 class BasicAuth:
-    """A1111's --api-auth: HTTP basic auth on every route (API, docs and web UI alike)."""
+    """A1111's --api-auth: HTTP basic auth on every route (API, docs, web UI and websockets alike; a
+    websocket without the credentials is closed before it opens: HTTP 403)."""
 
     def __init__(self, app, allowed: list[bytes]):
         self.app, self.allowed = app, allowed
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
+        if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
         header = dict(scope.get("headers") or []).get(b"authorization", b"")
         ok = False
@@ -81,6 +82,9 @@ class BasicAuth:
             except (binascii.Error, ValueError):
                 given = b""
             ok = any(secrets.compare_digest(given, a) for a in self.allowed)
+        if not ok and scope["type"] == "websocket":
+            await receive()                                 # the websocket.connect event
+            return await send({"type": "websocket.close", "code": 1008})
         if not ok:
             resp = error_response(401, "Incorrect username or password",
                                   headers={"WWW-Authenticate": 'Basic realm="diffusekit"'})

@@ -19,6 +19,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 SHAPES = ("circle", "square", "triangle", "star", "diamond")
+# Shapes the renderer and the detector know but the dataset never draws: concepts a fine-tune can
+# teach the shipped model (evaluation/concept.py). Not in SHAPES, so the dataset is unchanged.
+NEW_SHAPES = ("hexagon",)
 # Named colours, far apart in RGB so that the detector can name a pixel's colour without doubt.
 COLORS = {
     "red": (220, 30, 30),
@@ -126,9 +129,12 @@ def shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[floa
             rr = r if k % 2 == 0 else 0.45 * r
             pts.append((cx + rr * math.cos(a), cy - rr * math.sin(a)))
         return pts
+    if shape == "hexagon":    # regular, a vertex at the top
+        return [(cx + r * math.cos(math.pi / 2 + k * math.pi / 3), cy - r * math.sin(math.pi / 2 + k * math.pi / 3))
+                for k in range(6)]
     if shape == "circle":
         return None
-    raise ValueError(f"unknown shape {shape!r}; valid: {', '.join(SHAPES)}")
+    raise ValueError(f"unknown shape {shape!r}; valid: {', '.join(SHAPES + NEW_SHAPES)}")
 
 
 def render(scene: Scene, size: int = 64, rng: random.Random | None = None, supersample: int = 4) -> Image.Image:

@@ -97,6 +97,7 @@ for (const b of document.querySelectorAll("#tabs button")) {
     $("panel-generate").hidden = !(tab === "txt2img" || tab === "img2img");
     $("panel-compare").hidden = tab !== "compare";
     $("panel-pnginfo").hidden = tab !== "pnginfo";
+    $("panel-workflow").hidden = tab !== "workflow";
     if (tab === "txt2img" || tab === "img2img") mode = tab;
     document.body.classList.toggle("mode-img2img", mode === "img2img");
   });
