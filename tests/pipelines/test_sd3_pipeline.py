@@ -141,3 +141,13 @@ def test_small_flow_mmdit_family_with_one_clip(tmp_path):
     assert c.context.shape == (1, 8, 32) and c.pooled.shape == (1, 32)
     r = pipe.generate(GenerationParams(prompt="a red circle", seed=1, **SMALL))
     assert r.images[0].size == (32, 32) and r.latents.shape == (1, 4, 4, 4)
+
+
+def test_memory_estimate_of_an_mmdit_request():
+    """The server's request bound (pipelines.cost) has an MMDiT term: it grows with the image, without skips."""
+    from diffusekit.models.families import FAMILIES
+    from diffusekit.pipelines.cost import estimate_memory
+    fam, p = FAMILIES["sd3"], GenerationParams(prompt="x", batch_size=1)
+    small, big = (estimate_memory(fam, p, width=s, height=s)["unet"] for s in (512, 1024))
+    # 1024 px: (64^2 patches + 333 text tokens) x 1536 wide x 14 tensors x 2 (CFG) x 4 bytes
+    assert big == 2 * 14 * 1536 * (64 * 64 + 333) * 4 and small < big
