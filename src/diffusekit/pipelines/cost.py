@@ -4,6 +4,7 @@ still multiplies up: 2048 x 2048 x batch 8 x 150 steps), instead of finding out 
 
 The memory estimate counts the activations that are alive together at the peak, in the model's compute
 dtype, on top of the weights:
+- MMDiT (SD3, `mmdit_activation_bytes`): the working set of one joint block over image + text tokens.
 - UNet (one guided call: cond and uncond batched, 2 x batch): the skip connections of every level that
   the down path stores for the up path, plus the working set of the widest block (GroupNorm, conv and,
   with attention at that level, the q/k/v/out projections and the 8x-wide GEGLU feed-forward).
@@ -60,6 +61,18 @@ def unet_activation_bytes(family: ModelFamily, width: int, height: int, batch: i
     return int(2 * batch * (skips + work) * dtype_bytes)
 
 
+MMDIT_WORK_TENSORS = 14      # a joint block per token: q, k, v, out, residuals, the 4x MLP and its GELU (not fitted)
+MMDIT_TEXT_TOKENS = 77 + 256  # SD3's joint context: CLIP + T5 (longer prompts add 77-token CLIP chunks)
+
+
+def mmdit_activation_bytes(family: ModelFamily, width: int, height: int, batch: int, dtype_bytes: int) -> int:
+    """Peak activations of one guided MMDiT call (SD3): the widest block's working set over image patches plus
+    text tokens; a transformer keeps no skip connections, and SDPA holds no tokens x tokens matrix."""
+    u, f = family.unet, family.latent_factor * family.unet.patch_size
+    tokens = (width // f) * (height // f) + MMDIT_TEXT_TOKENS
+    return int(2 * batch * MMDIT_WORK_TENSORS * u.hidden_size * tokens * dtype_bytes)
+
+
 def vae_decode_bytes(family: ModelFamily, width: int, height: int, images: int) -> int:
     """Peak activations of decoding `images` images of width x height at once, in float32."""
     if family.vae is None:
@@ -74,7 +87,8 @@ def estimate_memory(family: ModelFamily, p: GenerationParams, *, width: int, hei
     """{"weights", "unet", "vae", "peak"} in bytes for `p` at its (resolved) width x height; peak = weights +
     the larger of the UNet's and the VAE's activations (they do not run at the same time)."""
     w, h = output_size(p, width, height)
-    unet = unet_activation_bytes(family, w, h, p.batch_size, dtype_bytes)
+    network = mmdit_activation_bytes if family.is_mmdit else unet_activation_bytes
+    unet = network(family, w, h, p.batch_size, dtype_bytes)
     per_call = min(p.batch_size, max(1, decode_pixels_per_call // (w * h)))
     vae = vae_decode_bytes(family, w, h, per_call)
     return {"weights": int(weight_bytes), "unet": unet, "vae": vae, "peak": int(weight_bytes) + max(unet, vae)}
