@@ -1,0 +1,147 @@
+"""diffusers `SD3Transformer2DModel` layout <-> MMDiT single-file keys (`model.diffusion_model.*`).
+
+A table from every `MMDiT` key to the diffusers key(s) it is made of, with one of three
+operations, checked key by key and shape by shape against the model the config builds (nanoGPT's
+`from_pretrained` pattern): `copy`; `qkv` (our fused `attn.qkv` = the concatenation of diffusers'
+`to_q`, `to_k`, `to_v`, or `add_q_proj`, `add_k_proj`, `add_v_proj` for the text stream); `swap`
+(diffusers' `AdaLayerNormContinuous` orders its modulation (scale, shift), sd3-ref (shift, scale):
+the final layer and the last block's pre-only context stream). Facts from diffusers 0.42
+`SD3Transformer2DModel`, `JointTransformerBlock` and `convert_sd3_transformer_checkpoint_to_diffusers`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from .convert_unet import _names
+from .mmdit import MMDiT, MMDiTConfig
+
+__all__ = ["mmdit_config_from_diffusers", "mmdit_key_table", "mmdit_state_dict_from_diffusers",
+           "mmdit_state_dict_to_diffusers"]
+
+_QK_NORM = {None: None, "rms_norm": "rms"}
+_KNOWN = {"sample_size", "patch_size", "in_channels", "num_layers", "attention_head_dim", "num_attention_heads",
+          "joint_attention_dim", "caption_projection_dim", "pooled_projection_dim", "out_channels",
+          "pos_embed_max_size", "dual_attention_layers", "qk_norm"}
+
+
+def mmdit_config_from_diffusers(config: Mapping) -> MMDiTConfig:
+    """`MMDiTConfig` equivalent to a diffusers `transformer/config.json` dict; ValueError if none is."""
+    unknown = sorted(k for k in config if not k.startswith("_") and k not in _KNOWN)
+    if unknown:
+        raise ValueError(f"unknown SD3Transformer2DModel config keys {unknown}; known: {sorted(_KNOWN)}")
+    heads = int(config.get("num_attention_heads", 18))
+    hidden = heads * int(config.get("attention_head_dim", 64))
+    caption = int(config.get("caption_projection_dim", 1152))
+    if caption != hidden:
+        raise ValueError(f"caption_projection_dim={caption} must equal num_attention_heads * attention_head_dim "
+                         f"= {hidden} (the text stream has the model width in every SD3 model)")
+    qk = config.get("qk_norm")
+    if qk not in _QK_NORM:
+        raise ValueError(f"qk_norm={qk!r} is not supported; valid: {sorted(map(str, _QK_NORM))}")
+    in_ch = int(config.get("in_channels", 16))
+    return MMDiTConfig(
+        in_channels=in_ch, out_channels=int(config.get("out_channels") or in_ch),
+        patch_size=int(config.get("patch_size", 2)), depth=int(config.get("num_layers", 18)),
+        hidden_size=hidden, num_heads=heads, pos_embed_max_size=int(config.get("pos_embed_max_size", 96)),
+        sample_size=int(config.get("sample_size", 128)), context_dim=int(config.get("joint_attention_dim", 4096)),
+        pooled_dim=int(config.get("pooled_projection_dim", 2048)), qk_norm=_QK_NORM[qk],
+        x_block_self_attn_layers=tuple(int(i) for i in config.get("dual_attention_layers", ())))
+
+
+def _attention(ours: str, theirs: str, q: str, k: str, v: str, out: str | None, norm_q: str, norm_k: str,
+               cfg: MMDiTConfig) -> dict[str, tuple[str, tuple[str, ...]]]:
+    table = {f"{ours}.qkv.{p}": ("qkv", tuple(f"{theirs}.{n}.{p}" for n in (q, k, v))) for p in ("weight", "bias")}
+    if out is not None:
+        table |= {f"{ours}.proj.{p}": ("copy", (f"{theirs}.{out}.{p}",)) for p in ("weight", "bias")}
+    if cfg.qk_norm:
+        table[f"{ours}.ln_q.weight"] = ("copy", (f"{theirs}.{norm_q}.weight",))
+        table[f"{ours}.ln_k.weight"] = ("copy", (f"{theirs}.{norm_k}.weight",))
+    return table
+
+
+def mmdit_key_table(cfg: MMDiTConfig) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """{MMDiT key: (operation, diffusers keys)} for every parameter of `MMDiT(cfg)`."""
+    t: dict[str, tuple[str, tuple[str, ...]]] = {"pos_embed": ("copy", ("pos_embed.pos_embed",))}
+
+    def both(ours: str, theirs: str, op: str = "copy"):
+        for p in ("weight", "bias"):
+            t[f"{ours}.{p}"] = (op, (f"{theirs}.{p}",))
+
+    both("x_embedder.proj", "pos_embed.proj")
+    for ours, theirs in (("t_embedder", "timestep_embedder"), ("y_embedder", "text_embedder")):
+        both(f"{ours}.mlp.0", f"time_text_embed.{theirs}.linear_1")
+        both(f"{ours}.mlp.2", f"time_text_embed.{theirs}.linear_2")
+    both("context_embedder", "context_embedder")
+    for i in range(cfg.depth):
+        o, d = f"joint_blocks.{i}", f"transformer_blocks.{i}"
+        last = i == cfg.depth - 1
+        t |= _attention(f"{o}.x_block.attn", f"{d}.attn", "to_q", "to_k", "to_v", "to_out.0", "norm_q", "norm_k", cfg)
+        t |= _attention(f"{o}.context_block.attn", f"{d}.attn", "add_q_proj", "add_k_proj", "add_v_proj",
+                        None if last else "to_add_out", "norm_added_q", "norm_added_k", cfg)
+        if i in cfg.x_block_self_attn_layers:
+            t |= _attention(f"{o}.x_block.attn2", f"{d}.attn2", "to_q", "to_k", "to_v", "to_out.0",
+                            "norm_q", "norm_k", cfg)
+        both(f"{o}.x_block.adaLN_modulation.1", f"{d}.norm1.linear")
+        both(f"{o}.context_block.adaLN_modulation.1", f"{d}.norm1_context.linear", "swap" if last else "copy")
+        both(f"{o}.x_block.mlp.fc1", f"{d}.ff.net.0.proj")
+        both(f"{o}.x_block.mlp.fc2", f"{d}.ff.net.2")
+        if not last:
+            both(f"{o}.context_block.mlp.fc1", f"{d}.ff_context.net.0.proj")
+            both(f"{o}.context_block.mlp.fc2", f"{d}.ff_context.net.2")
+    both("final_layer.adaLN_modulation.1", "norm_out.linear", "swap")
+    both("final_layer.linear", "proj_out")
+    return t
+
+
+def _expected_shapes(cfg: MMDiTConfig) -> dict[str, torch.Size]:
+    with torch.device("meta"):  # no memory, no init cost
+        model = MMDiT(cfg)
+    return {k: v.shape for k, v in model.state_dict().items()}
+
+
+def _check_keys(sd: Mapping[str, torch.Tensor], want: set[str], what: str) -> None:
+    unknown, missing = [k for k in sd if k not in want], [k for k in want if k not in sd]
+    if unknown or missing:
+        raise ValueError(f"{what} state dict does not match the config: "
+                         f"unknown keys [{_names(unknown)}]; missing keys [{_names(missing)}]")
+
+
+def _swap_halves(t: torch.Tensor) -> torch.Tensor:
+    """(a; b) -> (b; a) along dim 0: (scale, shift) <-> (shift, scale) of a 2-chunk modulation."""
+    a, b = t.chunk(2, dim=0)
+    return torch.cat([b, a], dim=0)
+
+
+def mmdit_state_dict_from_diffusers(sd: Mapping[str, torch.Tensor], cfg: MMDiTConfig) -> dict[str, torch.Tensor]:
+    """diffusers `SD3Transformer2DModel.state_dict()` -> `MMDiT(cfg)` keys; ValueError naming any
+    unknown or missing key or a wrong shape."""
+    table, shapes = mmdit_key_table(cfg), _expected_shapes(cfg)
+    _check_keys(sd, {k for _, srcs in table.values() for k in srcs}, "diffusers SD3 transformer")
+    out = {}
+    for key, (op, srcs) in table.items():
+        parts = [sd[s] for s in srcs]
+        t = torch.cat(parts, dim=0) if op == "qkv" else (_swap_halves(parts[0]) if op == "swap" else parts[0])
+        if t.shape != shapes[key]:
+            raise ValueError(f"diffusers key(s) {', '.join(srcs)} give shape {tuple(t.shape)}; {key} needs "
+                             f"{tuple(shapes[key])}")
+        out[key] = t
+    return out
+
+
+def mmdit_state_dict_to_diffusers(sd: Mapping[str, torch.Tensor], cfg: MMDiTConfig) -> dict[str, torch.Tensor]:
+    """`MMDiT(cfg)` state dict -> diffusers `SD3Transformer2DModel` keys (the inverse of the above)."""
+    table, shapes = mmdit_key_table(cfg), _expected_shapes(cfg)
+    _check_keys(sd, set(table), "MMDiT")
+    out = {}
+    for key, (op, dsts) in table.items():
+        t = sd[key]
+        if t.shape != shapes[key]:
+            raise ValueError(f"{key} has shape {tuple(t.shape)}; the config needs {tuple(shapes[key])}")
+        if op == "qkv":
+            out |= dict(zip(dsts, t.chunk(3, dim=0)))
+        else:
+            out[dsts[0]] = _swap_halves(t) if op == "swap" else t
+    return out
