@@ -18,7 +18,7 @@ def _diffusers_config(cfg: MMDiTConfig) -> dict:
     return dict(sample_size=cfg.sample_size, patch_size=cfg.patch_size, in_channels=cfg.in_channels,
                 num_layers=cfg.depth, attention_head_dim=cfg.head_dim, num_attention_heads=cfg.num_heads,
                 joint_attention_dim=cfg.context_dim, caption_projection_dim=cfg.hidden_size,
-                pooled_projection_dim=cfg.pooled_dim, out_channels=cfg.out_channels,
+                pooled_projection_dim=cfg.adm_in_channels, out_channels=cfg.out_channels,
                 pos_embed_max_size=cfg.pos_embed_max_size, dual_attention_layers=cfg.x_block_self_attn_layers,
                 qk_norm="rms_norm" if cfg.qk_norm == "rms" else None)
 
@@ -60,7 +60,7 @@ def test_matches_diffusers_sd3_transformer(name):
     x = torch.randn(2, cfg.in_channels, 8, 12, generator=g)        # non-square: a 4x6 crop of the 16x16 grid
     t = torch.tensor([999.0, 137.25])                               # fractional time, 1000 * sigma
     context = torch.randn(2, 7, cfg.context_dim, generator=g)
-    pooled = torch.randn(2, cfg.pooled_dim, generator=g)
+    pooled = torch.randn(2, cfg.adm_in_channels, generator=g)
     with torch.no_grad():
         want = ref(hidden_states=x, encoder_hidden_states=context, pooled_projections=pooled, timestep=t).sample
         got = ours(x, t, context=context, y=pooled)
@@ -137,7 +137,7 @@ def test_untrained_model_predicts_zero_and_trains():
     cfg = mmdit.TINY
     model = MMDiT(cfg)
     x, t = torch.randn(2, 16, 4, 4), torch.tensor([500.0, 10.0])
-    ctx, y = torch.randn(2, 5, cfg.context_dim), torch.randn(2, cfg.pooled_dim)
+    ctx, y = torch.randn(2, 5, cfg.context_dim), torch.randn(2, cfg.adm_in_channels)
     assert torch.equal(model(x, t, ctx, y), torch.zeros_like(x))
     model.set_gradient_checkpointing(True)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -148,6 +148,18 @@ def test_untrained_model_predicts_zero_and_trains():
         opt.step()
     assert model.joint_blocks[0].x_block.attn.qkv.weight.grad.abs().sum() > 0
     assert model(x, t, ctx, y).abs().sum() > 0
+
+
+def test_without_pooled_text():
+    """adm_in_channels=None: no y_embedder, conditioned by the token context alone (sd3-ref's option)."""
+    cfg = replace(mmdit.TINY, adm_in_channels=None, sample_size=None, in_channels=4, out_channels=4)
+    model = MMDiT(cfg)
+    assert model.y_embedder is None and not any(k.startswith("y_embedder") for k in model.state_dict())
+    torch.testing.assert_close(model.pos_embed.data[0], mmdit.sincos_pos_embed_2d(64, 16, 16))
+    out = model(torch.randn(1, 4, 6, 6), torch.tensor(400.0), torch.randn(1, 3, 48))
+    assert out.shape == (1, 4, 6, 6)
+    with pytest.raises(ValueError, match="no y_embedder"):
+        model(torch.randn(1, 4, 6, 6), torch.tensor(400.0), torch.randn(1, 3, 48), torch.randn(1, 40))
 
 
 def test_errors_name_the_bad_value():

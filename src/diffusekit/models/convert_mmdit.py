@@ -47,7 +47,7 @@ def mmdit_config_from_diffusers(config: Mapping) -> MMDiTConfig:
         patch_size=int(config.get("patch_size", 2)), depth=int(config.get("num_layers", 18)),
         hidden_size=hidden, num_heads=heads, pos_embed_max_size=int(config.get("pos_embed_max_size", 96)),
         sample_size=int(config.get("sample_size", 128)), context_dim=int(config.get("joint_attention_dim", 4096)),
-        pooled_dim=int(config.get("pooled_projection_dim", 2048)), qk_norm=_QK_NORM[qk],
+        adm_in_channels=int(config.get("pooled_projection_dim", 2048)), qk_norm=_QK_NORM[qk],
         x_block_self_attn_layers=tuple(int(i) for i in config.get("dual_attention_layers", ())))
 
 

@@ -55,9 +55,11 @@ class MMDiTConfig:
     - `pos_embed_max_size`: side of the positional-embedding grid in patches (SD3: 192, i.e. latents
       up to 384x384 = images up to 3072 px); the embedding of an h x w patch grid is its centre crop.
     - `sample_size`: the latent side the sinusoidal initialisation of `pos_embed` is scaled to
-      (diffusers' `sample_size`; only used when a model is built from scratch).
+      (diffusers' `sample_size`, 128 for the released models; None = the grid itself). Only used when
+      a model is built from scratch: checkpoints carry their `pos_embed`.
     - `context_dim`: width of the joint text context (T5-XXL 4096; CLIP states are zero-padded to it);
-      `pooled_dim`: pooled CLIP-L (768) + CLIP-G (1280) = 2048.
+      `adm_in_channels` (sd3-ref's name): the pooled text, CLIP-L (768) + CLIP-G (1280) = 2048;
+      None = no `y_embedder` (a model conditioned on the token context only).
     - `qk_norm`: None, or "rms" for SD3.5's per-head RMSNorm of queries and keys.
     - `x_block_self_attn_layers`: the blocks with MMDiT-X's extra image self-attention (SD3.5 Medium: 0-12).
     """
@@ -69,9 +71,9 @@ class MMDiTConfig:
     hidden_size: int = 1536
     num_heads: int = 24
     pos_embed_max_size: int = 192
-    sample_size: int = 128
+    sample_size: int | None = None
     context_dim: int = 4096
-    pooled_dim: int = 2048
+    adm_in_channels: int | None = 2048
     mlp_ratio: float = 4.0
     qk_norm: str | None = None
     x_block_self_attn_layers: tuple[int, ...] = ()
@@ -99,11 +101,12 @@ class MMDiTConfig:
         return int(self.hidden_size * self.mlp_ratio)
 
 
-SD3_MEDIUM = MMDiTConfig()
-SD35_LARGE = MMDiTConfig(depth=38, hidden_size=2432, num_heads=38, qk_norm="rms")
-SD35_MEDIUM = MMDiTConfig(pos_embed_max_size=384, qk_norm="rms", x_block_self_attn_layers=tuple(range(13)))
+SD3_MEDIUM = MMDiTConfig(sample_size=128)
+SD35_LARGE = MMDiTConfig(depth=38, hidden_size=2432, num_heads=38, sample_size=128, qk_norm="rms")
+SD35_MEDIUM = MMDiTConfig(pos_embed_max_size=384, sample_size=128, qk_norm="rms",
+                          x_block_self_attn_layers=tuple(range(13)))
 TINY = MMDiTConfig(depth=3, hidden_size=64, num_heads=4, pos_embed_max_size=16, sample_size=16,
-                   context_dim=48, pooled_dim=40)
+                   context_dim=48, adm_in_channels=40)
 PRESETS: dict[str, MMDiTConfig] = {
     "sd3_medium": SD3_MEDIUM, "sd35_large": SD35_LARGE, "sd35_medium": SD35_MEDIUM, "tiny": TINY}
 
@@ -315,10 +318,10 @@ class MMDiT(nn.Module):
         dim = cfg.hidden_size
         self.gradient_checkpointing = cfg.use_checkpoint
         self.x_embedder = PatchEmbed(cfg)
-        base = cfg.sample_size / cfg.patch_size
+        base = cfg.pos_embed_max_size if cfg.sample_size is None else cfg.sample_size / cfg.patch_size
         self.pos_embed = nn.Parameter(sincos_pos_embed_2d(dim, cfg.pos_embed_max_size, base)[None])
         self.t_embedder = MLPEmbedder(self.FREQ_DIM, dim)
-        self.y_embedder = MLPEmbedder(cfg.pooled_dim, dim)
+        self.y_embedder = MLPEmbedder(cfg.adm_in_channels, dim) if cfg.adm_in_channels else None
         self.context_embedder = Linear(cfg.context_dim, dim)
         self.joint_blocks = nn.ModuleList(
             JointBlock(cfg, pre_only=i == cfg.depth - 1, self_attn=i in cfg.x_block_self_attn_layers)
@@ -336,6 +339,8 @@ class MMDiT(nn.Module):
         w = self.x_embedder.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         for emb in (self.t_embedder, self.y_embedder):
+            if emb is None:
+                continue
             nn.init.normal_(emb.mlp[0].weight, std=0.02)
             nn.init.normal_(emb.mlp[2].weight, std=0.02)
         for block in self.joint_blocks:
@@ -370,14 +375,16 @@ class MMDiT(nn.Module):
         if context is None or context.ndim != 3 or context.shape[0] != b or context.shape[2] != cfg.context_dim:
             got = None if context is None else tuple(context.shape)
             raise ValueError(f"context must be (B={b}, tokens, {cfg.context_dim}), got {got}")
-        if y is None or y.shape != (b, cfg.pooled_dim):
+        if cfg.adm_in_channels and (y is None or y.shape != (b, cfg.adm_in_channels)):
             got = None if y is None else tuple(y.shape)
-            raise ValueError(f"y (pooled text) must be ({b}, {cfg.pooled_dim}), got {got}")
+            raise ValueError(f"y (pooled text) must be ({b}, {cfg.adm_in_channels}), got {got}")
+        if not cfg.adm_in_channels and y is not None:
+            raise ValueError("this MMDiT has no y_embedder (adm_in_channels=None): pass y=None")
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None,
                 y: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, C, H, W) noisy latent, t (B,) time in [0, 1000] (1000 * sigma), context (B, L, 4096),
-        y (B, 2048) pooled text -> the velocity (B, out_channels, H, W) in x's dtype."""
+        """x (B, C, H, W) noisy latent, t (B,) or a scalar: time in [0, 1000] (1000 * sigma), context
+        (B, L, context_dim), y (B, adm_in_channels) pooled text -> the velocity (B, out_channels, H, W) in x's dtype."""
         t = torch.as_tensor(t, device=x.device)
         t = t.reshape(1).expand(x.shape[0]) if t.ndim == 0 else t
         self._check_inputs(x, t, context, y)
@@ -385,7 +392,9 @@ class MMDiT(nn.Module):
         dtype = self.context_embedder.weight.dtype
         h, w = x.shape[2] // p, x.shape[3] // p
         tokens = self.x_embedder(x.to(dtype)) + self.cropped_pos_embed(h, w).to(dtype)  # (B, h*w, D)
-        c = self.t_embedder(timestep_embedding(t, self.FREQ_DIM).to(dtype)) + self.y_embedder(y.to(dtype))
+        c = self.t_embedder(timestep_embedding(t, self.FREQ_DIM).to(dtype))                 # (B, D)
+        if self.y_embedder is not None:
+            c = c + self.y_embedder(y.to(dtype))
         ctx = self.context_embedder(context.to(dtype))                                    # (B, L, D)
         for block in self.joint_blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
