@@ -104,3 +104,42 @@ def clip_vocab_files():
         return folder
 
     return write
+
+
+T5_TRAINING_TEXT = [
+    "a red circle on a blue square", "the quick brown fox jumps over the lazy dog", "Ünïcödé café naïve résumé",
+    "東京の夜景 and 北京", "emoji test", "numbers 1234 56.78 and 3/4", "photo, 8k, masterpiece, (best quality:1.2)",
+    "a green triangle above a yellow star", "portrait of an old man, oil painting",
+]
+
+
+def write_t5_tokenizer(folder, vocab_size: int = 200):
+    """A T5-style SentencePiece Unigram tokenizer.json (built with `tokenizers`: the real file cannot be
+    downloaded here): <pad>=0, </s>=1, <unk>=2, Unigram pieces trained on a few captions, then the 100
+    sentinels <extra_id_99..0>, and a tokenizer_config.json so transformers reads it as a T5Tokenizer.
+    Returns the folder."""
+    import json
+    from pathlib import Path
+
+    tk = pytest.importorskip("tokenizers")
+    tok = tk.Tokenizer(tk.models.Unigram())
+    tok.normalizer = tk.normalizers.Sequence([tk.normalizers.NFKC(), tk.normalizers.Replace(tk.Regex(" {2,}"), " ")])
+    tok.pre_tokenizer = tk.pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always", split=True)
+    trainer = tk.trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"],
+                                         unk_token="<unk>")
+    tok.train_from_iterator(T5_TRAINING_TEXT * 20, trainer)
+    tok.add_special_tokens([f"<extra_id_{i}>" for i in range(99, -1, -1)])
+    tok.post_processor = tk.processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                          special_tokens=[("</s>", 1)])
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "T5Tokenizer", "extra_ids": 100, "model_max_length": 512, "pad_token": "<pad>",
+        "eos_token": "</s>", "unk_token": "<unk>"}), encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def t5_tokenizer_dir(tmp_path_factory):
+    return write_t5_tokenizer(tmp_path_factory.mktemp("t5tok") / "tokenizer_3")

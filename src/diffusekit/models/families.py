@@ -14,7 +14,10 @@ Key layouts (LDM / SGM single files, as A1111, ComfyUI and sgm read them):
   SD 1.x  CLIP ViT-L in the transformers layout at `cond_stage_model.transformer.`;
   SD 2.x  OpenCLIP ViT-H in the open_clip layout at `cond_stage_model.model.`;
   SDXL    CLIP ViT-L at `conditioner.embedders.0.transformer.` and OpenCLIP bigG at
-          `conditioner.embedders.1.model.`; the refiner has only bigG, at `conditioner.embedders.0.model.`.
+          `conditioner.embedders.1.model.`; the refiner has only bigG, at `conditioner.embedders.0.model.`;
+  SD3/3.5 the MMDiT at `model.diffusion_model.joint_blocks.*`, and when the file carries them (the
+          "incl_clips[_t5xxl]" releases) CLIP-L, CLIP-G (both transformers layout, with projection) and
+          T5-XXL at `text_encoders.{clip_l,clip_g,t5xxl}.transformer.`.
 """
 
 from __future__ import annotations
@@ -26,8 +29,10 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
-from . import clip, unet, vae
+from . import clip, mmdit, t5, unet, vae
 from .clip import CLIPTextConfig
+from .mmdit import MMDiTConfig
+from .t5 import T5Config
 from .unet import UNetConfig
 from .vae import VAEConfig
 
@@ -59,31 +64,40 @@ class BetaSchedule:
     num_timesteps: int = 1000
 
 
+TEXT_ENCODER_KINDS = ("clip", "openclip", "t5")
+PREDICTION_TYPES = ("eps", "v", "flow")
+
+
 @dataclass(frozen=True)
 class TextEncoderSpec:
     """One text encoder of a family and how the pipeline reads it.
 
-    kind          "clip": `clip.CLIPTextModel` (transformers layout); "openclip": `OpenCLIPTextModel`
+    kind          "clip": `clip.CLIPTextModel` (transformers layout); "openclip": `OpenCLIPTextModel`;
+                  "t5": `t5.T5EncoderModel` (config a `T5Config`; SD3's third encoder)
     prefix        where its weights live in a single-file checkpoint
     layer         hidden layer fed to the UNet, python-style over the transformer layers (-1 last,
                   -2 penultimate); A1111 "Clip skip N" moves it to -N
     final_norm    apply the final LayerNorm to that layer (SD1, SD2: yes; SDXL: no)
     pad_id        id after EOS: 49407 (EOS) for CLIP-L tokenizers, 0 for open_clip tokenizers
-    pooled        the pooled, projected EOS state is used (SDXL bigG -> the UNet's `y`)
+    pooled        the pooled, projected EOS state is used (SDXL bigG -> the UNet's `y`; SD3: CLIP-L and
+                  CLIP-G, concatenated)
+    max_length    tokens per window (CLIP: 77 = BOS + 75 + EOS; SD3's T5: 256)
+    optional      the model works without this encoder, its states replaced by zeros (SD3's T5)
     """
 
     kind: str
-    config: CLIPTextConfig
+    config: CLIPTextConfig | T5Config
     prefix: str
     layer: int = -1
     final_norm: bool = True
     pad_id: int = 49407
     pooled: bool = False
     max_length: int = 77
+    optional: bool = False
 
     def __post_init__(self):
-        if self.kind not in ("clip", "openclip"):
-            raise ValueError(f"TextEncoderSpec kind={self.kind!r}; valid: 'clip', 'openclip'")
+        if self.kind not in TEXT_ENCODER_KINDS:
+            raise ValueError(f"TextEncoderSpec kind={self.kind!r}; valid: {', '.join(map(repr, TEXT_ENCODER_KINDS))}")
 
 
 @dataclass(frozen=True)
@@ -98,13 +112,19 @@ class ModelFamily:
     vae: None for a pixel-space model (Ho et al. 2020's DDPM; the trainer's configs without
     [model.vae]): the UNet denoises the images themselves in [-1, 1], so `latent_scale` and
     `vae_force_upcast` do not apply and the latent space is the pixel space.
+    unet: the denoising network's config, a `UNetConfig` or, for SD3-class models, an `MMDiTConfig`
+    (the slot keeps its historical name: `ModelParts.unet` is then the MMDiT).
+    prediction_type "flow": rectified flow x = (1 - s) x0 + s eps, the network predicts v = eps - x0
+    (SD3, Esser et al. 2024); `flow_shift` is its time shift (SD3 / SD3.5: 3.0) and `beta_schedule`
+    does not apply. latent_shift: model-space latent = (VAE latent - latent_shift) * latent_scale
+    (SD3: 0.0609 and 1.5305; 0 for SD 1/2/XL).
     """
 
     name: str
-    unet: UNetConfig
+    unet: UNetConfig | MMDiTConfig
     vae: VAEConfig | None
     text_encoders: tuple[TextEncoderSpec, ...]
-    prediction_type: str = "eps"  # "eps" | "v"
+    prediction_type: str = "eps"  # "eps" | "v" | "flow"
     latent_scale: float = 0.18215
     default_size: int = 512
     beta_schedule: BetaSchedule = field(default_factory=BetaSchedule)
@@ -112,10 +132,22 @@ class ModelFamily:
     adm_inputs: tuple[str, ...] = ()
     size_embed_dim: int = 256
     vae_force_upcast: bool = False
+    latent_shift: float = 0.0
+    flow_shift: float = 3.0
 
     def __post_init__(self):
-        if self.prediction_type not in ("eps", "v"):
-            raise ValueError(f"prediction_type={self.prediction_type!r}; valid: 'eps', 'v'")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type={self.prediction_type!r}; valid: {', '.join(map(repr, PREDICTION_TYPES))}")
+        if self.is_mmdit and self.prediction_type != "flow":
+            raise ValueError(f"an MMDiT family is a rectified-flow model: prediction_type must be 'flow', "
+                             f"got {self.prediction_type!r}")
+        if self.flow_shift <= 0:
+            raise ValueError(f"flow_shift={self.flow_shift} must be > 0")
+
+    @property
+    def is_mmdit(self) -> bool:
+        """The network is an SD3-style `MMDiT` (else the LDM `UNetModel`)."""
+        return isinstance(self.unet, MMDiTConfig)
 
     @property
     def pixel_space(self) -> bool:
@@ -151,12 +183,14 @@ class ModelFamily:
         """Inverse of `to_dict`; unknown fields are an error naming the valid ones. "vae": null is a
         pixel-space model; a missing "vae", like any missing field, takes the default."""
         data = dict(data)
-        data["unet"] = _config(UNetConfig, data.get("unet", {}))
+        net = data.get("unet", {})
+        data["unet"] = _config(MMDiTConfig if "hidden_size" in net else UNetConfig, net)
         vae_data = data.get("vae", {})
         data["vae"] = None if vae_data is None else _config(VAEConfig, vae_data)
         data["beta_schedule"] = _config(BetaSchedule, data.get("beta_schedule", {}))
         data["text_encoders"] = tuple(
-            _config(TextEncoderSpec, {**spec, "config": _config(CLIPTextConfig, spec.get("config", {}))})
+            _config(TextEncoderSpec, {**spec, "config": _config(T5Config if spec.get("kind") == "t5" else CLIPTextConfig,
+                                                                spec.get("config", {}))})
             for spec in data.get("text_encoders", ()))
         return _config(cls, data)
 
@@ -183,6 +217,9 @@ SD_PREFIX_OPENCLIP = "cond_stage_model.model."
 SDXL_PREFIX_CLIP = "conditioner.embedders.0.transformer."
 SDXL_PREFIX_BIGG = "conditioner.embedders.1.model."
 REFINER_PREFIX_BIGG = "conditioner.embedders.0.model."
+SD3_PREFIX_CLIP_L = "text_encoders.clip_l.transformer."
+SD3_PREFIX_CLIP_G = "text_encoders.clip_g.transformer."
+SD3_PREFIX_T5 = "text_encoders.t5xxl.transformer."
 SDXL_ADM = ("pooled", "original_size", "crop_coords", "target_size")
 REFINER_ADM = ("pooled", "original_size", "crop_coords", "aesthetic_score")
 
@@ -218,7 +255,25 @@ def _refiner(u: UNetConfig, v: VAEConfig, te_g: CLIPTextConfig) -> ModelFamily:
                        adm_inputs=REFINER_ADM, vae_force_upcast=True)
 
 
-def _build(name: str, u: Mapping[str, UNetConfig], v: VAEConfig, t: Mapping[str, CLIPTextConfig]) -> ModelFamily:
+def _sd3(m: MMDiTConfig, v: VAEConfig, te_l: CLIPTextConfig, te_g: CLIPTextConfig, te_t5: T5Config,
+         name: str) -> ModelFamily:
+    # sd3-ref / diffusers StableDiffusion3Pipeline: CLIP-L and CLIP-G penultimate layers without final
+    # norm, concatenated (768 + 1280 = 2048) and zero-padded to T5's 4096, then T5-XXL's last layer
+    # (256 tokens) appended along the token axis; the pooled vector is both projected EOS states
+    # (768 + 1280 = 2048). CLIP-L pads with EOS, CLIP-G with 0, T5 with <pad> = 0.
+    specs = (TextEncoderSpec("clip", te_l, SD3_PREFIX_CLIP_L, layer=-2, final_norm=False, pooled=True),
+             TextEncoderSpec("clip", te_g, SD3_PREFIX_CLIP_G, layer=-2, final_norm=False, pad_id=0, pooled=True),
+             TextEncoderSpec("t5", te_t5, SD3_PREFIX_T5, pad_id=0, max_length=256, optional=True))
+    return ModelFamily(name, m, v, specs, prediction_type="flow", latent_scale=1.5305, latent_shift=0.0609,
+                       default_size=1024, flow_shift=3.0)
+
+
+SD3_FAMILIES = ("sd3", "sd35-large", "sd35-medium")
+
+
+def _build(name: str, u: Mapping[str, UNetConfig | MMDiTConfig], v: VAEConfig, t: Mapping[str, Any]) -> ModelFamily:
+    if name in SD3_FAMILIES:
+        return _sd3(u[name], t["vae16"], t["clip_l_sd3"], t["clip_g_sd3"], t["t5"], name)
     if name in ("sd1", "sd1-inpaint"):
         return _sd1(u[name], v, t["clip_l"], name)
     if name in ("sd2", "sd2-v", "sd2-inpaint"):
@@ -229,13 +284,15 @@ def _build(name: str, u: Mapping[str, UNetConfig], v: VAEConfig, t: Mapping[str,
 
 
 FAMILY_NAMES = ("sd1", "sd1-inpaint", "sd2", "sd2-v", "sd2-inpaint", "sdxl", "sdxl-inpaint",
-                "sdxl-refiner", "custom")
+                "sdxl-refiner", *SD3_FAMILIES, "custom")
 
 _REAL_UNETS = {"sd1": unet.SD15, "sd1-inpaint": unet.SD15_INPAINT, "sd2": unet.SD2, "sd2-v": unet.SD2,
                "sd2-inpaint": replace(unet.SD2, in_channels=9), "sdxl": unet.SDXL,
-               "sdxl-inpaint": replace(unet.SDXL, in_channels=9), "sdxl-refiner": unet.SDXL_REFINER}
+               "sdxl-inpaint": replace(unet.SDXL, in_channels=9), "sdxl-refiner": unet.SDXL_REFINER,
+               "sd3": mmdit.SD3_MEDIUM, "sd35-large": mmdit.SD35_LARGE, "sd35-medium": mmdit.SD35_MEDIUM}
 _REAL_TEXT = {"clip_l": clip.CLIP_L, "clip_l_sdxl": clip.CLIP_L_SDXL, "openclip_h": clip.OPENCLIP_H,
-              "bigg": clip.OPENCLIP_BIGG}
+              "bigg": clip.OPENCLIP_BIGG, "clip_l_sd3": replace(clip.CLIP_L, projection_dim=768),
+              "clip_g_sd3": clip.OPENCLIP_BIGG, "t5": t5.T5_XXL, "vae16": VAEConfig.preset("sd3")}
 
 #: The published families (read-only). "custom" is not here: its configs travel in the checkpoint.
 FAMILIES: Mapping[str, ModelFamily] = MappingProxyType(
@@ -255,7 +312,9 @@ def get_family(name: str) -> ModelFamily:
 def tiny_family(name: str) -> ModelFamily:
     """Family `name` with its real layout (projection kind, heads rule, encoders, adm vector,
     conventions) at toy size, for tests: UNet/VAE/CLIP TINY presets, 9 input channels for the
-    inpainting families; CLIP-L tiny is 32 wide, bigG tiny 48 wide with a 24-dim projection."""
+    inpainting families; CLIP-L tiny is 32 wide, bigG tiny 48 wide with a 24-dim projection.
+    SD3 families: MMDiT TINY over a 96-wide joint context (CLIP 32 + 48, padded) and 64-dim pooled
+    text (projections 32 + 32), T5 TINY 96 wide, the 16-channel VAE at TINY size."""
     if name == "custom":
         return replace(tiny_family("sd1"), name="custom")
     get_family(name)  # validates the name
@@ -274,7 +333,13 @@ def tiny_family(name: str) -> ModelFamily:
              "sdxl-refiner": refiner}
     for n in ("sd1", "sd2", "sdxl"):
         unets[f"{n}-inpaint"] = replace(unets[n], in_channels=9)
-    texts = {"clip_l": small_l, "clip_l_sdxl": small_l, "openclip_h": small_h, "bigg": small_g}
+    small_t5 = replace(t5.TINY, d_model=96)
+    sd3_l, sd3_g = replace(clip.TINY, projection_dim=32), replace(small_g, projection_dim=32)
+    mm = replace(mmdit.TINY, context_dim=small_t5.d_model, adm_in_channels=64)
+    unets |= {"sd3": mm, "sd35-large": replace(mm, qk_norm="rms"),
+              "sd35-medium": replace(mm, qk_norm="rms", x_block_self_attn_layers=(0, 1))}
+    texts = {"clip_l": small_l, "clip_l_sdxl": small_l, "openclip_h": small_h, "bigg": small_g,
+             "clip_l_sd3": sd3_l, "clip_g_sd3": sd3_g, "t5": small_t5, "vae16": VAEConfig.preset("sd3-tiny")}
     return _build(name, unets, VAEConfig.tiny(), texts)
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -96,12 +96,17 @@ class VAEConfig:
 
     @classmethod
     def preset(cls, name: str) -> "VAEConfig":
-        """Named presets: "sd1", "sd2", "sdxl" (all the same 83.65M network) and "tiny"."""
+        """Named presets: "sd1", "sd2", "sdxl" (all the same 83.65M network), "sd3" (SD3 / SD3.5:
+        16 latent channels, no quant convs, 83.65M; its latent scale 1.5305 and shift 0.0609 belong to
+        the family), "tiny" and "sd3-tiny"."""
         if name in ("sd1", "sd2", "sdxl"):
             return cls()
         if name == "tiny":
             return cls.tiny()
-        raise ValueError(f"unknown VAE preset {name!r}; valid: 'sd1', 'sd2', 'sdxl', 'tiny'")
+        if name in ("sd3", "sd3-tiny"):
+            base = cls() if name == "sd3" else cls.tiny()
+            return replace(base, z_channels=16, embed_dim=16, use_quant_conv=False, use_post_quant_conv=False)
+        raise ValueError(f"unknown VAE preset {name!r}; valid: 'sd1', 'sd2', 'sdxl', 'sd3', 'tiny', 'sd3-tiny'")
 
 
 class DiagonalGaussian:
