@@ -18,7 +18,7 @@ import torch
 from .convert_unet import _names
 from .mmdit import MMDiT, MMDiTConfig
 
-__all__ = ["mmdit_config_from_diffusers", "mmdit_key_table", "mmdit_state_dict_from_diffusers",
+__all__ = ["mmdit_config_from_diffusers", "mmdit_config_from_shapes", "mmdit_key_table", "mmdit_state_dict_from_diffusers",
            "mmdit_state_dict_to_diffusers"]
 
 _QK_NORM = {None: None, "rms_norm": "rms"}
@@ -145,3 +145,29 @@ def mmdit_state_dict_to_diffusers(sd: Mapping[str, torch.Tensor], cfg: MMDiTConf
         else:
             out[dsts[0]] = _swap_halves(t) if op == "swap" else t
     return out
+
+
+def mmdit_config_from_shapes(shapes: Mapping[str, tuple[int, ...]], prefix: str = "model.diffusion_model.",
+                             head_dim: int = 64) -> MMDiTConfig:
+    """The `MMDiTConfig` of a single-file MMDiT from its key names and shapes (ComfyUI `model_detection`'s
+    rules): depth = number of joint blocks, width and patch from `x_embedder.proj`, the positional grid
+    from `pos_embed`, qk-norm from `ln_q`, MMDiT-X blocks from `x_block.attn2`. The head count is not
+    stored; every released SD3 / SD3.5 model has 64-wide heads (`head_dim`)."""
+    def shape(key: str) -> tuple[int, ...]:
+        if prefix + key not in shapes:
+            raise ValueError(f"not an SD3 MMDiT: {prefix + key} is missing")
+        return tuple(shapes[prefix + key])
+
+    out_c, in_c, patch, _ = shape("x_embedder.proj.weight")
+    blocks = {int(k[len(prefix):].split(".")[1]) for k in shapes if k.startswith(prefix + "joint_blocks.")}
+    grid = round(shape("pos_embed")[1] ** 0.5)
+    y_key = prefix + "y_embedder.mlp.0.weight"
+    final = shape("final_layer.linear.weight")[0]
+    return MMDiTConfig(
+        in_channels=in_c, out_channels=final // (patch * patch), patch_size=patch, depth=max(blocks) + 1,
+        hidden_size=out_c, num_heads=max(1, out_c // head_dim), pos_embed_max_size=grid,
+        context_dim=shape("context_embedder.weight")[1],
+        adm_in_channels=tuple(shapes[y_key])[1] if y_key in shapes else None,
+        qk_norm="rms" if prefix + "joint_blocks.0.x_block.attn.ln_q.weight" in shapes else None,
+        x_block_self_attn_layers=tuple(sorted(i for i in blocks
+                                              if f"{prefix}joint_blocks.{i}.x_block.attn2.qkv.weight" in shapes)))

@@ -345,7 +345,9 @@ def tiny_family(name: str) -> ModelFamily:
 
 # ---------------------------------------------------------------------------------- detection
 _UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"
+_MMDIT_IN = "model.diffusion_model.x_embedder.proj.weight"
 _UNSUPPORTED_MARKERS = {
+    "model.diffusion_model.double_blocks.": "a FLUX model (double/single-stream blocks)",
     "cond_stage_model.roberta.": "AltDiffusion (XLM-RoBERTa text encoder)",
     "depth_model.": "SD 2 depth-to-image (MiDaS)",
     "edm_vpred.sigma_max": "an EDM v-prediction model (CosXL)",
@@ -360,7 +362,10 @@ def detect_family(keys_and_shapes: Mapping[str, Sequence[int]]) -> str:
     - only `conditioner.embedders.0.model.*` (bigG) and an adm `label_emb`: "sdxl-refiner"
       (the real refiner also has 384 model channels; that is not required, so toy refiners load);
     - `cond_stage_model.model.*` (OpenCLIP-H): SD 2.x; `cond_stage_model.transformer.*`: SD 1.x;
-    - 9 UNet input channels: the "-inpaint" variant.
+    - 9 UNet input channels: the "-inpaint" variant;
+    - an MMDiT (`model.diffusion_model.joint_blocks.*`): "sd35-medium" with MMDiT-X blocks
+      (`x_block.attn2`), "sd35-large" with QK-norm (`ln_q`), else "sd3" (SD3 Medium). The loader reads
+      the MMDiT's exact config from the shapes (`convert_mmdit.mmdit_config_from_shapes`).
     SD 2.x eps and v checkpoints have identical keys and shapes, so this returns "sd2-v" for a
     4-channel SD 2 checkpoint: v is the convention of SD 2.x at 768 px (2.0-768-v, 2.1-768), the
     SD 2 checkpoints most people use. `load_checkpoint` refines that with A1111's test of the
@@ -376,6 +381,10 @@ def detect_family(keys_and_shapes: Mapping[str, Sequence[int]]) -> str:
         if has(marker):
             raise CheckpointError(f"this checkpoint is {what}, which diffusekit does not support; "
                                   f"supported families: {', '.join(FAMILY_NAMES)}")
+    if _MMDIT_IN in keys_and_shapes:
+        if has("model.diffusion_model.joint_blocks.0.x_block.attn2."):
+            return "sd35-medium"
+        return "sd35-large" if has("model.diffusion_model.joint_blocks.0.x_block.attn.ln_q.") else "sd3"
     if _UNET_IN not in keys_and_shapes:
         raise CheckpointError(_not_a_checkpoint(keys))
     in_ch = int(keys_and_shapes[_UNET_IN][1])

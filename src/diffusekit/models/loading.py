@@ -7,7 +7,11 @@
 - a `.ckpt` / `.pt` / `.pth` / `.bin` file through `torch.load(weights_only=True, mmap=True)`
   only: a pickle that needs anything beyond tensors and plain containers is refused, never run;
 - a diffusers folder (`model_index.json`, `unet/`, `vae/`, `text_encoder*/`, `tokenizer*/`,
-  `scheduler/`), renamed to the LDM layout by the `convert_*` tables.
+  `scheduler/`), renamed to the LDM layout by the `convert_*` tables;
+- SD3 / SD3.5 (an MMDiT instead of the UNet; `sd3_loading` says where their parts live): single files
+  with or without their text encoders (those missing are read from stand-alone files beside it, T5 may
+  be absent altogether) and diffusers `StableDiffusion3Pipeline` folders. fp8-stored weights (the
+  t5xxl_fp8 releases) are upcast on load: to `dtype`, or bf16 when None, as CPUs cannot compute in fp8.
 
 Memory: modules are built on the `meta` device (no allocation, no random init) and receive the
 file's tensors with `load_state_dict(assign=True)`. Without a cast or move, the memory-mapped
@@ -33,7 +37,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -42,12 +46,17 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from . import sd3_loading
 from .clip import CLIPTextModel, OpenCLIPTextModel
 from .convert_clip import clip_config_from_hf, clip_state_dict_from_hf, openclip_state_dict_from_hf
+from .convert_mmdit import mmdit_config_from_shapes, mmdit_state_dict_from_diffusers
 from .convert_unet import unet_config_from_diffusers, unet_state_dict_from_diffusers
 from .convert_vae import vae_config_from_diffusers, vae_state_dict_from_diffusers
 from .families import CheckpointError, ModelFamily, TextEncoderSpec, detect_family, get_family
 from .keys import key_list
+from .mmdit import MMDiT
+from .t5 import T5EncoderModel
+from .t5_tokenizer import T5Tokenizer
 from .tokenizer import CLIPTokenizer, find_bundled_bpe, read_tokenizer_files
 from .unet import UNetModel
 from .vae import AutoencoderKL
@@ -93,24 +102,34 @@ def _build(factory, *args) -> nn.Module:
         return factory(*args)
 
 
+_ENCODER_CLASSES = {"clip": CLIPTextModel, "openclip": OpenCLIPTextModel, "t5": T5EncoderModel}
+
+
 def _text_encoder(spec: TextEncoderSpec) -> nn.Module:
-    return _build(CLIPTextModel if spec.kind == "clip" else OpenCLIPTextModel, spec.config)
+    return _build(_ENCODER_CLASSES[spec.kind], spec.config)
 
 
 def _components(family: ModelFamily) -> list[tuple[str, str, nn.Module]]:
     """(label, key prefix, module on meta) for every part of the family (no VAE for a pixel-space one)."""
-    parts = [("unet", UNET_PREFIX, _build(UNetModel, family.unet))]
+    parts = [("unet", UNET_PREFIX, _build(MMDiT if family.is_mmdit else UNetModel, family.unet))]
     if family.vae is not None:
         parts.append(("vae", VAE_PREFIX, _build(AutoencoderKL, family.vae)))
     parts += [(f"text_encoder_{i}", spec.prefix, _text_encoder(spec)) for i, spec in enumerate(family.text_encoders)]
     return parts
 
 
-def _module_key(module: nn.Module, key: str) -> str:
+def _module_key(module: nn.Module, key: str, has_key: Callable[[str], bool] = lambda k: True) -> str:
     # Checkpoints made with transformers < 4.x name CLIP keys without `text_model.` (A1111 fixes them too).
     if isinstance(module, CLIPTextModel) and key.startswith(("embeddings.", "encoder.", "final_layer_norm.")):
         return "text_model." + key
+    if isinstance(module, T5EncoderModel):
+        return _t5_key(key, has_key)
     return key
+
+
+def _t5_key(key: str, has_key: Callable[[str], bool]) -> str:
+    """T5's token table is stored as `shared`, as its tied alias `encoder.embed_tokens`, or as both."""
+    return "shared.weight" if key == "encoder.embed_tokens.weight" and not has_key("shared.weight") else key
 
 
 def _assign(module: nn.Module, tensors: dict[str, torch.Tensor], what: str) -> nn.Module:
@@ -131,10 +150,15 @@ def _file_family(src, family, path: Path) -> tuple[ModelFamily, str, set[str]]:
     return fam, how, markers
 
 
-def _load_single_file(path: Path, family, dtype, device, probe: bool) -> tuple[dict[str, nn.Module], ModelFamily]:
+def _load_single_file(path: Path, family, dtype, device, probe: bool,
+                      te_files=None) -> tuple[dict[str, nn.Module | None], ModelFamily]:
     src = open_file(path)
     fam, how, markers = _file_family(src, family, path)
     components = _components(fam)
+    # SD3 files may leave out their text encoders: those come from stand-alone files (or, T5, not at all)
+    absent = {label for label, prefix, _ in components if fam.is_mmdit and label.startswith("text_encoder_")
+              and not any(k.startswith(prefix) for k in src.shapes)}
+    components = [c for c in components if c[0] not in absent]
     plan = {label: {} for label, _, _ in components}
     unexpected, wrong, misshaped = [], [], set()
     expected = {label: {k: tuple(v.shape) for k, v in m.state_dict().items()} for label, _, m in components}
@@ -143,7 +167,7 @@ def _load_single_file(path: Path, family, dtype, device, probe: bool) -> tuple[d
             continue
         for label, prefix, module in components:
             if fkey.startswith(prefix):
-                mkey = _module_key(module, fkey[len(prefix):])
+                mkey = _module_key(module, fkey[len(prefix):], lambda k, p=prefix: p + k in src.shapes)
                 want = expected[label].get(mkey)
                 if want is None:
                     if mkey not in getattr(module, "ignored_keys", ()):
@@ -166,9 +190,51 @@ def _load_single_file(path: Path, family, dtype, device, probe: bool) -> tuple[d
         names = {fkey: mkey for mkey, fkey in plan[label].items()}
         tensors = {names[fkey]: t for fkey, t in src.read(names, dtype, device)}
         modules[label] = _assign(module, tensors, f"{path} {label}")
+    if absent:
+        modules |= _standalone_encoders(path, fam, sorted(absent), te_files, dtype, device)
     if how == "detected" and fam.name == "sd2-v" and probe and not predicts_v(modules["unet"]):
         fam = replace(get_family("sd2"), unet=fam.unet, vae=fam.vae, text_encoders=fam.text_encoders)
     return modules, fam
+
+
+def _standalone_encoders(path: Path, fam: ModelFamily, labels: list[str], te_files, dtype,
+                         device) -> dict[str, nn.Module | None]:
+    """SD3 text encoders a single file lacks, read from stand-alone files (`sd3_loading.find_text_encoder_files`);
+    an optional one (T5) with no file is None."""
+    files = sd3_loading.find_text_encoder_files(path, te_files)
+    out: dict[str, nn.Module | None] = {}
+    for label in labels:
+        i = int(label.rsplit("_", 1)[1])
+        spec, name = fam.text_encoders[i], sd3_loading.SD3_ENCODER_NAMES[i]
+        if name not in files:
+            if spec.optional:
+                out[label] = None
+                continue
+            raise CheckpointError(
+                f"{path} has no {name} ({spec.prefix}*) and no {name}*.safetensors was found in "
+                f"{path.parent / 'text_encoders'} or {path.parent}: put the encoder files there (the SD3.5 release "
+                f"layout) or pass text_encoder_files={{'{name}': 'path/to/{name}.safetensors', ...}}")
+        src, module = open_file(files[name]), _text_encoder(spec)
+        prefix = sd3_loading.standalone_prefix(src.shapes, spec.prefix)
+        names = {}
+        for fkey in src.shapes:
+            mkey = _module_key(module, fkey[len(prefix):] if fkey.startswith(prefix) else fkey,
+                               lambda k: prefix + k in src.shapes)
+            if mkey not in getattr(module, "ignored_keys", ()):
+                names[fkey] = mkey
+        want = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+        missing = sorted(set(want) - set(names.values()))
+        unexpected = sorted(f for f, m in names.items() if m not in want)
+        wrong = sorted(f"{f} {list(src.shapes[f])} (model: {list(want[m])})" for f, m in names.items()
+                       if m in want and tuple(src.shapes[f]) != want[m])
+        if missing or unexpected or wrong:
+            parts = [f"{what} ({len(k)}): {key_list(k)}" for what, k in
+                     (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)) if k]
+            raise CheckpointError(f"{files[name]} is not the {name} text encoder of family {fam.name!r}: "
+                                  + "; ".join(parts))
+        tensors = {names[f]: t for f, t in src.read(list(names), dtype, device)}
+        out[label] = _assign(module, tensors, f"{files[name]} ({name})")
+    return out
 
 
 def _raise_mismatch(path, fam, how, shapes, missing, unexpected, wrong):
@@ -219,7 +285,10 @@ def _resolve_family(family, metadata, shapes, path) -> tuple[ModelFamily, str]:
         return named, "given"
     if stored is not None:
         return stored, "metadata"
-    return get_family(detect_family(shapes)), "detected"
+    fam = get_family(detect_family(shapes))
+    if fam.is_mmdit:  # the MMDiT's exact shape (SD3.5 Large Turbo, fine-tunes, toy files) from its keys
+        fam = replace(fam, unet=mmdit_config_from_shapes(shapes))
+    return fam, "detected"
 
 
 @torch.no_grad()
@@ -339,8 +408,9 @@ def _diffusers_family(folder: Path, family, ucfg, vcfg, vjson, te_configs, sched
     return fam
 
 
-def _diffusers_configs(folder: Path, family) -> tuple[ModelFamily, dict | None, list[str]]:
-    """(family, scheduler config, text encoder folder names) of a diffusers folder, from its JSON files."""
+def _diffusers_configs(folder: Path, family) -> tuple[ModelFamily, dict | None, list[str | None]]:
+    """(family, scheduler config, text encoder folder names) of a diffusers folder, from its JSON files
+    (None for an absent optional encoder: SD3 without T5)."""
     if not (folder / "model_index.json").is_file():
         raise CheckpointError(f"{folder} is a directory without model_index.json: not a diffusers model folder "
                               "(pass a .safetensors file or a folder saved by DiffusionPipeline.save_pretrained)")
@@ -350,6 +420,8 @@ def _diffusers_configs(folder: Path, family) -> tuple[ModelFamily, dict | None, 
         entry = index.get(name)
         return isinstance(entry, list) and entry[:1] != [None] and (folder / name).is_dir()
 
+    if "transformer" in index:   # StableDiffusion3Pipeline: an MMDiT instead of the UNet
+        return sd3_loading.sd3_diffusers_family(folder, family, _read_json, present, _pad_id)
     for name in ("unet", "vae"):
         if not present(name):
             raise CheckpointError(f"{folder}: model_index.json has no {name!r} component (or {folder / name} is "
@@ -384,17 +456,54 @@ def _load_diffusers(folder: Path, family, dtype, device) -> tuple[dict[str, nn.M
             raise CheckpointError(f"{folder / what}: {e}") from None
         return _assign(module, {k: convert(t, dtype, device) for k, t in sd.items()}, f"{folder / what}")
 
-    modules = {
-        "unet": load("unet", _build(UNetModel, fam.unet), lambda sd: unet_state_dict_from_diffusers(sd, fam.unet)),
-        "vae": load("vae", _build(AutoencoderKL, fam.vae), lambda sd: vae_state_dict_from_diffusers(sd, fam.vae))}
+    if fam.is_mmdit:
+        net = load("transformer", _build(MMDiT, fam.unet), lambda sd: mmdit_state_dict_from_diffusers(sd, fam.unet))
+    else:
+        net = load("unet", _build(UNetModel, fam.unet), lambda sd: unet_state_dict_from_diffusers(sd, fam.unet))
+    modules = {"unet": net,
+               "vae": load("vae", _build(AutoencoderKL, fam.vae), lambda sd: vae_state_dict_from_diffusers(sd, fam.vae))}
     for i, (spec, name) in enumerate(zip(fam.text_encoders, te_names)):
-        rename = clip_state_dict_from_hf if spec.kind == "clip" else openclip_state_dict_from_hf
+        if name is None:                           # an optional encoder the pipeline was saved without
+            modules[f"text_encoder_{i}"] = None
+            continue
+        rename = {"clip": clip_state_dict_from_hf, "openclip": openclip_state_dict_from_hf, "t5": _t5_from_hf}[spec.kind]
         modules[f"text_encoder_{i}"] = load(name, _text_encoder(spec), lambda sd, s=spec, r=rename: r(sd, s.config))
     return modules, fam, sched, te_names
 
 
+def _t5_from_hf(sd: Mapping[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
+    """transformers T5EncoderModel keys are ours; the tied alias `encoder.embed_tokens` is dropped (or is `shared`)."""
+    out = {_t5_key(k, sd.__contains__): v for k, v in sd.items()}
+    return {k: v for k, v in out.items() if k not in T5EncoderModel.ignored_keys}
+
+
 # ------------------------------------------------------------------------------ tokenizers
-def _tokenizers(source: Path, tokenizer, te_names: list[str]) -> list[CLIPTokenizer]:
+def _tokenizers(source: Path, tokenizer, te_names: list[str | None], fam: ModelFamily, modules: dict,
+                t5_tokenizer) -> list[CLIPTokenizer | T5Tokenizer | None]:
+    """One tokenizer per text encoder of `fam`: CLIP ones by `_clip_tokenizers`, T5 (SD3) from
+    `sd3_loading.find_t5_tokenizer`; None for an absent optional encoder."""
+    clip = iter(_clip_tokenizers(source, tokenizer, [n for s, n in zip(fam.text_encoders, te_names) if s.kind != "t5"]))
+    out: list[CLIPTokenizer | T5Tokenizer | None] = []
+    for i, spec in enumerate(fam.text_encoders):
+        if spec.kind != "t5":
+            out.append(next(clip))
+        elif modules.get(f"text_encoder_{i}") is None:
+            out.append(None)
+        else:
+            where = sd3_loading.find_t5_tokenizer(source, t5_tokenizer)
+            if where is None:
+                raise CheckpointError(
+                    f"{source} has a T5 text encoder but no T5 tokenizer was found: pass t5_tokenizer=<tokenizer.json "
+                    f"or a folder with one> (CLI: --t5-tokenizer), set ${sd3_loading.T5_TOKENIZER_ENV}, or put a "
+                    "tokenizer_3/ folder (from a diffusers SD3 repository) beside the file")
+            try:
+                out.append(T5Tokenizer.from_file(where))
+            except (OSError, ValueError) as e:
+                raise CheckpointError(f"T5 tokenizer {where}: {e}") from None
+    return out
+
+
+def _clip_tokenizers(source: Path, tokenizer, te_names: list[str]) -> list[CLIPTokenizer]:
     """One tokenizer per text encoder: `tokenizer` if given (an instance, a transformers tokenizer
     folder or a CLIP `bpe_simple_vocab_16e6.txt.gz`), else the diffusers folder's tokenizer*/ files, else the
     BPE file bundled with open_clip. Encoders sharing one vocabulary file share one instance (the
@@ -430,15 +539,16 @@ def _tokenizers(source: Path, tokenizer, te_names: list[str]) -> list[CLIPTokeni
 # ------------------------------------------------------------------------------ the public API
 @dataclass(eq=False)
 class ModelParts:
-    """A loaded model: `unet(x, t, context, y)`, `vae.encode/decode` (None for a pixel-space model,
-    `family.vae is None`: the UNet works on the pixels), one text encoder and one tokenizer per
-    `family.text_encoders` spec (same order), the family conventions, the diffusers scheduler config
-    when the model came from a folder (else None), and its identity."""
+    """A loaded model: `unet(x, t, context, y)` (the UNet, or an SD3 family's MMDiT), `vae.encode/decode`
+    (None for a pixel-space model, `family.vae is None`: the UNet works on the pixels), one text encoder
+    and one tokenizer per `family.text_encoders` spec (same order; None for an absent optional encoder,
+    SD3's T5), the family conventions, the diffusers scheduler config when the model came from a folder
+    (else None), and its identity."""
 
-    unet: UNetModel
+    unet: UNetModel | MMDiT
     vae: AutoencoderKL | None
-    text_encoders: list[nn.Module]
-    tokenizers: list[CLIPTokenizer]
+    text_encoders: list[nn.Module | None]
+    tokenizers: list[CLIPTokenizer | T5Tokenizer | None]
     family: ModelFamily
     scheduler_config: dict | None = None
     name: str = ""
@@ -467,7 +577,9 @@ class ModelParts:
 def load_checkpoint(path: str | os.PathLike, family: str | ModelFamily | None = None,
                     dtype: torch.dtype | None = None, device: str | torch.device = "cpu", *,
                     tokenizer: CLIPTokenizer | str | os.PathLike | None = None,
-                    probe_prediction: bool = True) -> ModelParts:
+                    probe_prediction: bool = True,
+                    text_encoder_files: Mapping[str, str | os.PathLike] | None = None,
+                    t5_tokenizer: str | os.PathLike | None = None) -> ModelParts:
     """Load a whole model from a single-file checkpoint or a diffusers folder.
 
     family: None = from the file's diffusekit metadata, else detected (`detect_family`; a diffusers
@@ -480,6 +592,10 @@ def load_checkpoint(path: str | os.PathLike, family: str | ModelFamily | None = 
       tokenizer.json), or a bpe_simple_vocab_16e6.txt.gz file; None: the folder's, else open_clip's.
     probe_prediction: for a detected 4-channel SD 2 single file, run A1111's v-prediction test
       (`predicts_v`) and choose "sd2-v" or "sd2"; False keeps "sd2-v" (the 768-v convention).
+    text_encoder_files: SD3 single files without their encoders: {"clip_l": file, "clip_g": file, "t5xxl": file}
+      (default: `<dir>/text_encoders/<name>*.safetensors`, then `<dir>/<name>*.safetensors`); no T5 = zeros.
+    t5_tokenizer: SD3's T5 tokenizer.json (or a folder with one); default: $DIFFUSEKIT_T5_TOKENIZER, a
+      diffusers folder's tokenizer_3/, or a tokenizer_3/ folder beside the file.
     Every failure is a CheckpointError that says what is wrong with the file and what to do.
     """
     path = Path(path)
@@ -488,11 +604,12 @@ def load_checkpoint(path: str | os.PathLike, family: str | ModelFamily | None = 
         raise CheckpointError(f"{path} does not exist")
     if path.is_dir():
         modules, fam, sched, te_names = _load_diffusers(path, family, dtype, device)
-        files = tuple(sorted(f for d in ("unet", "vae", *te_names) for f in _weight_files(path / d)))
+        net = "transformer" if fam.is_mmdit else "unet"
+        files = tuple(sorted(f for d in (net, "vae", *te_names) if d for f in _weight_files(path / d)))
     else:
-        modules, fam = _load_single_file(path, family, dtype, device, probe_prediction)
+        modules, fam = _load_single_file(path, family, dtype, device, probe_prediction, text_encoder_files)
         sched, te_names, files = None, [f"text_encoder_{i}" for i in range(len(fam.text_encoders))], (path,)
-    tokenizers = _tokenizers(path, tokenizer, te_names)
+    tokenizers = _tokenizers(path, tokenizer, te_names, fam, modules, t5_tokenizer)
     encoders = [modules[f"text_encoder_{i}"] for i in range(len(fam.text_encoders))]
     return ModelParts(unet=modules["unet"], vae=modules.get("vae"), text_encoders=encoders, tokenizers=tokenizers,
                       family=fam, scheduler_config=sched, name=path.stem if path.is_file() else path.name,
@@ -544,7 +661,9 @@ def save_checkpoint(parts: ModelParts | Mapping[str, object], path: str | os.Pat
     tensors: dict[str, torch.Tensor] = {}
     groups = [(UNET_PREFIX, unet_m)] + ([(VAE_PREFIX, vae_m)] if vae_m is not None else [])
     for spec, module in zip(fam.text_encoders, encoders):
-        cls = CLIPTextModel if spec.kind == "clip" else OpenCLIPTextModel
+        cls = _ENCODER_CLASSES[spec.kind]
+        if module is None and spec.optional:       # SD3 without T5: the file has no such keys, it loads as None
+            continue
         if not isinstance(module, cls):
             raise CheckpointError(f"text encoder for {spec.prefix} must be a {cls.__name__} (spec kind "
                                   f"{spec.kind!r}); got {type(module).__name__}")
