@@ -83,6 +83,8 @@ class TextEncoderSpec:
                   CLIP-G, concatenated)
     max_length    tokens per window (CLIP: 77 = BOS + 75 + EOS; SD3's T5: 256)
     optional      the model works without this encoder, its states replaced by zeros (SD3's T5)
+    context_tokens  0: every hidden state of a window is context; N: only the first N (a small MMDiT
+                  trained on short captions, e.g. the shipped shapes-flow)
     """
 
     kind: str
@@ -94,6 +96,7 @@ class TextEncoderSpec:
     pooled: bool = False
     max_length: int = 77
     optional: bool = False
+    context_tokens: int = 0
 
     def __post_init__(self):
         if self.kind not in TEXT_ENCODER_KINDS:

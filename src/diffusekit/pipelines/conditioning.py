@@ -126,8 +126,10 @@ class TextConditioner:
         (`prompts.apply_emphasis` takes the mean over the whole batch, as A1111's does)."""
         n = max(len(c) for c in texts)
         padded = [self._pad_to(c, n) for c in texts]
-        hidden_parts, pooled = [], None
+        hidden_parts, pooled_parts = [], []
         for e, (spec, enc) in enumerate(zip(self.family.text_encoders, self.encoders)):
+            if spec.kind == "t5":                   # SD3's T5 reads the text, not CLIP chunks (conditioning_sd3)
+                continue
             device = next(enc.parameters()).device
             per_position = []
             for i in range(n):
@@ -143,12 +145,21 @@ class TextConditioner:
                 # 0/0 when a final LayerNorm makes the mean exactly 0
                 if not bool((weights == 1).all()):
                     h = P.apply_emphasis(h, weights)
+                if spec.context_tokens:                 # a small model trained on the first N states only
+                    h = h[:, :spec.context_tokens]
                 per_position.append(h)                                                          # (T, 77, W)
                 if spec.pooled and i == 0:
-                    pooled = out.pooled                                                         # (T, P): first chunk
+                    pooled_parts.append(out.pooled)                                             # (T, P): first chunk
             hidden_parts.append(torch.cat(per_position, dim=1))                                 # (T, 77n, W)
         context = torch.cat(hidden_parts, dim=-1)                                               # (T, 77n, C)
+        # SDXL: bigG's pooled vector; SD3: CLIP-L's and CLIP-G's, concatenated (768 + 1280)
+        pooled = torch.cat(pooled_parts, dim=-1) if pooled_parts else None
         return [Conditioning(context[j:j + 1], None if pooled is None else pooled[j:j + 1]) for j in range(len(texts))]
+
+    def _encode_texts(self, texts: Sequence[str], padded: Sequence[Sequence[P.Chunk]], clip_skip: int) -> list[Conditioning]:
+        """The Conditioning of each text from its (padded) chunks; a family-specific conditioner also reads
+        the texts themselves (SD3's T5, `conditioning_sd3.JointTextConditioner`)."""
+        return self.encode_batch(padded, clip_skip)
 
     def _inputs_embeds(self, enc, e: int, ids: torch.Tensor, batch: Sequence[P.Chunk]) -> torch.Tensor | None:
         """Token embeddings (T, 77, W) of `ids` with encoder e's vectors of each chunk's embeddings written
@@ -185,7 +196,7 @@ class TextConditioner:
         for plan, zero in zip(plans, zero_if_empty):
             texts = list(dict.fromkeys(text for _, text in plan))                     # distinct, in order
             padded = [self._pad_to(chunks[t], n) for t in texts]
-            encoded = dict(zip(texts, self.encode_batch(padded, clip_skip)))
+            encoded = dict(zip(texts, self._encode_texts(texts, padded, clip_skip)))
             if zero and all(t == "" for t in texts):
                 encoded = {t: Conditioning(torch.zeros_like(c.context),
                                            None if c.pooled is None else torch.zeros_like(c.pooled))

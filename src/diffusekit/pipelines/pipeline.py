@@ -36,7 +36,7 @@ from PIL import Image
 from ..version import __version__
 from ..core import samplers as sampler_registry
 from ..core import sigmas as sigma_schedules
-from ..core.denoisers import EpsDenoiser, VDenoiser
+from ..core.denoisers import EpsDenoiser, FlowDenoiser, VDenoiser
 from ..core.guidance import cfg
 from ..core.schedules import DiscreteSchedule
 from ..models.embeddings import EmbeddingLibrary
@@ -46,6 +46,7 @@ from . import infotext as infotext_mod
 from .loras import LoraLibrary, extract_loras, infotext_name, lora_hashes_text
 from . import prompts as prompt_mod
 from .conditioning import Conditioning, ConditioningSchedule, TextConditioner, adm_vector
+from .conditioning_sd3 import JointTextConditioner
 from .latents import (LATENT_RGB, fill_masked, fit_latent_rgb, initial_noise, latent_mask, overlay_mask,
                       pil_to_tensor, prepare_mask, preview, tensor_to_pil)
 from .params import GenerationParams, GenerationResult, StepInfo
@@ -246,14 +247,20 @@ class Pipeline:
         self.unet = parts.unet.to(self.device).eval()
         self.vae = parts.vae.to(self.device).eval() if parts.vae is not None else None
         for enc in parts.text_encoders:
-            enc.to(self.device).eval()
-        self.text = TextConditioner(self.family, parts.text_encoders, parts.tokenizers) if parts.text_encoders else None
-        b = self.family.beta_schedule
-        opts = {"beta_start": b.beta_start, "beta_end": b.beta_end} if b.kind != "cosine" else {}
-        self.schedule = DiscreteSchedule.from_name(b.kind, b.num_timesteps,
-                                                   zero_terminal_snr=self.family.zero_terminal_snr, **opts)
-        wrapper = VDenoiser if self.family.prediction_type == "v" else EpsDenoiser
-        self.denoiser = wrapper(UNetAdapter(self.unet), self.schedule)
+            if enc is not None:
+                enc.to(self.device).eval()
+        conditioner = JointTextConditioner if self.family.is_mmdit else TextConditioner
+        self.text = conditioner(self.family, parts.text_encoders, parts.tokenizers) if parts.text_encoders else None
+        if self.family.prediction_type == "flow":   # rectified flow (SD3): its own sigma table in [0, 1]
+            self.denoiser = FlowDenoiser(UNetAdapter(self.unet), shift=self.family.flow_shift)
+            self.schedule = self.denoiser.schedule
+        else:
+            b = self.family.beta_schedule
+            opts = {"beta_start": b.beta_start, "beta_end": b.beta_end} if b.kind != "cosine" else {}
+            self.schedule = DiscreteSchedule.from_name(b.kind, b.num_timesteps,
+                                                       zero_terminal_snr=self.family.zero_terminal_snr, **opts)
+            wrapper = VDenoiser if self.family.prediction_type == "v" else EpsDenoiser
+            self.denoiser = wrapper(UNetAdapter(self.unet), self.schedule)
         self._rgb = None
         self._refiners: dict[str, Pipeline] = {}
         self.embeddings_dir = embeddings_dir     # textual-inversion files named by their stem in prompts
@@ -345,6 +352,11 @@ class Pipeline:
         return self.family.latent_factor
 
     @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: the VAE factor, times the patch size of an MMDiT (SD3: 16)."""
+        return self.factor * (self.family.unet.patch_size if self.family.is_mmdit else 1)
+
+    @property
     def sample_space(self) -> str:
         """What the sampler's x is, e.g. "4-channel latents at 1/8 size" or "3-channel pixels"."""
         if self.family.pixel_space:
@@ -353,17 +365,22 @@ class Pipeline:
 
     @property
     def scale(self) -> float:
-        """Model-space latent = scale x VAE latent; 1 in pixel space, where the images are the latents."""
+        """Model-space latent = scale x (VAE latent - shift); 1 in pixel space, where the images are the latents."""
         return self.family.latent_scale if self.vae is not None else 1.0
+
+    @property
+    def shift(self) -> float:
+        """The VAE-latent offset removed before scaling (SD3: 0.0609; 0 for SD 1/2/XL and in pixel space)."""
+        return self.family.latent_shift if self.vae is not None else 0.0
 
     # ------------------------------------------------------------------ pixels <-> latents
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [-1, 1] -> model-space latents (VAE mean times the latent scale)."""
+        """(B, 3, H, W) in [-1, 1] -> model-space latents ((VAE mean - shift) times the latent scale)."""
         if self.vae is None:
             return images.to(self.device)
         dtype = next(self.vae.parameters()).dtype
-        return self.vae.encode(images.to(self.device, dtype)).mode().float() * self.scale
+        return (self.vae.encode(images.to(self.device, dtype)).mode().float() - self.shift) * self.scale
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -372,7 +389,7 @@ class Pipeline:
         if self.vae is None:
             return latents.float().clamp(-1, 1)
         dtype = next(self.vae.parameters()).dtype
-        z = latents / self.scale
+        z = latents / self.scale + self.shift
         force32 = self.family.vae_force_upcast and dtype == torch.float16
         out = None if force32 else self.vae.decode(z.to(dtype)).float()
         if out is None or not torch.isfinite(out).all():
@@ -452,14 +469,15 @@ class Pipeline:
         encoders read (LoRA tags removed); the infotext and the results keep `params`."""
         sampler_id, scheduler = split_sampler_name(params.sampler_name, params.scheduler)
         schedule_id = sigma_schedules.resolve(scheduler)
-        if schedule_id == "automatic":
-            schedule_id = sampler_registry.INFO[sampler_id].default_schedule
+        if schedule_id == "automatic":   # flow models: ComfyUI's "simple" over the shifted flow table (SD3 workflows)
+            schedule_id = ("simple" if self.family.prediction_type == "flow"
+                           else sampler_registry.INFO[sampler_id].default_schedule)
         if params.sde_noise != "diffusekit" and sampler_id in BROWNIAN_SAMPLERS:
             require_torchsde(params.sde_noise)                     # before any model work
         width = params.width or self.family.default_size
         height = params.height or self.family.default_size
-        if width % self.factor or height % self.factor:
-            raise ValueError(f"width={width}, height={height}: must be multiples of {self.factor} for this model")
+        if width % self.size_multiple or height % self.size_multiple:
+            raise ValueError(f"width={width}, height={height}: must be multiples of {self.size_multiple} for this model")
         seed = params.resolved_seed()
         subseed = params.subseed if params.subseed != -1 else random.SystemRandom().randrange(2**32)
         if params.is_img2img and params.mask is not None and tuple(params.mask.size) != tuple(params.init_images[0].size):
@@ -544,8 +562,8 @@ class Pipeline:
         noise = noise.to(self.device)
         full = self._sigmas(batch.call.schedule_id, p.steps)
         init_latent = mask = None
-        if init is None:
-            sig, x = full, noise * full[0]
+        if init is None:   # pure noise at the first level: sigma * noise (VE), noise itself (flow, s = 1)
+            sig, x = full, self.denoiser.noise_scaling(full[0], noise)
         else:
             init_latent = _rows(init.latents, b)
             if p.denoising_strength == 0.0:
@@ -557,7 +575,7 @@ class Pipeline:
                 init_latent = init_latent * (1 - mask)
             t_enc = int(min(float(p.denoising_strength), 0.999) * p.steps)   # A1111's img2img arithmetic
             sig = full[p.steps - t_enc - 1:]
-            x = init_latent + noise * sig[0]
+            x = self.denoiser.noise_scaling(sig[0], noise, init_latent)   # x0 + s noise; flow: (1 - s) x0 + s noise
         hires = p.enable_hr and init is None
         refiner = self._refiner(p)
         sp = SamplingPass("txt2img" if init is None else "img2img", sig, x, gens, width, height,
@@ -574,7 +592,8 @@ class Pipeline:
         its fixed-steps arithmetic applies: a schedule of int(steps / strength) steps, its last ones run),
         from fresh noise of the images' seeds at the new size, with the refiner if one is set."""
         p, width, height = batch.call.text_params, batch.call.width, batch.call.height
-        hw, hh = int(width * p.hr_scale) // 8 * 8, int(height * p.hr_scale) // 8 * 8
+        m = max(8, self.size_multiple)
+        hw, hh = int(width * p.hr_scale) // m * m, int(height * p.hr_scale) // m * m
         name = p.hr_upscaler.strip().lower()
         if name.startswith("latent"):
             mode, antialias = HIRES_LATENT_MODES.get(name, HIRES_LATENT_MODES["latent"])
@@ -591,14 +610,17 @@ class Pipeline:
         full = self._sigmas(batch.call.schedule_id, total)
         sig = full[total - steps:]
         noise, gens = initial_noise(x.shape, batch.seeds, batch.subseeds, p.subseed_strength)
-        sp = SamplingPass("hires", sig, x + noise.to(x.device) * sig[0], gens, hw, hh, PromptSteps(p.steps, steps),
-                          schedule=full, signal=x)
+        sp = SamplingPass("hires", sig, self.denoiser.noise_scaling(sig[0], noise.to(x.device), x), gens, hw, hh,
+                          PromptSteps(p.steps, steps), schedule=full, signal=x)
         return self._pass(batch, sp, refiner)
 
     def _refiner(self, params) -> "Pipeline | None":
         if not params.refiner_checkpoint or params.refiner_switch_at is None:
             return None
         key = str(params.refiner_checkpoint)
+        if self.family.prediction_type == "flow":
+            raise ValueError(f"refiner {key!r}: a refiner hand-over is defined for variance-exploding (eps / v) models; "
+                             f"{self.name!r} is a rectified-flow model: run the refiner as an img2img pass instead")
         if key not in self._refiners:
             refiner = Pipeline.from_pretrained(key, device=str(self.device), dtype=next(self.unet.parameters()).dtype)
             if refiner.sample_space != self.sample_space:
@@ -663,7 +685,9 @@ class Pipeline:
     def _network_kwargs(self, c: Conditioning, aesthetic: float, width: int, height: int) -> dict:
         """A Conditioning as the network's keyword arguments (batch 1; guidance expands them)."""
         kw = {"context": c.context}
-        if self.family.adm_inputs:
+        if self.family.is_mmdit and c.pooled is not None:   # SD3: the pooled CLIP vector joins the timestep embedding
+            kw["y"] = c.pooled
+        elif self.family.adm_inputs:
             kw["y"] = adm_vector(self.family, c.pooled, original_size=(height, width), target_size=(height, width),
                                  aesthetic_score=aesthetic)
         return kw
@@ -685,6 +709,8 @@ class Pipeline:
             if mask is not None:                                    # inpainting: keep the unmasked x0
                 out = init_latent * (1 - mask) + out * mask
             return out
+        # the data convention the sampler registry routes noise-drawing samplers by (core.samplers: "flow")
+        denoiser.noise_form = getattr(self.denoiser, "noise_form", "ve")
 
         def on_step(d):
             state["step"] = sp.step_offset + d["i"] + 1
