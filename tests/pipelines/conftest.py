@@ -5,6 +5,8 @@ import torch
 from diffusekit.models.clip import CLIPTextModel, OpenCLIPTextModel
 from diffusekit.models.families import tiny_family
 from diffusekit.models.loading import save_checkpoint
+from diffusekit.models.mmdit import MMDiT
+from diffusekit.models.t5 import T5EncoderModel
 from diffusekit.models.unet import UNetModel
 from diffusekit.models.vae import AutoencoderKL
 
@@ -14,9 +16,10 @@ def build_tiny_parts(family_name: str, seed: int = 0):
     output convolutions, which would make every prediction 0 and every test vacuous)."""
     fam = tiny_family(family_name)
     torch.manual_seed(seed)
-    unet = UNetModel(fam.unet)
+    unet = MMDiT(fam.unet) if fam.is_mmdit else UNetModel(fam.unet)
     vae = AutoencoderKL(fam.vae)
-    encoders = [CLIPTextModel(s.config) if s.kind == "clip" else OpenCLIPTextModel(s.config) for s in fam.text_encoders]
+    classes = {"clip": CLIPTextModel, "openclip": OpenCLIPTextModel, "t5": T5EncoderModel}
+    encoders = [classes[s.kind](s.config) for s in fam.text_encoders]
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in (unet, vae, *encoders):
@@ -41,3 +44,19 @@ def tiny_sd1(tmp_path_factory):
 def sd1_pipe(tiny_sd1):
     from diffusekit import Pipeline
     return Pipeline.from_pretrained(tiny_sd1)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory, t5_tokenizer_dir):
+    """A tiny SD3 single file (MMDiT, 16-channel VAE, CLIP-L, CLIP-G, T5) with the T5 tokenizer in a
+    tokenizer_3/ folder beside it, where the loader looks for it."""
+    import shutil
+    folder = tmp_path_factory.mktemp("sd3")
+    shutil.copytree(t5_tokenizer_dir, folder / "tokenizer_3")
+    return save_tiny(folder / "tiny-sd3.safetensors", "sd3")
+
+
+@pytest.fixture(scope="session")
+def sd3_pipe(tiny_sd3):
+    from diffusekit import Pipeline
+    return Pipeline.from_pretrained(tiny_sd3)

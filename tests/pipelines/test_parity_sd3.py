@@ -27,7 +27,8 @@ transformers = pytest.importorskip("transformers")
 _spec = importlib.util.spec_from_file_location("sd1_parity", Path(__file__).with_name("test_parity_diffusers.py"))
 _sd1 = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_sd1)
-pytestmark = pytest.mark.skipif(_sd1.BPE is None, reason="needs open_clip's bpe_simple_vocab_16e6.txt.gz")
+pytestmark = [pytest.mark.skipif(_sd1.BPE is None, reason="needs open_clip bpe_simple_vocab_16e6.txt.gz"),
+              pytest.mark.usefixtures("one_thread")]
 
 PROMPT, NEGATIVE, SEED, STEPS, CFG, SIZE, SHIFT = "a red circle on a blue square", "blurry", 42, 8, 5.0, 32, 3.0
 
