@@ -1,4 +1,7 @@
 """SD3 models through Pipeline: CFG and negative prompts, img2img with flow noising, inpainting, infotext."""
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -7,6 +10,10 @@ from PIL import Image
 from diffusekit import GenerationParams
 from diffusekit.pipelines.infotext import parse_infotext
 from diffusekit.pipelines.latents import initial_noise
+
+_spec = importlib.util.spec_from_file_location("sd1_pipeline_tests", Path(__file__).with_name("test_pipeline.py"))
+_sd1_tests = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_sd1_tests)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SMALL = dict(width=32, height=32, steps=4, cfg_scale=5.0, sampler_name="Euler")
@@ -85,27 +92,10 @@ def test_img2img_uses_flow_noising(sd3_pipe, strength):
     assert "Denoising strength" in r.infotexts[0]
 
 
-def test_img2img_strength_zero_and_ordering(sd3_pipe):
-    init = _init(2)
-    p = GenerationParams(prompt="x", seed=2, init_images=[init], **SMALL)
-    zero = arr(sd3_pipe.generate(p.copy(denoising_strength=0.0)).images[0])
-    expect = ((sd3_pipe.decode(sd3_pipe.encode(_pixels(init)))[0].permute(1, 2, 0) + 1) * 127.5).round().numpy()
-    assert np.abs(zero - expect).max() <= 1.0
-    dist = [np.abs(arr(sd3_pipe.generate(p.copy(denoising_strength=s)).images[0]) - zero).mean() for s in (0.3, 0.95)]
-    assert dist[0] < dist[1]
-
-
-def test_inpainting_keeps_pixels_outside_the_mask(sd3_pipe):
-    init = _init(3)
-    mask = Image.new("L", (32, 32), 0)
-    mask.paste(255, (8, 8, 24, 24))
-    r = sd3_pipe.generate(GenerationParams(prompt="x", seed=2, init_images=[init], mask=mask, mask_blur=0,
-                                           denoising_strength=1.0, **SMALL))
-    out, src = arr(r.images[0]), arr(init)
-    outside = np.ones((32, 32), bool)
-    outside[8:24, 8:24] = False
-    assert np.abs(out[outside] - src[outside]).max() <= 1.0
-    assert np.abs(out[~outside] - src[~outside]).mean() > 5
+def test_img2img_strength_and_inpainting_as_for_sd1(sd3_pipe):
+    """The SD 1 pipeline tests of strength 0 / ordering and of the inpainting overlay, on the SD3 model."""
+    _sd1_tests.test_img2img_strength(sd3_pipe)
+    _sd1_tests.test_inpainting_keeps_pixels_outside_the_mask(sd3_pipe)
 
 
 def test_noise_drawing_sampler_and_hires_run(sd3_pipe):

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .mmdit import RMSNorm
 from .unet import Linear, _compute_in_fp32
 
 __all__ = ["T5Config", "T5EncoderModel", "relative_position_bucket", "t5_config_from_hf", "T5_XXL", "TINY"]
@@ -89,20 +90,9 @@ def relative_position_bucket(relative_position: torch.Tensor, num_buckets: int =
     return bucket + torch.where(n < exact, n, large)
 
 
-class T5LayerNorm(nn.Module):
-    """RMS norm with a gain and no bias: w * x / sqrt(mean(x^2) + eps), the mean taken in fp32."""
-
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.variance_epsilon = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        var = x.float().pow(2).mean(-1, keepdim=True)
-        x = x * torch.rsqrt(var + self.variance_epsilon)
-        if self.weight.dtype in (torch.float16, torch.bfloat16):
-            x = x.to(self.weight.dtype)
-        return self.weight * x
+class T5LayerNorm(RMSNorm):
+    """T5's "layer norm": RMS norm with a gain and no bias or mean subtraction, w * x / sqrt(mean(x^2) + eps)
+    (the mean taken in fp32; `mmdit.RMSNorm`, the same operation SD3.5 applies to queries and keys)."""
 
 
 class T5Attention(nn.Module):
