@@ -103,8 +103,12 @@ def test_presets_and_config_errors():
     tiny = VAEConfig.preset("tiny")
     assert tiny.downsample_factor == 8
     assert sum(p.numel() for p in AutoencoderKL(tiny).parameters()) == 1_250_759
-    with pytest.raises(ValueError, match="'sd1', 'sd2', 'sdxl', 'tiny'"):
-        VAEConfig.preset("sd3")
+    sd3 = VAEConfig.preset("sd3")   # SD3 / SD3.5: 16 latent channels, no quant convs, same 83.65M-class network
+    assert (sd3.z_channels, sd3.embed_dim, sd3.use_quant_conv, sd3.use_post_quant_conv) == (16, 16, False, False)
+    with torch.device("meta"):
+        assert sum(p.numel() for p in AutoencoderKL(sd3).parameters()) == 83_819_683   # = diffusers AutoencoderKL of SD3's vae/config.json
+    with pytest.raises(ValueError, match="'sd1', 'sd2', 'sdxl', 'sd3', 'tiny'"):
+        VAEConfig.preset("flux")
     with pytest.raises(ValueError, match="norm_groups=32"):
         VAEConfig(ch=48)
 

@@ -269,18 +269,19 @@ class Pipeline:
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, *, device: str = "cpu", dtype: torch.dtype | None = None,
                         family: str | None = None, lora_dir: str | Path | None = None,
-                        embeddings_dir: str | Path | None = None) -> "Pipeline":
+                        embeddings_dir: str | Path | None = None, **load_options) -> "Pipeline":
         """A shipped model name ("shapes"), a single-file checkpoint or a diffusers folder.
 
         dtype=None keeps the file's precision on an accelerator and computes in float32 on the CPU,
         where float16 arithmetic is emulated (~30x slower; A1111 likewise runs CPUs with --no-half).
         lora_dir: the folder of LoRA files that `<lora:NAME:WEIGHT>` prompt tags name.
         embeddings_dir: the folder of textual-inversion embeddings (A1111's `embeddings/`): a file's stem
-        written in a prompt or negative prompt stands for its vectors."""
+        written in a prompt or negative prompt stands for its vectors.
+        load_options: passed to `load_checkpoint` (SD3: `text_encoder_files=`, `t5_tokenizer=`)."""
         path = resolve_model(name_or_path)
         if dtype is None and torch.device(device).type == "cpu":
             dtype = torch.float32
-        parts = load_checkpoint(path, family=family, dtype=dtype, device="cpu")
+        parts = load_checkpoint(path, family=family, dtype=dtype, device="cpu", **load_options)
         if str(name_or_path) in SHIPPED:   # infotext "Model: shapes", not the file's stem "model"
             parts.name = str(name_or_path)
         return cls(parts, device=device, lora_dir=lora_dir, embeddings_dir=embeddings_dir)

@@ -16,6 +16,8 @@ from ...pipelines import shipped
 from .schemas import RequestError
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
+# folders of parts, not checkpoints: SD3.5 keeps clip_l / clip_g / t5xxl files in text_encoders/ beside the model
+PART_FOLDERS = ("text_encoders",)
 HASH_EAGER_MAX_BYTES = 512 * 2**20   # files up to this size are hashed when listed; bigger ones once loaded
 
 
@@ -62,7 +64,7 @@ class ModelStore:
                         rel = (rootp / d).relative_to(self.models_dir).as_posix()
                         out.append(ModelEntry(rel, rel, rootp / d))
                         dirs.remove(d)
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in PART_FOLDERS)
                 for f in sorted(files):
                     if f.endswith(CHECKPOINT_SUFFIXES) and not f.startswith("."):
                         rel = (rootp / f).relative_to(self.models_dir).as_posix()
