@@ -229,7 +229,7 @@ class DismantledBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(dim, chunks * dim))
 
     def pre_attention(self, x: torch.Tensor, c: torch.Tensor):
-        """-> (q, k, v) of the joint attention, the second self-attention's output or None, and the
+        """-> (q, k, v) of the joint attention, (output, gate) of the second self-attention or None, and the
         modulation still needed after the attention."""
         mod = self.adaLN_modulation(c).chunk(self.adaLN_modulation[1].out_features // x.shape[-1], dim=1)
         h = self.norm1(x)
@@ -237,16 +237,17 @@ class DismantledBlock(nn.Module):
         if self.pre_only:
             return qkv, None, None
         x_attn2 = None
-        if self.self_attn:  # MMDiT-X: image-only attention from the same normalised input
-            x_attn2 = mod[8][:, None] * self.attn2(modulate(h, mod[6], mod[7]))
+        if self.self_attn:  # MMDiT-X: image-only attention from the same normalised input, and its gate
+            x_attn2 = (self.attn2(modulate(h, mod[6], mod[7])), mod[8])
         return qkv, x_attn2, mod[2:6]
 
     def post_attention(self, x: torch.Tensor, attn: torch.Tensor, x_attn2, mod) -> torch.Tensor:
         gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
-        x = x + gate_msa[:, None] * self.attn.proj(attn)
+        # gated residuals x + gate * f(x) as one fused pass each (addcmul)
+        x = torch.addcmul(x, gate_msa[:, None], self.attn.proj(attn))
         if x_attn2 is not None:
-            x = x + x_attn2
-        return x + gate_mlp[:, None] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+            x = torch.addcmul(x, x_attn2[1][:, None], x_attn2[0])
+        return torch.addcmul(x, gate_mlp[:, None], self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
 
 
 class JointBlock(nn.Module):
