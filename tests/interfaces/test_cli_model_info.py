@@ -42,3 +42,19 @@ def test_info_describes_a_latent_checkpoint_and_teaches_on_a_bad_path(tmp_path, 
     assert rc == 0 and "Space: latents: a VAE with 4 channels at 1/8 of the image side, latent scale 0.18215" in out
     rc, _, err = info(capsys, tmp_path / "missing.safetensors")
     assert rc == 2 and "no such model file or folder" in err
+
+
+def test_info_describes_an_sd3_checkpoint(tmp_path, capsys):
+    from diffusekit.models.mmdit import MMDiT
+    from diffusekit.models.t5 import T5EncoderModel
+    fam = tiny_family("sd35-medium")
+    path = save_checkpoint({"unet": MMDiT(fam.unet), "vae": AutoencoderKL(fam.vae), "text_encoders": [
+        CLIPTextModel(fam.text_encoders[0].config), CLIPTextModel(fam.text_encoders[1].config),
+        T5EncoderModel(fam.text_encoders[2].config)]}, tmp_path / "sd35m.safetensors", family=fam)
+    rc, out, _ = info(capsys, path)
+    rows = dict(line.split(": ", 1) for line in out.splitlines())
+    assert rc == 0 and rows["Family"] == "sd35-medium" and rows["Prediction"] == "flow"
+    assert rows["Space"].endswith("latent scale 1.5305, shift 0.0609")
+    assert rows["MMDiT"].startswith("16 -> 16 channels, 3 joint blocks of width 64") and "MMDiT-X" in rows["MMDiT"]
+    assert rows["Text encoder 3"] == "t5, width 96, 2 layers, hidden layer -1, optional"
+    assert rows["Training schedule"] == "rectified flow, time shift 3"

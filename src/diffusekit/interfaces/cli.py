@@ -304,13 +304,23 @@ def _model_rows(name: str, fam) -> list[tuple[str, str]]:
     else:
         space = (f"latents: a VAE with {fam.latent_channels} channels at 1/{fam.latent_factor} of the image side, "
                  f"latent scale {fam.latent_scale:g}")
-    rows = [("Model", name), ("Family", fam.name), ("Space", space),
-            ("UNet", f"{u.in_channels} -> {u.out_channels} channels, model_channels {u.model_channels}, "
-                     f"channel_mult {list(u.channel_mult)}, context {u.context_dim}")]
+    if fam.is_mmdit:
+        space += f", shift {fam.latent_shift:g}"
+        net = ("MMDiT", f"{u.in_channels} -> {u.out_channels} channels, {u.depth} joint blocks of width {u.hidden_size}, "
+                        f"patch {u.patch_size}, context {u.context_dim}, pooled {u.adm_in_channels}"
+               + (", QK RMS-norm" if u.qk_norm else "") + (", MMDiT-X blocks" if u.x_block_self_attn_layers else ""))
+    else:
+        net = ("UNet", f"{u.in_channels} -> {u.out_channels} channels, model_channels {u.model_channels}, "
+                       f"channel_mult {list(u.channel_mult)}, context {u.context_dim}")
+    rows = [("Model", name), ("Family", fam.name), ("Space", space), net]
     for i, s in enumerate(fam.text_encoders):
-        rows.append((f"Text encoder {i + 1}", f"{s.kind}, width {s.config.width}, {s.config.layers} layers, "
-                                              f"hidden layer {s.layer}" + (", pooled" if s.pooled else "")))
+        layers = s.config.num_layers if s.kind == "t5" else s.config.layers
+        rows.append((f"Text encoder {i + 1}", f"{s.kind}, width {s.config.width}, {layers} layers, "
+                                              f"hidden layer {s.layer}" + (", pooled" if s.pooled else "")
+                     + (", optional" if s.optional else "")))
     schedule = f"{b.kind} betas {b.beta_start:g} .. {b.beta_end:g}, {b.num_timesteps} steps"
+    if fam.prediction_type == "flow":
+        schedule = f"rectified flow, time shift {fam.flow_shift:g}"
     rows += [("Prediction", fam.prediction_type),
              ("Training schedule", schedule + (", zero terminal SNR" if fam.zero_terminal_snr else "")),
              ("Native size", f"{fam.default_size}x{fam.default_size}")]
