@@ -111,3 +111,33 @@ def test_errors_teach(sd3_pipe, tiny_sd3):
         sd3_pipe.generate(GenerationParams(prompt="x", **{**SMALL, "width": 40}))
     with pytest.raises(ValueError, match="rectified-flow model"):
         sd3_pipe.generate(GenerationParams(prompt="x", refiner_checkpoint=str(tiny_sd3), refiner_switch_at=0.5, **SMALL))
+
+
+def test_small_flow_mmdit_family_with_one_clip(tmp_path):
+    """The shapes-flow layout: an MMDiT on 4-channel latents, one CLIP whose first N states are the context and
+    whose pooled EOS state is y (`TextEncoderSpec.context_tokens`), no T5; saved and reloaded by its family."""
+    from dataclasses import replace
+
+    from diffusekit import Pipeline
+    from diffusekit.models import clip, mmdit
+    from diffusekit.models.clip import CLIPTextModel
+    from diffusekit.models.families import SD_PREFIX_CLIP, ModelFamily, TextEncoderSpec
+    from diffusekit.models.loading import save_checkpoint
+    from diffusekit.models.mmdit import MMDiT
+    from diffusekit.models.vae import AutoencoderKL, VAEConfig
+
+    spec = TextEncoderSpec("clip", clip.TINY, SD_PREFIX_CLIP, pooled=True, context_tokens=8)
+    net = replace(mmdit.TINY, in_channels=4, out_channels=4, context_dim=32, adm_in_channels=32, pos_embed_max_size=8)
+    fam = ModelFamily("custom", net, VAEConfig.tiny(), (spec,), prediction_type="flow", flow_shift=1.0,
+                      latent_scale=0.5, default_size=32)
+    torch.manual_seed(0)
+    parts = {"unet": MMDiT(net), "vae": AutoencoderKL(fam.vae), "text_encoders": [CLIPTextModel(clip.TINY)]}
+    with torch.no_grad():
+        for p in parts["unet"].parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    pipe = Pipeline.from_pretrained(save_checkpoint(parts, tmp_path / "flow.safetensors", family=fam))
+    assert pipe.family == fam and pipe.denoiser.schedule.shift == 1.0
+    c = pipe.text.pair("a red circle", "", 4)[0].at(0)
+    assert c.context.shape == (1, 8, 32) and c.pooled.shape == (1, 32)
+    r = pipe.generate(GenerationParams(prompt="a red circle", seed=1, **SMALL))
+    assert r.images[0].size == (32, 32) and r.latents.shape == (1, 4, 4, 4)
