@@ -156,10 +156,9 @@ class RMSNorm(nn.Module):
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(Q K^T / sqrt(d)) V over (B, tokens, heads, d) -> (B, tokens, heads * d)."""
-    b, n = q.shape[:2]
+    """softmax(Q K^T / sqrt(d)) V over (B, heads, tokens, d) -> (B, tokens, heads * d)."""
+    b, n = q.shape[0], q.shape[2]
     dtype = q.dtype
-    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, tokens, d), views
     if _compute_in_fp32(q):
         q, k, v = q.float(), k.float(), v.float()
     out = F.scaled_dot_product_attention(q, k, v)
@@ -184,11 +183,11 @@ class SelfAttention(nn.Module):
         self.proj = None if pre_only else Linear(dim, dim)
 
     def pre_attention(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(B, tokens, D) -> q, k, v each (B, tokens, heads, d)."""
-        q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, -1)).unbind(2)
+        """(B, tokens, D) -> q, k, v each (B, heads, tokens, d) (transposed views of the fused projection)."""
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, -1)).unbind(2)   # (B, tokens, heads, d) each
         if self.ln_q is not None:
             q, k = self.ln_q(q), self.ln_k(k)
-        return q, k, v
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(attention(*self.pre_attention(x)))
@@ -262,7 +261,8 @@ class JointBlock(nn.Module):
         c_qkv, _, c_mod = self.context_block.pre_attention(context, c)
         x_qkv, x_attn2, x_mod = self.x_block.pre_attention(x, c)
         n_ctx = context.shape[1]
-        out = attention(*(torch.cat([cq, xq], dim=1) for cq, xq in zip(c_qkv, x_qkv)))  # (B, L+N, D)
+        # the concatenation along tokens is contiguous in SDPA's (B, heads, L+N, d) layout
+        out = attention(*(torch.cat([cq, xq], dim=2) for cq, xq in zip(c_qkv, x_qkv)))  # (B, L+N, D)
         c_out, x_out = out[:, :n_ctx], out[:, n_ctx:]
         x = self.x_block.post_attention(x, x_out, x_attn2, x_mod)
         if self.context_block.pre_only:
