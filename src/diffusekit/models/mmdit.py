@@ -260,14 +260,14 @@ class JointBlock(nn.Module):
     def forward(self, context: torch.Tensor, x: torch.Tensor, c: torch.Tensor):
         c_qkv, _, c_mod = self.context_block.pre_attention(context, c)
         x_qkv, x_attn2, x_mod = self.x_block.pre_attention(x, c)
-        n_ctx = context.shape[1]
         # the concatenation along tokens is contiguous in SDPA's (B, heads, L+N, d) layout
-        out = attention(*(torch.cat([cq, xq], dim=2) for cq, xq in zip(c_qkv, x_qkv)))  # (B, L+N, D)
-        c_out, x_out = out[:, :n_ctx], out[:, n_ctx:]
-        x = self.x_block.post_attention(x, x_out, x_attn2, x_mod)
-        if self.context_block.pre_only:
-            return None, x
-        return self.context_block.post_attention(context, c_out, None, c_mod), x
+        k, v = (torch.cat([ct, xt], dim=2) for ct, xt in zip(c_qkv[1:], x_qkv[1:]))
+        if self.context_block.pre_only:   # the text tokens' outputs would be discarded: only image queries
+            return None, self.x_block.post_attention(x, attention(x_qkv[0], k, v), x_attn2, x_mod)
+        n_ctx = context.shape[1]
+        out = attention(torch.cat([c_qkv[0], x_qkv[0]], dim=2), k, v)                     # (B, L+N, D)
+        x = self.x_block.post_attention(x, out[:, n_ctx:], x_attn2, x_mod)
+        return self.context_block.post_attention(context, out[:, :n_ctx], None, c_mod), x
 
 
 class PatchEmbed(nn.Module):
