@@ -4,8 +4,8 @@ Both hold the same random weights (ours aliases diffusers' tensors through the r
 layouts agree; the fused qkv and swapped final modulation are the only copies) and get the same inputs:
 the SD3 Medium architecture (24 joint blocks, width 1536, 2.03B parameters), the SD3 text context of
 77 CLIP + 256 T5 tokens (4096 wide), 2048-wide pooled text, fp32 and bf16 weights. The runs are
-interleaved (diffusers, ours, a large matmul, repeated) so load on a shared machine hits all of them
-alike; medians are reported as wall ms and CPU ms (process time, less sensitive to other processes),
+interleaved (diffusers and ours, in alternating order, then a large matmul, repeated) so load on a
+shared machine hits all of them alike; medians are reported as wall ms and CPU ms (process time, less sensitive to other processes),
 the ratio ours / diffusers on both, the FLOPs of one call (FlopCounterMode on the meta device) and the
 achieved GFLOP/s next to a large matmul of the same dtype in the same run. Each dtype's model is built
 on its own (random normal weights drawn in that dtype), so memory holds one model at a time (8 GB fp32).
@@ -110,9 +110,13 @@ def main():
         times = {"diffusers": [], "ours": [], "matmul": []}
         with torch.inference_mode():
             for it in range(args.warmup + iters):
-                wd, cd, ref_out = timed(lambda: reference(hidden_states=x, encoder_hidden_states=ctx,
+                run_ref = lambda: timed(lambda: reference(hidden_states=x, encoder_hidden_states=ctx,  # noqa: E731
                                                           pooled_projections=pooled, timestep=t).sample)
-                wo, co, our_out = timed(lambda: ours(x, t, ctx, pooled))
+                run_ours = lambda: timed(lambda: ours(x, t, ctx, pooled))  # noqa: E731
+                if it % 2 == 0:   # alternate who goes first: no order bias on a busy machine
+                    (wd, cd, ref_out), (wo, co, our_out) = run_ref(), run_ours()
+                else:
+                    (wo, co, our_out), (wd, cd, ref_out) = run_ours(), run_ref()
                 wm, cm, _ = timed(lambda: a @ b)
                 if it >= args.warmup:
                     times["diffusers"].append((wd, cd))
