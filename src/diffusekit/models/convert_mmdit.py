@@ -15,7 +15,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .convert_unet import _names
+from .keys import key_list, module_shapes
 from .mmdit import MMDiT, MMDiTConfig
 
 __all__ = ["mmdit_config_from_diffusers", "mmdit_config_from_shapes", "mmdit_key_table", "mmdit_state_dict_from_diffusers",
@@ -96,17 +96,15 @@ def mmdit_key_table(cfg: MMDiTConfig) -> dict[str, tuple[str, tuple[str, ...]]]:
     return t
 
 
-def _expected_shapes(cfg: MMDiTConfig) -> dict[str, torch.Size]:
-    with torch.device("meta"):  # no memory, no init cost
-        model = MMDiT(cfg)
-    return {k: v.shape for k, v in model.state_dict().items()}
+def _expected_shapes(cfg: MMDiTConfig) -> dict[str, tuple[int, ...]]:
+    return module_shapes(lambda: MMDiT(cfg))
 
 
 def _check_keys(sd: Mapping[str, torch.Tensor], want: set[str], what: str) -> None:
     unknown, missing = [k for k in sd if k not in want], [k for k in want if k not in sd]
     if unknown or missing:
         raise ValueError(f"{what} state dict does not match the config: "
-                         f"unknown keys [{_names(unknown)}]; missing keys [{_names(missing)}]")
+                         f"unknown keys [{key_list(unknown, 8)}]; missing keys [{key_list(missing, 8)}]")
 
 
 def _swap_halves(t: torch.Tensor) -> torch.Tensor:
