@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -27,17 +28,12 @@ from diffusekit.models import mmdit
 from diffusekit.models.convert_mmdit import mmdit_config_from_diffusers, mmdit_state_dict_from_diffusers
 from diffusekit.models.mmdit import MMDiT
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+sys.path.insert(0, str(Path(__file__).parent))
+from unet import DTYPES, timed  # noqa: E402  (the UNet bench's helpers: one copy)
+
 SD3_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
                   num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
                   pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192)
-
-
-def timed(fn):
-    """(wall seconds, process CPU seconds, result) of one call."""
-    w, c = time.perf_counter(), time.process_time()
-    out = fn()
-    return time.perf_counter() - w, time.process_time() - c, out
 
 
 def count_flops(config, latent: int, batch: int, tokens: int) -> float:
