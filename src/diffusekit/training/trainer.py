@@ -170,6 +170,11 @@ class JointTextToImage(nn.Module):
         n = self.context_tokens or out.hidden.shape[1]
         return self.mmdit(x, t, out.hidden[:, :n], out.pooled)
 
+    @property
+    def unet(self) -> MMDiT:
+        """The family's denoising-network slot (`ModelFamily.unet`, `ModelParts.unet`): the MMDiT."""
+        return self.mmdit
+
 
 class VAEObjective(nn.Module):
     """Reconstruction and KL of the KL autoencoder (Rombach et al. 2022, Sec. 3; Kingma & Welling
@@ -227,10 +232,14 @@ def _shipped_family(name: str) -> ModelFamily:
 def model_family(cfg: TrainConfig, latent_scale: float = 1.0) -> ModelFamily:
     """The "custom" ModelFamily that the exported checkpoint carries in its metadata; vae=None (a
     pixel-space family, latent scale 1) for a config without [model.vae]."""
-    if cfg.model.prediction not in ("eps", "v"):
-        raise ValueError(f"only eps and v models can be exported as a generation checkpoint; this run "
-                         f"predicts {cfg.model.prediction!r}")
     ucfg, vcfg, tcfg = build_configs(cfg)
+    if isinstance(ucfg, MMDiTConfig):   # SD3 in miniature: the pooled text joins the timestep embedding
+        spec = TextEncoderSpec("clip", tcfg, SD_PREFIX_CLIP, pooled=True, max_length=cfg.model.context_tokens or 77)
+        return ModelFamily("custom", ucfg, vcfg, (spec,), prediction_type="flow", latent_scale=latent_scale,
+                           default_size=cfg.data.size, flow_shift=cfg.model.shift)
+    if cfg.model.prediction not in ("eps", "v"):
+        raise ValueError(f"only eps and v UNet models and flow MMDiT models can be exported as a generation "
+                         f"checkpoint; this run is a {cfg.model.prediction!r} UNet")
     spec = TextEncoderSpec("clip", tcfg, SD_PREFIX_CLIP)
     return ModelFamily("custom", ucfg, vcfg, (spec,), prediction_type=cfg.model.prediction,
                        latent_scale=latent_scale if vcfg is not None else 1.0,
