@@ -64,7 +64,7 @@ def test_export_is_a_flow_mmdit_family(straight, tmp_path):
     assert fam.name == "custom" and fam.prediction_type == "flow" and fam.is_mmdit and fam.flow_shift == 1.0
     assert isinstance(parts.unet, MMDiT) and parts.unet.config.adm_in_channels == 64
     spec = fam.text_encoders[0]
-    assert spec.pooled and spec.max_length == 20 and spec.layer == -1 and spec.final_norm
+    assert spec.pooled and spec.context_tokens == 20 and spec.max_length == 77 and spec.layer == -1 and spec.final_norm
     assert fam.latent_scale == pytest.approx(_shipped_parts("shapes").family.latent_scale)
     # the reloaded MMDiT is the run's EMA network (fp16 file): same velocity to fp16 rounding
     model = build_models(config_from_dict(flow_tree(straight)))[0]
@@ -94,3 +94,17 @@ def test_flow_config_errors_teach():
 def test_shipped_flow_config_parses():
     cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "shapes_flow.toml")
     assert cfg.model.mmdit is not None and cfg.train.timestep_sampling == "logit_normal" and cfg.run.threads == 1
+
+
+def test_export_generates_through_the_pipeline(straight, tmp_path):
+    """txt2img with an ODE and two noise-drawing samplers, and img2img, on the exported flow model."""
+    from diffusekit import GenerationParams, Pipeline
+    pipe = Pipeline.from_pretrained(str(export_model(straight, tmp_path / "m.safetensors")))
+    assert pipe.denoiser.noise_form == "flow"
+    for sampler in ("Euler", "Euler a", "DPM++ 2M SDE"):
+        img = pipe.generate(GenerationParams(prompt="a red circle", steps=3, cfg_scale=5, seed=1, width=32, height=32,
+                                             sampler_name=sampler)).images[0]
+        assert img.size == (32, 32)
+    again = pipe.generate(GenerationParams(prompt="a red circle", steps=4, seed=2, width=32, height=32,
+                                           init_images=[img], denoising_strength=0.5)).images[0]
+    assert again.size == (32, 32)

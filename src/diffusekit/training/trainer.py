@@ -234,7 +234,7 @@ def model_family(cfg: TrainConfig, latent_scale: float = 1.0) -> ModelFamily:
     pixel-space family, latent scale 1) for a config without [model.vae]."""
     ucfg, vcfg, tcfg = build_configs(cfg)
     if isinstance(ucfg, MMDiTConfig):   # SD3 in miniature: the pooled text joins the timestep embedding
-        spec = TextEncoderSpec("clip", tcfg, SD_PREFIX_CLIP, pooled=True, max_length=cfg.model.context_tokens or 77)
+        spec = TextEncoderSpec("clip", tcfg, SD_PREFIX_CLIP, pooled=True, context_tokens=cfg.model.context_tokens)
         return ModelFamily("custom", ucfg, vcfg, (spec,), prediction_type="flow", latent_scale=latent_scale,
                            default_size=cfg.data.size, flow_shift=cfg.model.shift)
     if cfg.model.prediction not in ("eps", "v"):
