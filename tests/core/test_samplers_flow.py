@@ -75,6 +75,8 @@ def test_flow_world_is_the_ve_world_rescaled():
 def test_stochastic_samplers_follow_the_mixture_on_a_flow_model(sid):
     case = dict(DIST_CASES[sid])
     case.pop("name", None)
+    if sid == "dpmpp_3m_sde":   # SD3's schedule starts with one huge step in log-SNR (s = 1 -> 0.989); the
+        case["steps"] = 50      # 3-step extrapolation over such uneven steps spreads 10-12% wide at 30 steps
     model = FlowDenoiser(flow_consistency) if case.pop("denoiser", None) is not None else MODEL
     out = draw(SAMPLERS[sid], model=model, **case)
     assert out.dtype == F64
@@ -93,7 +95,7 @@ def test_naive_ve_steps_on_flow_variables_bias_the_samples(sid):
 @pytest.mark.parametrize("eta,solver_type", [(1.0, "midpoint"), (0.5, "heun")])
 def test_dpmpp_2m_sde_is_comfyuis_rectified_flow_step(eta, solver_type):
     """ComfyUI's sample_dpmpp_2m_sde on a CONST (flow) model, from its formulas: lambda = log((1-s)/s),
-    alpha_t = 1 - s_t, first sigma 1 moved to 1 - 1e-4; the same pre-drawn noise per step."""
+    alpha_t = 1 - s_t, first sigma 1 moved to percent_to_sigma(1e-4) = shift(1 - 1e-4); the same noise per step."""
     sig = flow_sigmas(12, SD3_SHIFT, dtype=F64)
     x = noise(64)
     zs = [torch.randn(64, 2, generator=torch.Generator().manual_seed(10 + i), dtype=F64) for i in range(12)]
@@ -106,7 +108,7 @@ def test_dpmpp_2m_sde_is_comfyuis_rectified_flow_step(eta, solver_type):
     ours = SAMPLERS["dpmpp_2m_sde"](MODEL, x.clone(), sig, eta=eta, solver_type=solver_type,
                                     noise_sampler=noise_sampler)
     s = [float(v) for v in sig]
-    s[0] = 1 - flow.FIRST_LEVEL_OFFSET
+    s[0] = SD3_SHIFT * (1 - 1e-4) / (1 + (SD3_SHIFT - 1) * (1 - 1e-4))   # 0.99997
     lam = lambda v: math.log((1 - v) / v)  # noqa: E731
     ref, old, h_last, k = x.clone(), None, None, 0
     for i in range(len(s) - 1):
@@ -137,7 +139,7 @@ def test_callback_reports_flow_latents_and_levels():
     out = SAMPLERS["euler_ancestral"](MODEL, noise(8), sig, generator=torch.Generator().manual_seed(0),
                                       callback=seen.append)
     assert [round(e["sigma"], 9) for e in seen][1:] == [round(float(v), 9) for v in sig[1:-1]]
-    assert seen[0]["sigma"] == pytest.approx(1 - flow.FIRST_LEVEL_OFFSET)
+    assert seen[0]["sigma"] == pytest.approx(float(flow_shift(torch.tensor(1 - flow.FIRST_LEVEL_OFFSET), SD3_SHIFT)))
     torch.testing.assert_close(seen[0]["x"], noise(8))                 # the pure-noise latent as given
     for e in seen:                                                     # denoised = D_flow at the flow latent
         torch.testing.assert_close(e["denoised"], WORLD.flow_denoise(e["x"], e["sigma"]), rtol=0, atol=1e-9)

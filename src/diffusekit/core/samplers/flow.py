@@ -30,9 +30,10 @@ rescales the signal: after a step x carries (1 - s_down) x0 at a level labelled 
 much signal for its noise, and the error compounds (over-saturated, "burnt" SD3 images; ComfyUI's
 sample_ddpm still does this on flow models). The tests show the bias on the exact mixture world.
 
-Pure noise, s = 1, is sigma = inf. As ComfyUI does (offset_first_sigma_for_snr, percent offset 1e-4),
-a first level s >= 1 is moved to 1 - FIRST_LEVEL_OFFSET (sigma = 9999); the pure-noise latent then
-stands for the latent at that level, which differs from it by 1e-4 (x0 - eps).
+Pure noise, s = 1, is sigma = inf. As ComfyUI does (offset_first_sigma_for_snr: percent_to_sigma(1e-4)),
+a first level s >= 1 is moved to shift(1 - FIRST_LEVEL_OFFSET) with the denoiser's time shift (SD3,
+shift 3: s = 0.99997, sigma = 3.3e4); the pure-noise latent then stands for the latent at that level,
+which differs from it by 3e-5 (x0 - eps).
 
 ODE samplers are not routed here: the flow ODE dx/ds = E[eps - x0 | x] = (x - D_flow(x, s)) / s has
 exactly the VE ODE's form, so they integrate it on the flow sigmas as they are (what ComfyUI and
@@ -42,6 +43,8 @@ beyond first order (first-order steps coincide: both are exact for a constant D)
 from __future__ import annotations
 
 import torch
+
+from ..schedules import flow_shift
 
 FIRST_LEVEL_OFFSET = 1e-4
 
@@ -77,14 +80,14 @@ class VEView:
         return self.flow(y / scale, to_flow_sigma(sigma), **extra)
 
 
-def ve_sigmas(sigmas: torch.Tensor) -> torch.Tensor:
-    """A flow schedule (descending in [0, 1]) as VE sigmas; a first level >= 1 becomes 1 - 1e-4 first."""
+def ve_sigmas(sigmas: torch.Tensor, shift: float = 1.0) -> torch.Tensor:
+    """A flow schedule (descending in [0, 1]) as VE sigmas; a first level >= 1 becomes shift(1 - 1e-4) first."""
     s = sigmas.detach().to(torch.float64).clone()
     if s[0] >= 1:
-        s[0] = 1 - FIRST_LEVEL_OFFSET
+        s[0] = flow_shift(1 - FIRST_LEVEL_OFFSET, shift)
         if s.numel() > 1 and s[1] >= s[0]:
             raise ValueError(f"flow sigmas {float(sigmas[0]):.6g}, {float(sigmas[1]):.6g}: the second level must "
-                             f"lie below 1 - {FIRST_LEVEL_OFFSET} for a sampler that draws noise")
+                             f"lie below {float(s[0]):.6g} for a sampler that draws noise")
     return to_ve_sigma(s).to(sigmas.dtype if sigmas.is_floating_point() else torch.float32)
 
 
@@ -95,7 +98,7 @@ def sample_in_ve(fn, denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, callbac
     x is the flow latent at sigmas[0]. The callback sees flow latents and levels (x = y / (1 + sigma),
     s = sigma / (1 + sigma)); a given noise_sampler(sigma, sigma_next) is called with flow levels too.
     """
-    sig_ve = ve_sigmas(sigmas).to(sigmas.device)
+    sig_ve = ve_sigmas(sigmas, float(getattr(denoiser, "shift", 1.0))).to(sigmas.device)
     first = float(sig_ve[0])
     y = x * (1 + first)                        # x / (1 - s0)
 
