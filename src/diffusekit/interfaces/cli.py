@@ -586,7 +586,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_flags(c)
     _sampling_flags(c)
     c.add_argument("--axes", default="samplers-x-schedulers",
-                   choices=("samplers-x-schedulers", "samplers-x-steps", "cfg-x-steps", "pairs"))
+                   choices=("samplers-x-schedulers", "samplers-x-steps", "cfg-x-steps", "pairs", "models-x-steps",
+                            "models-x-samplers"))
     c.add_argument("--samplers", default=None, help='comma-separated (default "Euler,DPM++ 2M" when varied)')
     c.add_argument("--schedulers", default=None, help='comma-separated (default "Normal,Karras" when varied)')
     c.add_argument("--steps-list", default=None, help="comma-separated step counts (default 10,20,30 when varied)")
