@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "models"
-SHIPPED = ("shapes", "digits")
+SHIPPED = ("shapes", "digits", "shapes-flow")
 
 
 def shipped_path(name: str) -> Path:
