@@ -6,6 +6,7 @@ compared as uint8 arrays: `--from` must reproduce an image exactly (0 tolerance)
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -205,6 +206,23 @@ def test_bad_input_is_one_line_naming_the_value(tiny, tmp_path, capsys, argv, na
     assert err.count("\n") == 1 and err.startswith("diffusekit: error: ") and "Traceback" not in err
     assert names in err
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_compare_models_side_by_side(tiny, tmp_path, capsys):
+    rc, paths, _ = run(capsys, "compare", "a red circle", "--axes", "models-x-steps", "--models", f"{tiny},{tiny}",
+                       "--steps-list", "2", "--seed", 4, "--out", tmp_path, *SMALL)
+    assert rc == 2                                                      # one model named twice
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(Path(tiny).read_bytes())
+    rc, paths, _ = run(capsys, "compare", "a red circle", "--axes", "models-x-steps", "--models", f"{tiny},{other}",
+                       "--steps-list", "2,3", "--seed", 4, "--out", tmp_path, *SMALL)
+    assert rc == 0 and paths[0].endswith(".png")
+    grid = Image.open(paths[0]).convert("RGB")
+    tiles = tile_positions(grid, 2, 2, (256, 256))
+    crop = lambda xy: np.asarray(grid.crop((xy[0], xy[1], xy[0] + 256, xy[1] + 256)))   # noqa: E731
+    assert np.array_equal(crop(tiles[0]), crop(tiles[1]))               # the same weights side by side
+    rc, _, err = run(capsys, "compare", "x", "--models", f"{tiny},{other}")
+    assert rc == 2 and "models-x-steps" in err
 
 
 def test_compare_bad_lists_name_the_value(tmp_path, capsys):

@@ -46,7 +46,11 @@ def test_plan_cells_and_labels_for_every_axes():
     assert cols == ["CFG 1.5", "CFG 7"] and rows == ["4 steps"] and cells[0][0].cfg_scale == 1.5
     cells, cols, rows, *_ = plan(BASE, "pairs", samplers=["Euler", "DPM++ 2M"], schedulers=["Normal", "Karras"])
     assert cols == ["Euler + Normal", "DPM++ 2M + Karras"] and len(cells) == 1 and rows == ["seed 3"]
-    assert set(AXES) == {"samplers-x-schedulers", "samplers-x-steps", "cfg-x-steps", "pairs"}
+    cells, cols, rows, xt, yt = plan(BASE, "models-x-steps", models=["shapes", "shapes-flow"], steps_list=[4, 8])
+    assert (cols, rows, xt, yt) == (["shapes", "shapes-flow"], ["4 steps", "8 steps"], "model", "steps")
+    assert cells[1][0] == cells[1][1] and cells[1][0].steps == 8      # the columns differ only in the model
+    assert set(AXES) == {"samplers-x-schedulers", "samplers-x-steps", "cfg-x-steps", "pairs", "models-x-steps",
+                         "models-x-samplers"}
 
 
 def test_plan_uses_one_seed_everywhere_even_when_random():
@@ -94,6 +98,20 @@ def test_grid_cells_equal_single_runs_and_tiles_sit_where_the_grid_says(pipe, tm
     paths = write_comparison(comp, tmp_path / "grid")
     assert [p.name for p in paths] == ["grid.png"]
     assert Image.open(paths[0]).info["parameters"] == comp.infotexts[0][0]
+
+
+def test_models_side_by_side_cells_equal_each_models_single_run(pipe, tmp_path_factory):
+    other = Pipeline.from_pretrained(_helpers.save_tiny(tmp_path_factory.mktemp("m2") / "tiny2.safetensors", "sd1",
+                                                        seed=7))
+    comp = compare({"a": pipe, "b": other}, BASE, "models-x-steps", steps_list=[2, 3])
+    assert comp.col_labels == ["a", "b"] and comp.row_labels == ["2 steps", "3 steps"]
+    for c, p in enumerate((pipe, other)):
+        assert np.array_equal(arr(comp.images[1][c]), arr(p.generate(comp.params[1][c]).images[0]))
+    assert not np.array_equal(arr(comp.images[1][0]), arr(comp.images[1][1]))
+    with pytest.raises(TypeError, match="mapping"):
+        compare(pipe, BASE, "models-x-steps")
+    with pytest.raises(ValueError, match="once"):
+        plan(BASE, "models-x-steps", models=["a", "a"])
 
 
 def test_video_frames_run_in_lock_step(pipe, tmp_path):

@@ -6,7 +6,10 @@ Section 5 and Table 1 of Karras et al. 2022 ("Elucidating the Design Space..."):
 
 with x = x0 + sigma * eps (variance-exploding view) for every wrapper except `FlowDenoiser`, whose
 x = (1 - sigma) x0 + sigma eps with sigma in [0, 1] (rectified flow, SD3). The samplers only ever
-see D, so they never branch on the prediction type.
+see D, so they never branch on the prediction type. What a sampler that re-injects noise must know is
+the data convention, not the prediction: `noise_form` is "ve" (x = x0 + sigma eps) for every wrapper
+but `FlowDenoiser` ("flow"); the registry runs noise-drawing samplers on a flow denoiser in the
+equivalent VE variable (`core.samplers.flow`).
 
 A discrete 1000-step model (`schedule` given) is fed c_noise = its fractional timestep, found by
 log-sigma interpolation (k-diffusion's DiscreteEpsDDPMDenoiser / DiscreteVDDPMDenoiser), or with
@@ -54,6 +57,7 @@ class Denoiser(torch.nn.Module):
     """Base wrapper: subclasses give `scalings(sigma) -> (c_skip, c_out, c_in)` and `c_noise(sigma)`."""
 
     prediction: str = ""
+    noise_form: str = "ve"      # the data convention x = x0 + sigma * eps (see FlowDenoiser for "flow")
 
     def __init__(self, model, schedule: DiscreteSchedule | None = None, *,
                  sigma_min: float | None = None, sigma_max: float | None = None, quantize: bool = False,
@@ -183,6 +187,7 @@ class FlowDenoiser(Denoiser):
     """
 
     prediction = "flow"
+    noise_form = "flow"         # x = (1 - sigma) x0 + sigma eps
 
     def __init__(self, model, shift: float = 1.0, multiplier: float = 1000.0, timesteps: int = 1000):
         # the time conversions are the schedule's (sigma_to_t = s * multiplier, t_to_sigma = the shifted

@@ -11,6 +11,13 @@ With it, samplers can be judged without a trained model: the probability-flow OD
 dx/dsigma = (x - D(x, sigma)) / sigma = sigma * sum_k r_k (x - mu_k) / (s_k^2 + sigma^2) is smooth
 down to sigma = 0, so `reference_solution` integrates it to near machine precision, and samples of a
 stochastic sampler must reproduce the component weights and means.
+
+The same world under the rectified-flow parameterization (Esser et al. 2024), x = (1 - s) x0 + s eps
+with s in [0, 1]: given component k, x ~ N((1 - s) mu_k, ((1 - s)^2 s_k^2 + s^2) I), so
+
+    D_flow(x, s) = sum_k r_k(x) * (mu_k + (1 - s) s_k^2 / ((1 - s)^2 s_k^2 + s^2) * (x - (1 - s) mu_k)),
+
+exact down to s = 1 (pure noise: D = the mixture mean) and equal to D(x / (1 - s), s / (1 - s)) below it.
 """
 from __future__ import annotations
 
@@ -62,12 +69,14 @@ class GaussianMixture:
         std = self.stds[comp].view(n, *([1] * len(self.event_shape)))
         return self.means[comp] + std * noise, comp
 
-    def _responsibilities(self, x: torch.Tensor, sigma: torch.Tensor):
-        """r (B, K) and the per-component total variance v = s_k^2 + sigma^2, shape (B, K)."""
+    def _responsibilities(self, x: torch.Tensor, sigma: torch.Tensor, alpha: torch.Tensor | None = None):
+        """r (B, K), the per-component total variance v = alpha^2 s_k^2 + sigma^2 (B, K), x (B, 1, D) and
+        the scaled means alpha mu_k (B or 1, K, D), for x = alpha x0 + sigma eps (alpha = 1: VE)."""
         b, d = x.shape[0], self.event_shape.numel()
         xf = x.reshape(b, 1, d).to(self.means.dtype)                 # (B, 1, D)
-        mu = self.means.reshape(1, -1, d)                            # (1, K, D)
-        v = self.stds.view(1, -1) ** 2 + sigma.view(b, 1).to(self.means.dtype) ** 2  # (B, K)
+        a = torch.ones(b, dtype=self.means.dtype, device=x.device) if alpha is None else alpha.to(self.means.dtype)
+        mu = a.view(b, 1, 1) * self.means.reshape(1, -1, d)          # (B, K, D)
+        v = (a.view(b, 1) * self.stds.view(1, -1)) ** 2 + sigma.view(b, 1).to(self.means.dtype) ** 2  # (B, K)
         sq = ((xf - mu) ** 2).sum(-1)                                # (B, K)
         logp = self.weights.log().view(1, -1) - 0.5 * sq / v - 0.5 * d * torch.log(2 * math.pi * v)
         return torch.softmax(logp, dim=1), v, xf, mu
@@ -82,6 +91,15 @@ class GaussianMixture:
         return out.reshape(x.shape).to(x.dtype)
 
     __call__ = denoise
+
+    def flow_denoise(self, x: torch.Tensor, s: torch.Tensor | float, **_cond) -> torch.Tensor:
+        """The ideal rectified-flow denoiser E[x0 | (1 - s) x0 + s eps = x], s in [0, 1] (module docstring)."""
+        s = _as_batch(s, x).to(self.means.dtype)
+        alpha = 1 - s
+        r, v, xf, mu_a = self._responsibilities(x, s, alpha)
+        gain = (alpha.view(-1, 1) * self.stds.view(1, -1) ** 2 / v).unsqueeze(-1)   # (B, K, 1)
+        per_comp = self.means.reshape(1, *mu_a.shape[1:]) + gain * (xf - mu_a)      # (B, K, D)
+        return (r.unsqueeze(-1) * per_comp).sum(1).reshape(x.shape).to(x.dtype)
 
     def ode_derivative(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
         """dx/dsigma of the probability-flow ODE, written so that it is exact at sigma = 0."""

@@ -84,10 +84,21 @@ class TrainingTarget:
         abar, _ = self._alpha_bar(t, sigma, torch.empty(0))
         return abar / (1 - abar)
 
-    def sample(self, batch: int, *, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
-        """Training noise levels: integer steps uniform in [0, T) (flow: s uniform in [0, 1))."""
+    def sample(self, batch: int, *, generator: torch.Generator | None = None, device=None,
+               sampling: str = "uniform", loc: float = 0.0, scale: float = 1.0) -> torch.Tensor:
+        """Training noise levels: integer steps uniform in [0, T); flow: s uniform in [0, 1), or
+        sampling="logit_normal": s = sigmoid(loc + scale * n), n ~ N(0, 1) (Esser et al. 2024, Sec. 3.1,
+        eq. 19: density (1 / (scale sqrt(2 pi))) exp(-(logit(s) - loc)^2 / (2 scale^2)) / (s (1 - s));
+        SD3 trains with loc 0, scale 1, which puts most steps at mid noise)."""
         if self.prediction == "flow":
+            if sampling == "logit_normal":
+                n = torch.randn(batch, generator=generator, dtype=torch.float64)
+                return torch.sigmoid(loc + scale * n).to(device)
+            if sampling != "uniform":
+                raise ValueError(f"sampling={sampling!r}; valid: 'uniform', 'logit_normal'")
             return torch.rand(batch, generator=generator, dtype=torch.float64).to(device)
+        if sampling != "uniform":
+            raise ValueError(f"sampling={sampling!r} applies to flow training; discrete steps are uniform")
         return torch.randint(0, len(self.schedule), (batch,), generator=generator).to(device)
 
 

@@ -208,6 +208,9 @@ class DiscreteSchedule:
         return Posterior(mean, _gather(var_table, t, x_t), _gather(log_table, t, x_t))
 
 
+SD3_SHIFT = 3.0   # the time shift SD3 / SD3.5 sample with (ComfyUI ModelSamplingSD3, diffusers' scheduler config)
+
+
 def flow_shift(sigma, shift: float = 1.0):
     """Time shift of rectified-flow models (SD3, Esser et al. 2024): s' = shift*s / (1 + (shift-1)*s)."""
     return shift * sigma / (1 + (shift - 1) * sigma)

@@ -409,8 +409,18 @@ def cmd_compare(args) -> int:
     base = base.copy(seed=base.resolved_seed())
     lists = dict(samplers=_csv(args.samplers, str, "--samplers"), schedulers=_csv(args.schedulers, str, "--schedulers"),
                  steps_list=_csv(args.steps_list, int, "--steps-list"), cfg_list=_csv(args.cfg_list, float, "--cfg-list"))
-    cells = plan(base, args.axes, **lists)[0]                          # every name checked before loading
-    pipe = _load_pipeline(args)
+    models = _csv(args.models, str, "--models")
+    if models and not args.axes.startswith("models-"):
+        raise ValueError(f"--models compares models: use --axes models-x-steps or models-x-samplers (got {args.axes})")
+    by_model = args.axes.startswith("models-")
+    if by_model and args.model:
+        raise ValueError("--axes models-x-*: name the models with --models A,B (not --model)")
+    cells = plan(base, args.axes, models=models, **lists)[0]            # every name checked before loading
+    if by_model:
+        from ..media.compare import DEFAULTS
+        pipe = {m: _load_pipeline(argparse.Namespace(**{**vars(args), "model": m})) for m in models or DEFAULTS["models"]}
+    else:
+        pipe = _load_pipeline(args)
     bar = progress_bar(sum(len(r) for r in cells), "compare", "image", interval=0)   # a line per finished cell
     steps = StepBars(leave=False)
 
@@ -687,11 +697,14 @@ def build_parser() -> argparse.ArgumentParser:
     _model_flags(c)
     _sampling_flags(c)
     c.add_argument("--axes", default="samplers-x-schedulers",
-                   choices=("samplers-x-schedulers", "samplers-x-steps", "cfg-x-steps", "pairs"))
+                   choices=("samplers-x-schedulers", "samplers-x-steps", "cfg-x-steps", "pairs", "models-x-steps",
+                            "models-x-samplers"))
     c.add_argument("--samplers", default=None, help='comma-separated (default "Euler,DPM++ 2M" when varied)')
     c.add_argument("--schedulers", default=None, help='comma-separated (default "Normal,Karras" when varied)')
     c.add_argument("--steps-list", default=None, help="comma-separated step counts (default 10,20,30 when varied)")
     c.add_argument("--cfg-list", default=None, help="comma-separated CFG scales (default 3,5,7 when varied)")
+    c.add_argument("--models", default=None,
+                   help="comma-separated models for --axes models-x-steps / models-x-samplers (default shapes,shapes-flow)")
     c.add_argument("--steps", type=int, default=None, help="steps where they are not varied (default: the model card's, else 20)")
     c.add_argument("--video", action="store_true", help="also an MP4 of every cell denoising in lock-step")
     c.add_argument("--process-mode", choices=PROCESS_MODES, default=None, help="video frames: auto (default: decode up to 256x256, else preview), decode or preview")

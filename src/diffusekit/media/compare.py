@@ -7,6 +7,9 @@ The X/Y plot of A1111's scripts, reduced to the comparisons people make about sa
     cfg-x-steps             X = CFG scales, Y = step counts    (one sampler and schedule)
     pairs                   one row of sampler + schedule pairs, zipped ("Euler" with "Normal",
                             "DPM++ 2M" with "Karras": the notes' experiment)
+    models-x-steps          X = models, Y = step counts        (e.g. shapes vs shapes-flow: does
+                            rectified flow need fewer steps?)
+    models-x-samplers       X = models, Y = samplers
 
 Every cell is an ordinary single-image generation with the same prompt, seed and size (so a cell
 equals `diffusekit generate` with its settings, bit for bit). With `video=True` every cell keeps its
@@ -18,7 +21,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 from PIL import Image
 
@@ -32,9 +35,9 @@ from .grid import xy_grid
 from .process import process_frames
 from .video import write_mp4
 
-AXES = ("samplers-x-schedulers", "samplers-x-steps", "cfg-x-steps", "pairs")
+AXES = ("samplers-x-schedulers", "samplers-x-steps", "cfg-x-steps", "pairs", "models-x-steps", "models-x-samplers")
 DEFAULTS = {"samplers": ("Euler", "DPM++ 2M"), "schedulers": ("Normal", "Karras"), "steps": (10, 20, 30),
-            "cfg": (3.0, 5.0, 7.0)}
+            "cfg": (3.0, 5.0, 7.0), "models": ("shapes", "shapes-flow")}
 MAX_CELLS = 100
 GREY = (128, 128, 128)          # the tile of a cell that was not run (the comparison was interrupted)
 
@@ -102,18 +105,21 @@ def _fmt(v: float) -> str:
 
 def plan(base: GenerationParams, axes: str, *, samplers: Sequence[str] | None = None,
          schedulers: Sequence[str] | None = None, steps_list: Sequence[int] | None = None,
-         cfg_list: Sequence[float] | None = None):
+         cfg_list: Sequence[float] | None = None, models: Sequence[str] | None = None):
     """The cells of a comparison: a `Plan` ([row][col] params, col labels, row labels, x title, y title).
 
     Lists that `axes` varies default to DEFAULTS; a list that it does not vary may hold one value
     (which replaces the base setting) and no more. Names are checked here, before any model runs.
+    On the models-x-* axes the columns differ only in the model: their labels are the model names.
     """
     if axes not in AXES:
         raise ValueError(f"axes={axes!r}; valid: {', '.join(AXES)}")
     varied = {"samplers-x-schedulers": ("samplers", "schedulers"), "samplers-x-steps": ("samplers", "steps"),
-              "cfg-x-steps": ("cfg", "steps"), "pairs": ("samplers", "schedulers")}[axes]
-    given = {"samplers": samplers, "schedulers": schedulers, "steps": steps_list, "cfg": cfg_list}
-    flag = {"samplers": "--samplers", "schedulers": "--schedulers", "steps": "--steps-list", "cfg": "--cfg-list"}
+              "cfg-x-steps": ("cfg", "steps"), "pairs": ("samplers", "schedulers"),
+              "models-x-steps": ("models", "steps"), "models-x-samplers": ("models", "samplers")}[axes]
+    given = {"samplers": samplers, "schedulers": schedulers, "steps": steps_list, "cfg": cfg_list, "models": models}
+    flag = {"samplers": "--samplers", "schedulers": "--schedulers", "steps": "--steps-list", "cfg": "--cfg-list",
+            "models": "--models"}
     lists = {}
     for key, values in given.items():
         values = list(values) if values else []
@@ -131,9 +137,11 @@ def plan(base: GenerationParams, axes: str, *, samplers: Sequence[str] | None = 
     for n in lists["steps"]:
         if not isinstance(n, int) or not 1 <= n <= 1000:
             raise ValueError(f"steps {n!r}: every step count must be an integer from 1 to 1000")
+    if len(set(lists["models"])) != len(lists["models"]):
+        raise ValueError(f"--models {','.join(lists['models'])}: name each model once")
     fields = {"samplers": ("sampler_name", str), "schedulers": ("scheduler", str), "steps": ("steps", int),
               "cfg": ("cfg_scale", float)}
-    fixed = {fields[k][0]: fields[k][1](v[0]) for k, v in lists.items() if k not in varied and v}
+    fixed = {fields[k][0]: fields[k][1](v[0]) for k, v in lists.items() if k not in varied and k in fields and v}
     base = base.copy(batch_size=1, n_iter=1, seed=base.resolved_seed(), **fixed)
 
     if axes == "pairs":
@@ -156,6 +164,7 @@ _AXIS = {
     "steps": (lambda p, v: p.copy(steps=int(v)), lambda v: f"{v} steps", "steps"),
     "cfg": (lambda p, v: p.copy(cfg_scale=float(v)), lambda v: f"CFG {_fmt(float(v))}", "CFG scale"),
     "seeds": (lambda p, v: p.copy(seed=int(v)), lambda v: f"seed {v}", "seed"),
+    "models": (lambda p, v: p.copy(), str, "model"),       # the cell's model is the column's (see `run`)
 }
 
 
@@ -192,9 +201,14 @@ def compare(pipe, base: GenerationParams, axes: str = "samplers-x-schedulers", *
             progress: Callable[[str], None] | None = None, callback=None) -> Comparison:
     """Run every cell of `plan(...)` on `pipe` and draw the labelled grid (and the lock-step frames).
 
-    progress(label) is called after each cell; callback is passed to `pipe.generate` (per-step progress).
+    pipe: a Pipeline, or for the models-x-* axes a mapping {model name: Pipeline} (its keys, in order, are
+    the columns). progress(label) is called after each cell; callback is passed to `generate`.
     """
-    planned = plan(base, axes, samplers=samplers, schedulers=schedulers, steps_list=steps_list, cfg_list=cfg_list)
+    by_model = axes.startswith("models-")
+    if by_model != isinstance(pipe, Mapping):
+        raise TypeError(f"axes {axes!r} takes " + ("a mapping {model name: Pipeline}" if by_model else "one Pipeline"))
+    planned = plan(base, axes, samplers=samplers, schedulers=schedulers, steps_list=steps_list, cfg_list=cfg_list,
+                   models=list(pipe) if by_model else None)
     return run(pipe, planned, video=video, process_mode=process_mode, progress=progress, callback=callback)
 
 
@@ -203,12 +217,14 @@ def run(pipe, planned: Plan, *, video: bool = False, process_mode: str = "previe
         on_cell: Callable[[int, int, str], None] | None = None,
         should_stop: Callable[[], bool] | None = None) -> Comparison:
     """Generate every cell of `planned` on `pipe` and draw the labelled grid (and, with video, the frames).
+    `pipe` may be a mapping {column label: Pipeline} (the models-x-* axes): each column runs on its own.
 
     on_cell(k, total, label) is called before cell k (0-based, row by row), progress(label) after it;
     callback and should_stop are passed to `pipe.generate`. When should_stop() is true before a cell (after
     on_cell, so a per-cell "skip" can be cleared there) that cell and the rest are not run: grey tiles.
     """
     cells, cols, rows, x_title, y_title = planned
+    pipes = pipe if isinstance(pipe, Mapping) else None
     total = sum(len(row) for row in cells)
     images = [[] for _ in cells]
     infotexts = [[] for _ in cells]
@@ -217,6 +233,7 @@ def run(pipe, planned: Plan, *, video: bool = False, process_mode: str = "previe
     for r, row in enumerate(cells):
         for c, p in enumerate(row):
             label = f"{rows[r]} / {cols[c]}"
+            pipe = pipes[cols[c]] if pipes is not None else pipe
             if on_cell is not None:
                 on_cell(k, total, label)
             k += 1

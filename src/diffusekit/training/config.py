@@ -9,7 +9,10 @@ recipe's conventions (see `configs/shapes.toml`):
     [model]  prediction = "eps" | "v" | "x0" | "flow", schedule = "scaled_linear" | "linear",
              beta_start, beta_end, timesteps; sub-tables [model.unet] (`UNetConfig` fields),
              [model.vae] (`VAEConfig` fields; absent = a pixel-space model) and [model.text]
-             (`CLIPTextConfig` fields)
+             (`CLIPTextConfig` fields). A flow model may be an SD3-style transformer instead:
+             [model.mmdit] (`MMDiTConfig` fields), with shift (its sampling time shift),
+             vae_from / text_from (a shipped model whose VAE / text encoder is reused, frozen) and
+             context_tokens (joint text tokens, the first N of the 77)
     [vae]    the autoencoder stage, run before the diffusion stage when [model.vae] is given
     [train]  the diffusion stage
     [decoder] optional last stage: fine-tune the VAE decoder with the encoder frozen (as Stability's
@@ -66,6 +69,11 @@ class ModelConfig:
     unet: dict = field(default_factory=dict)
     vae: dict | None = None
     text: dict = field(default_factory=dict)
+    mmdit: dict | None = None   # an MMDiT (SD3) instead of the UNet; prediction must be "flow"
+    shift: float = 1.0          # flow models: the time shift their sampling schedule uses (SD3: 3.0)
+    vae_from: str = ""          # a shipped model name: use its VAE (frozen, no [vae] stage) and latent scale
+    text_from: str = ""         # a shipped model name: use its text encoder and tokenizer, frozen
+    context_tokens: int = 0     # MMDiT: joint text tokens (the first N of 77; causal CLIP makes them exact); 0 = 77
 
 
 @dataclass
@@ -92,6 +100,9 @@ class OptimConfig:
     min_snr_gamma: float = 0.0  # 0 = plain MSE
     offset_noise: float = 0.0
     cache_latents: bool = True  # keep each item's VAE latent (posterior mode) after its first encode
+    timestep_sampling: str = "uniform"   # flow: "uniform" | "logit_normal" (Esser et al. 2024, Sec. 3.1)
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
     # VAE stage only
     kl_weight: float = 1e-6
     recon: str = "l1"           # "l1" | "l2"
@@ -141,6 +152,16 @@ class TrainConfig:
             if self.vae is not None or self.decoder is not None:
                 raise ValueError("[finetune] trains a loaded checkpoint; drop [vae] and [decoder]")
             self.finetune.validate(self.data.kind)
+        m = self.model
+        if m.mmdit is not None and m.prediction != "flow":
+            raise ValueError(f"[model.mmdit] is a rectified-flow transformer: model.prediction must be 'flow', "
+                             f"got {m.prediction!r}")
+        if m.vae_from and (m.vae is not None or self.vae is not None):
+            raise ValueError("model.vae_from reuses a shipped VAE: drop [model.vae] and [vae]")
+        if self.train.timestep_sampling not in ("uniform", "logit_normal"):
+            raise ValueError(f"train.timestep_sampling={self.train.timestep_sampling!r}; valid: 'uniform', 'logit_normal'")
+        if self.train.timestep_sampling != "uniform" and m.prediction != "flow":
+            raise ValueError("train.timestep_sampling applies to flow models (model.prediction = 'flow')")
         if self.vae is not None and self.model.vae is None:
             raise ValueError("a [vae] stage needs [model.vae] (the autoencoder's shape)")
         if self.decoder is not None and self.vae is None:

@@ -38,6 +38,7 @@ from ..core.objectives import TrainingTarget, min_snr_weights, offset_noise, wei
 from ..core.schedules import DiscreteSchedule, betas
 from ..models.clip import CLIPTextConfig, CLIPTextModel
 from ..models.families import SD_PREFIX_CLIP, BetaSchedule, ModelFamily, TextEncoderSpec
+from ..models.mmdit import MMDiT, MMDiTConfig
 from ..models.tokenizer import CLIPTokenizer
 from ..models.unet import UNetConfig, UNetModel
 from ..models.vae import AutoencoderKL, VAEConfig
@@ -48,7 +49,7 @@ from .ema import EMA
 from .logs import LossLog, Progress
 
 __all__ = ["train_from_config", "Trainer", "DataOrder", "lr_at", "build_models", "model_family",
-           "TextToImage", "export_model"]
+           "TextToImage", "JointTextToImage", "export_model"]
 
 
 STAGES = ("vae", "diffusion", "decoder")
@@ -114,11 +115,27 @@ def _tuples(d: dict) -> dict:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
 
 
-def build_configs(cfg: TrainConfig) -> tuple[UNetConfig, VAEConfig | None, CLIPTextConfig]:
-    """The three architecture configs of a training config (UNet channels follow the VAE)."""
-    tcfg = CLIPTextConfig(**_tuples(cfg.model.text))
-    vcfg = VAEConfig(**_tuples(cfg.model.vae)) if cfg.model.vae is not None else None
+def _shipped_parts(name: str):
+    """The ModelParts of a shipped model (its VAE / text encoder reused by vae_from / text_from), fp32."""
+    from ..models.loading import load_checkpoint
+    from ..pipelines.shipped import resolve_model
+    return load_checkpoint(resolve_model(name), dtype=torch.float32)
+
+
+def build_configs(cfg: TrainConfig) -> tuple[UNetConfig | MMDiTConfig, VAEConfig | None, CLIPTextConfig]:
+    """The three architecture configs of a training config (UNet / MMDiT channels follow the VAE, the
+    context width the text encoder; vae_from / text_from take theirs from the shipped model)."""
+    m = cfg.model
+    tcfg = (_shipped_family(m.text_from).text_encoders[0].config if m.text_from
+            else CLIPTextConfig(**_tuples(cfg.model.text)))
+    vcfg = (_shipped_family(m.vae_from).vae if m.vae_from
+            else VAEConfig(**_tuples(cfg.model.vae)) if cfg.model.vae is not None else None)
     channels = vcfg.embed_dim if vcfg is not None else 3
+    if m.mmdit is not None:
+        pooled = tcfg.projection_dim or tcfg.width
+        d = {"in_channels": channels, "out_channels": channels, "context_dim": tcfg.width,
+             "adm_in_channels": pooled, **_tuples(m.mmdit)}
+        return MMDiTConfig(**d), vcfg, tcfg
     u = {"in_channels": channels, "out_channels": channels, "context_dim": tcfg.width, **_tuples(cfg.model.unet)}
     return UNetConfig(**u), vcfg, tcfg
 
@@ -133,6 +150,30 @@ class TextToImage(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         context = self.text_encoder(ids, need_pooled=False).hidden   # (B, 77, width), last layer + final norm
         return self.unet(x, t, context)
+
+
+class JointTextToImage(nn.Module):
+    """SD3's conditioning in miniature (Esser et al. 2024, Sec. 4): text encoder -> its first
+    `context_tokens` hidden states are the MMDiT's joint context tokens and its pooled EOS state is the
+    vector y that joins the timestep embedding. The text encoder is frozen unless `train_text`."""
+
+    def __init__(self, mmdit: MMDiT, text_encoder: CLIPTextModel, context_tokens: int = 0, train_text: bool = False):
+        super().__init__()
+        self.mmdit, self.text_encoder = mmdit, text_encoder
+        self.context_tokens, self.train_text = int(context_tokens), train_text
+        if not train_text:
+            text_encoder.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        with torch.set_grad_enabled(self.train_text and torch.is_grad_enabled()):
+            out = self.text_encoder(ids, need_pooled=True)          # hidden (B, 77, width), pooled (B, width)
+        n = self.context_tokens or out.hidden.shape[1]
+        return self.mmdit(x, t, out.hidden[:, :n], out.pooled)
+
+    @property
+    def unet(self) -> MMDiT:
+        """The family's denoising-network slot (`ModelFamily.unet`, `ModelParts.unet`): the MMDiT."""
+        return self.mmdit
 
 
 class VAEObjective(nn.Module):
@@ -163,22 +204,42 @@ class DecoderObjective(nn.Module):
         return self.vae.decode(z)
 
 
-def build_models(cfg: TrainConfig) -> tuple[TextToImage, AutoencoderKL | None]:
+def build_models(cfg: TrainConfig) -> tuple[TextToImage | JointTextToImage, AutoencoderKL | None]:
+    """The diffusion model (text encoder included) and the VAE, freshly initialised, or the shipped
+    model's VAE / text encoder where vae_from / text_from name one."""
+    m = cfg.model
     ucfg, vcfg, tcfg = build_configs(cfg)
     torch.manual_seed(cfg.run.seed)
-    vae = AutoencoderKL(vcfg) if vcfg is not None else None
+    vae = AutoencoderKL(vcfg) if vcfg is not None and not m.vae_from else None
     g = torch.Generator().manual_seed(cfg.run.seed + 1)
-    model = TextToImage(UNetModel(ucfg), CLIPTextModel(tcfg, generator=g))
-    return model, vae
+    text = CLIPTextModel(tcfg, generator=g) if not m.text_from else None
+    shipped = {name: _shipped_parts(name) for name in {m.vae_from, m.text_from} - {""}}
+    if m.vae_from:
+        vae = shipped[m.vae_from].vae.eval().requires_grad_(False)
+    if m.text_from:
+        text = shipped[m.text_from].text_encoders[0]
+    if isinstance(ucfg, MMDiTConfig):
+        return JointTextToImage(MMDiT(ucfg), text, m.context_tokens, train_text=not m.text_from), vae
+    return TextToImage(UNetModel(ucfg), text), vae
+
+
+def _shipped_family(name: str) -> ModelFamily:
+    from ..models.loading import read_family
+    from ..pipelines.shipped import resolve_model
+    return read_family(resolve_model(name))
 
 
 def model_family(cfg: TrainConfig, latent_scale: float = 1.0) -> ModelFamily:
     """The "custom" ModelFamily that the exported checkpoint carries in its metadata; vae=None (a
     pixel-space family, latent scale 1) for a config without [model.vae]."""
-    if cfg.model.prediction not in ("eps", "v"):
-        raise ValueError(f"only eps and v models can be exported as a generation checkpoint; this run "
-                         f"predicts {cfg.model.prediction!r}")
     ucfg, vcfg, tcfg = build_configs(cfg)
+    if isinstance(ucfg, MMDiTConfig):   # SD3 in miniature: the pooled text joins the timestep embedding
+        spec = TextEncoderSpec("clip", tcfg, SD_PREFIX_CLIP, pooled=True, context_tokens=cfg.model.context_tokens)
+        return ModelFamily("custom", ucfg, vcfg, (spec,), prediction_type="flow", latent_scale=latent_scale,
+                           default_size=cfg.data.size, flow_shift=cfg.model.shift)
+    if cfg.model.prediction not in ("eps", "v"):
+        raise ValueError(f"only eps and v UNet models and flow MMDiT models can be exported as a generation "
+                         f"checkpoint; this run is a {cfg.model.prediction!r} UNet")
     spec = TextEncoderSpec("clip", tcfg, SD_PREFIX_CLIP)
     return ModelFamily("custom", ucfg, vcfg, (spec,), prediction_type=cfg.model.prediction,
                        latent_scale=latent_scale if vcfg is not None else 1.0,
@@ -421,10 +482,17 @@ class Trainer:
         if self.vae is not None:
             self.vae.eval().requires_grad_(False)
             found = load_training_checkpoint(self.out, "diffusion") if self.resume else None
-            self.latent_scale = (float(found[2]["extra"]["latent_scale"]) if found else self._measure_latent_scale())
+            if found:
+                self.latent_scale = float(found[2]["extra"]["latent_scale"])
+            elif mcfg.vae_from:   # the latent space the shipped model's diffusion was trained in
+                self.latent_scale = _shipped_family(mcfg.vae_from).latent_scale
+            else:
+                self.latent_scale = self._measure_latent_scale()
             if self.world.main:
                 print(f"[diffusion] latent scale 1/std = {self.latent_scale:.5f}")
         if ocfg.gradient_checkpointing:
+            if not isinstance(self.model, TextToImage):
+                raise ValueError("train.gradient_checkpointing is implemented for the UNet only")
             self.model.unet.set_gradient_checkpointing(True)
         flow = mcfg.prediction == "flow"
         schedule = None if flow else DiscreteSchedule.from_betas(
@@ -437,7 +505,8 @@ class Trainer:
             x0, ids = self._latents_and_ids(indices[lo:hi])
             n = len(indices)
             # every draw for the global batch (n rows) from the step generator, then our rows
-            t_all = target.sample(n, generator=gen)
+            t_all = target.sample(n, generator=gen, sampling=ocfg.timestep_sampling, loc=ocfg.logit_mean,
+                                  scale=ocfg.logit_std)
             noise = torch.randn(n, *x0.shape[1:], generator=gen)
             if ocfg.offset_noise > 0:
                 noise = offset_noise(noise, ocfg.offset_noise, generator=gen)
@@ -487,7 +556,7 @@ class Trainer:
                 self.train_vae()
             else:
                 self._load_stage_weights("vae", VAEObjective(self.vae))
-        elif self.vae is not None:
+        elif self.vae is not None and not self.cfg.model.vae_from:
             raise ValueError("[model.vae] is given but there is no [vae] stage to train it")
         if "diffusion" in stages:
             self.train_diffusion()
@@ -519,7 +588,7 @@ class Trainer:
 
     def _sample_grid(self, step: int, model: nn.Module) -> None:
         every = self.cfg.log.sample_every
-        if every and step % every and step != self.cfg.train.steps:
+        if not self.cfg.log.prompts or (every and step % every and step != self.cfg.train.steps):
             return
         from ..media.grid import xy_grid
         pipe = self.pipeline(model)
@@ -600,7 +669,9 @@ def load_run(out_dir: str | Path, *, ema: bool = True) -> tuple[TrainConfig, Tex
         e = EMA(model, state["ema"]["decay"])
         e.load_state_dict(state["ema"])
         e.copy_to(model)
-    if vae is not None:
+    if vae is not None and cfg.model.vae_from:
+        pass   # the shipped model's frozen VAE, as build_models loaded it
+    elif vae is not None:
         for stage in ("decoder", "vae"):   # a fine-tuned decoder replaces the VAE stage's weights
             vfound = load_training_checkpoint(out, stage)
             if vfound is not None:

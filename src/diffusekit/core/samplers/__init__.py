@@ -9,6 +9,11 @@ descending 1-D schedule (normally ending in 0), `denoiser(x, sigma, **extra_args
 estimate, `callback(dict(i, x, sigma, sigma_hat, denoised))` is called once per step, and `generator` is
 a CPU torch.Generator or a list with one per image (see `diffusekit.core.noise`). The functions in
 `SAMPLERS` validate their inputs first (non-descending sigmas, NaN in the latent, unknown knobs).
+
+Flow models (a denoiser with `noise_form == "flow"`, x = (1 - s) x0 + s eps): ODE samplers run on the
+flow sigmas as they are; a sampler that draws noise (a stochastic one, or s_churn / eta > 0) runs in
+the equivalent VE variable y = x / (1 - s), sigma = s / (1 - s), where its noise re-injection is exact
+(`samplers.flow`). The sampler functions themselves stay VE-only and never look at the denoiser.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ from typing import Callable
 import torch
 
 from .. import sigmas as _sigmas
-from . import deterministic, dpm_solver, stochastic
+from . import deterministic, dpm_solver, flow, stochastic
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,14 @@ INFO: dict[str, SamplerInfo] = {
 DISPLAY_NAMES: dict[str, str] = {info.label: sid for sid, info in INFO.items()}
 
 
+_NOISE_KNOBS = ("s_churn", "eta")   # knobs that make an ODE sampler inject noise when > 0
+
+
+def _draws_noise(sid: str, kwargs: dict) -> bool:
+    """Whether this call re-injects noise: a stochastic sampler, or an ODE one with churn / eta on."""
+    return INFO[sid].stochastic or any(float(kwargs.get(k) or 0) > 0 for k in _NOISE_KNOBS)
+
+
 def _validated(fn: Callable, sid: str) -> Callable:
     """Check the inputs every sampler shares, so each one stays a plain loop."""
     knobs = {name for name, p in inspect.signature(fn).parameters.items() if p.kind == p.KEYWORD_ONLY}
@@ -78,6 +91,8 @@ def _validated(fn: Callable, sid: str) -> Callable:
         if not torch.isfinite(x).all():
             raise ValueError("the latent x contains NaN or inf: check the initial noise and the model's dtype")
         _sigmas.check_sigmas(sigmas)
+        if getattr(denoiser, "noise_form", "ve") == "flow" and _draws_noise(sid, kwargs):
+            return flow.sample_in_ve(fn, denoiser, x, sigmas, **kwargs)
         return fn(denoiser, x, sigmas, **kwargs)
 
     return run
