@@ -24,7 +24,7 @@ import inspect
 import random
 import time
 from contextlib import closing
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -45,13 +45,14 @@ from ..models.lora import LoRATargets, merged
 from . import infotext as infotext_mod
 from .loras import LoraLibrary, extract_loras, infotext_name, lora_hashes_text
 from . import prompts as prompt_mod
-from .conditioning import Conditioning, ConditioningSchedule, TextConditioner, adm_vector
+from .conditioning import Conditioning, TextConditioner, adm_vector
 from .conditioning_sd3 import JointTextConditioner
 from .latents import (LATENT_RGB, fill_masked, fit_latent_rgb, initial_noise, latent_mask, overlay_mask,
                       pil_to_tensor, prepare_mask, preview, tensor_to_pil)
 from .params import GenerationParams, GenerationResult, StepInfo
 from .sde_noise import BROWNIAN_SAMPLERS, changes_image, pass_noise, require_torchsde
 from .shipped import A1111_DEFAULTS, recommended, resolve_model, shipped_name
+from .state import PromptSteps, SamplingPass, _Batch, _Call, _ConcatKey, _InitImages
 
 # A1111's defaults for the SDXL refiner's aesthetic-score input (sdxl_refiner_high/low_aesthetic_score)
 AESTHETIC_SCORE_COND, AESTHETIC_SCORE_UNCOND = 6.0, 2.5
@@ -136,105 +137,6 @@ class UNetAdapter(torch.nn.Module):
         out = self.unet(x.to(dtype), t.to(x.device, torch.float32),
                         None if context is None else context.to(dtype), None if y is None else y.to(dtype))
         return out.to(x.dtype)
-
-
-@dataclass(frozen=True)
-class PromptSteps:
-    """The prompt-editing schedule a pass reads: `steps` of the base pass, and of a hires pass (None = none)."""
-
-    steps: int
-    hires_steps: int | None = None
-
-
-@dataclass(frozen=True)
-class _ConcatKey:
-    """Which inpainting-UNet extra input: the image size, and whether a repaint mask is set."""
-
-    width: int
-    height: int
-    masked: bool
-
-
-@dataclass
-class _ModelInputs:
-    """What one model (the base or a refiner) computes once per generate() call and reuses in every batch."""
-
-    text: dict[PromptSteps, tuple[ConditioningSchedule, ConditioningSchedule]] = field(default_factory=dict)
-    concat: dict[_ConcatKey, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-
-
-@dataclass
-class _CallCache:
-    """Per generate() call: the `_ModelInputs` of every model the call samples with."""
-
-    models: dict["Pipeline", _ModelInputs] = field(default_factory=dict)
-
-    def of(self, pipe: "Pipeline") -> _ModelInputs:
-        return self.models.setdefault(pipe, _ModelInputs())
-
-
-@dataclass
-class _Call:
-    """One generate() call: what its batches share, resolved once."""
-
-    params: GenerationParams                 # as given (the infotext and the results keep it)
-    text_params: GenerationParams            # with the prompt the text encoders read (LoRA tags removed)
-    sampler_id: str
-    schedule_id: str
-    width: int
-    height: int
-    seed: int                                # resolved (-1 drawn at random, once)
-    subseed: int
-    hashes: dict[str, str]                   # the infotext's "Lora hashes" / "TI hashes"
-    init: "_InitImages | None"               # img2img / inpainting inputs, prepared once
-    callback: Callable[[StepInfo], None] | None
-    should_stop: Callable[[], bool] | None
-    cache: _CallCache = field(default_factory=_CallCache)
-
-
-@dataclass
-class _Batch:
-    """One batch of a call (one of n_iter): its seeds and its save_process records."""
-
-    call: _Call
-    job_no: int
-    seeds: list[int]
-    subseeds: list[int]
-    log: list = field(default_factory=list)
-
-
-@dataclass
-class SamplingPass:
-    """One sampler run of a batch: the txt2img / img2img pass, the hires pass, or a refiner's part of either."""
-
-    name: str                                # "txt2img" | "img2img" | "hires" | "refiner"
-    sigmas: torch.Tensor                     # the steps run, descending
-    x: torch.Tensor                          # (B, C, h, w) the start latent
-    generators: list                         # one CPU torch.Generator per image (ancestral noise)
-    width: int                               # image size in pixels
-    height: int
-    prompt: PromptSteps                      # the prompt-editing schedule
-    schedule: torch.Tensor | None = None     # the whole schedule `sigmas` is the tail of (bounds the Brownian tree)
-    signal: torch.Tensor | None = None       # the x0 part of x (None = 0)
-    init_latent: torch.Tensor | None = None  # img2img / inpainting: the encoded init images (B rows)
-    mask: torch.Tensor | None = None         # (1, 1, h, w) latent repaint mask
-    init: "_InitImages | None" = None
-    step_offset: int = 0                     # a refiner continues the step count of the pass it takes over
-    log_scale: float = 1.0                   # process records are kept in the base model's latent scale
-    noise_sampler: Callable | None = None    # the SDE noise source (sde_noise.pass_noise); None = the sampler's own
-
-
-@dataclass
-class _InitImages:
-    """The img2img / inpainting inputs of one generate() call, prepared once for all its batches. Rows are
-    the distinct init images (image i of a batch uses row i mod n)."""
-
-    originals: torch.Tensor                  # (n, 3, H, W) in [-1, 1]: the init images, resized
-    pixels: torch.Tensor                     # (n, 3, H, W): the same after A1111's fill (inpainting_fill != 1)
-    latents: torch.Tensor                    # (n, C, h, w) model-space latents of `pixels`
-    mask: torch.Tensor | None = None         # (1, 1, h, w) binary latent repaint mask
-    repaint: torch.Tensor | None = None      # (1, 1, H, W) the rounded full-size mask (inpainting UNets)
-    overlay: torch.Tensor | None = None      # (1, 1, H, W) in [0, 1]: where generated pixels are kept
 
 
 class Pipeline:
