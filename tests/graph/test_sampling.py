@@ -162,3 +162,10 @@ def test_prompt_weights_interpolate_from_the_empty_prompt_as_comfyui(pipe):
     bracket = encode_comfy(enc, "a [red] circle")                     # ComfyUI: brackets are plain text
     assert all(w == 1.0 for c in enc.chunks(r"a \[red\] circle") for w in c.weights)
     torch.testing.assert_close(bracket.context, enc.encode_chunks(enc.chunks(r"a \[red\] circle")).context)
+
+
+def test_ksampler_refuses_a_flow_model_instead_of_sampling_it_as_eps():
+    from diffusekit import Pipeline
+    from diffusekit.graph.sampling import comfy_denoiser
+    with pytest.raises(ValueError, match="'flow' model"):
+        comfy_denoiser(Pipeline.from_pretrained("shapes-flow"))

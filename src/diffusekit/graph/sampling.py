@@ -225,7 +225,11 @@ class ConditionedDenoiser:
 # ------------------------------------------------------------------ KSampler
 def comfy_denoiser(pipe):
     """The pipeline's UNet as ComfyUI feeds it: eps or v wrapper over the model's table, integer timesteps."""
-    wrapper = VDenoiser if pipe.family.prediction_type == "v" else EpsDenoiser
+    kind = pipe.family.prediction_type
+    if kind not in ("eps", "v"):   # a flow (SD3) model would be sampled as eps and silently give noise
+        raise ValueError(f"KSampler runs eps and v models; {pipe.name!r} is a {kind!r} model, which workflows "
+                         f"do not run yet: use `diffusekit generate` or Pipeline.generate for it")
+    wrapper = VDenoiser if kind == "v" else EpsDenoiser
     return wrapper(UNetAdapter(pipe.unet), pipe.schedule, quantize=True)
 
 
