@@ -207,7 +207,7 @@ def test_config_errors_teach(tmp_path):
 
 def test_shipped_configs_parse():
     root = Path(__file__).resolve().parents[2] / "configs"
-    for name in ("shapes.toml", "digits.toml", "folder.toml"):
+    for name in ("shapes.toml", "digits.toml", "folder.toml", "shapes_robust.toml"):
         cfg = load_config(root / name)
         assert cfg.train.steps > 0
 
@@ -283,3 +283,58 @@ def test_pixel_space_run_exports_and_generates(tmp_path):
     assert np.array_equal(np.asarray(same), np.asarray(init))       # pixels are the latents: nothing to decode
     moved = pipe.generate(p.copy(init_images=[init], denoising_strength=0.75)).images[0]
     assert moved.size == (16, 16) and not np.array_equal(np.asarray(moved), np.asarray(init))
+
+
+def warm_tree(out_dir: Path, init: Path, **model) -> dict:
+    """tiny_tree warm-started from `init`: no [vae] stage (init_from brings the VAE), a [decoder] stage."""
+    tree = tiny_tree(out_dir, steps=2)
+    vae_stage = tree.pop("vae")
+    tree["decoder"] = dict(vae_stage, steps=1)
+    tree["model"].update(init_from=str(init), **model)
+    return tree
+
+
+def test_init_from_warm_starts_every_part_and_keeps_the_latent_space(straight, tmp_path):
+    """model.init_from copies the checkpoint's UNet, text encoder and VAE exactly (an fp32 export) and
+    its latent scale; the run then trains from there, and exports without a [vae] stage."""
+    import hashlib
+
+    from diffusekit.models.loading import load_checkpoint, read_family
+    from diffusekit.training.trainer import build_models
+    init = export_model(straight, tmp_path / "init.safetensors", dtype=torch.float32)
+    parts = load_checkpoint(init, dtype=torch.float32)
+    cfg = config_from_dict(warm_tree(tmp_path / "run", init))
+    model, vae = build_models(cfg)
+    for ours, theirs in ((model.unet, parts.unet), (model.text_encoder, parts.text_encoders[0]), (vae, parts.vae)):
+        assert_same(ours.state_dict(), theirs.state_dict(), atol=0)
+    cold, _ = build_models(config_from_dict(tiny_tree(tmp_path / "cold")))
+    assert any(not torch.equal(a, b) for a, b in zip(cold.state_dict().values(), model.state_dict().values()))
+    out = Trainer(cfg).run()
+    scale = load_training_checkpoint(out, "diffusion")[2]["extra"]["latent_scale"]
+    assert scale == pytest.approx(read_family(init).latent_scale)
+    assert list_checkpoints(out, "decoder") and not list_checkpoints(out, "vae")
+    assert any(not torch.equal(final_weights(out)[f"model.{k}"], v) for k, v in model.state_dict().items())
+    from diffusekit import Pipeline
+    assert Pipeline.from_pretrained(str(export_model(out, tmp_path / "tuned.safetensors"))).factor == 2
+    # the sha256 pin: the right file passes, another one is refused by name
+    good = hashlib.sha256(init.read_bytes()).hexdigest()
+    build_models(config_from_dict(warm_tree(tmp_path / "r2", init, init_sha256=good)))
+    with pytest.raises(ValueError, match="sha256"):
+        build_models(config_from_dict(warm_tree(tmp_path / "r3", init, init_sha256="0" * 64)))
+
+
+def test_init_from_refuses_another_architecture_and_a_vae_stage(straight, tmp_path):
+    from diffusekit.training.trainer import build_models
+    init = export_model(straight, tmp_path / "init.safetensors")
+    tree = warm_tree(tmp_path / "run", init)
+    tree["model"]["unet"]["model_channels"] = 8
+    with pytest.raises(ValueError, match="model_channels"):
+        build_models(config_from_dict(tree))
+    tree = warm_tree(tmp_path / "run", init)
+    tree["vae"] = dict(tree["decoder"])
+    with pytest.raises(ValueError, match="drop the \\[vae\\] stage"):
+        config_from_dict(tree)
+    tree = tiny_tree(tmp_path / "x")
+    tree["model"]["init_sha256"] = "ab"
+    with pytest.raises(ValueError, match="init_sha256"):
+        config_from_dict(tree)

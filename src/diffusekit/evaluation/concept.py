@@ -21,8 +21,8 @@ import random
 from dataclasses import replace
 from pathlib import Path
 
-from ..training.datasets.shapes import (BACKGROUNDS, COLORS, NEW_SHAPES, POSITIONS, SHAPES, SIZES, Scene,
-                                        ShapeObject, caption, render)
+from ..training.datasets.shapes import (COLORS, LEGACY_BACKGROUNDS, LEGACY_SINGLE_TEMPLATES, NEW_SHAPES, POSITIONS,
+                                        SHAPES, SIZES, Scene, ShapeObject, fill_template, render)
 from .shapes_detector import detect, score
 
 __all__ = ["CONCEPT", "ALL_SHAPES", "concept_scene", "write_concept_folder", "heldout_concept_scenes",
@@ -34,11 +34,12 @@ ALL_SHAPES = SHAPES + NEW_SHAPES
 
 def concept_scene(rng: random.Random, word: str = CONCEPT) -> tuple[Scene, str]:
     """(scene with one hexagon to render, its caption with `word` naming the shape)."""
-    bg = rng.choice(BACKGROUNDS)
+    bg = rng.choice(LEGACY_BACKGROUNDS)     # the first release's backgrounds and phrasings: concept data unchanged
     color = rng.choice([c for c in COLORS if c != bg])
     obj = ShapeObject(CONCEPT, color, rng.choice(tuple(SIZES)), rng.choice(tuple(POSITIONS)))
     scene = Scene(bg, (obj,))
-    return scene, caption(replace(scene, objects=(replace(obj, shape=word),)), rng)
+    template = rng.choice(LEGACY_SINGLE_TEMPLATES)
+    return scene, fill_template(template, replace(scene, objects=(replace(obj, shape=word),)), articles=False)
 
 
 def write_concept_folder(folder: str | Path, n: int = 200, seed: int = 0, word: str = CONCEPT,

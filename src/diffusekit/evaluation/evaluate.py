@@ -25,7 +25,7 @@ from PIL import Image
 
 from ..pipelines import GenerationParams
 from ..training.datasets.digits import digit_caption, load_mnist_arrays
-from ..training.datasets.shapes import ShapesDataset
+from ..training.datasets.shapes import STYLES, ShapesDataset
 from . import features as feats
 from .adherence import AdherenceReport, evaluate_adherence, pipeline_generator
 from .fid import fid
@@ -54,14 +54,17 @@ def generate_for_prompts(pipe, prompts: Sequence[str], *, steps: int = 20, sampl
     return images
 
 
-def shapes_eval_items(n: int, n_pairs: int, data_seed: int, start: int = 0) -> tuple[list[dict], list[dict]]:
-    """Dataset items (image, caption, scene) of the adherence prompts (`adherence.adherence_prompts`:
-    the first n held-out single-object items, the first n_pairs two-object "train" items at seed + 1), so
+def shapes_eval_items(n: int, n_pairs: int, data_seed: int, start: int = 0,
+                      prompts: str = "robust") -> tuple[list[dict], list[dict]]:
+    """Dataset items (image, caption, scene) of the adherence prompts (`adherence.adherence_prompts`), so
     the FID compares generated images with the dataset's own renders of the same scenes. `start` skips
     that many of each kind: the FID floor takes the next ones."""
-    single = ShapesDataset(seed=data_seed, split="heldout")
+    single = ShapesDataset(seed=data_seed, split="heldout", style=prompts)
     singles = [single[i] for i in range(start, start + n)]
-    pair_ds = ShapesDataset(seed=data_seed + 1, split="train")
+    if prompts == "robust":
+        pair_ds = ShapesDataset(seed=data_seed + 1, split="heldout_pairs")
+        return singles, [pair_ds[i] for i in range(start, start + n_pairs)]
+    pair_ds = ShapesDataset(seed=data_seed + 1, split="train", style="legacy")
     pairs, i, seen = [], 0, 0
     while len(pairs) < n_pairs:
         if len(pair_ds.scene(i).objects) == 2:
@@ -72,7 +75,7 @@ def shapes_eval_items(n: int, n_pairs: int, data_seed: int, start: int = 0) -> t
     return singles, pairs
 
 
-def _evaluate_shapes(pipe, n, n_pairs, gen_kwargs, data_seed, feature_net, progress):
+def _evaluate_shapes(pipe, n, n_pairs, gen_kwargs, data_seed, feature_net, progress, prompts):
     # adherence: adherence.py's prompts, image seeds and scoring; we keep the images for the FID
     seed = gen_kwargs["seed"]
     generate = pipeline_generator(pipe, size=gen_kwargs["size"], steps=gen_kwargs["steps"],
@@ -86,17 +89,18 @@ def _evaluate_shapes(pipe, n, n_pairs, gen_kwargs, data_seed, feature_net, progr
             progress(len(images), n + n_pairs)
         return images[-1]
 
-    report = evaluate_adherence(recording, n_single=n, n_pair=n_pairs, seed=data_seed)
-    singles, pairs = shapes_eval_items(n, n_pairs, data_seed)
+    report = evaluate_adherence(recording, n_single=n, n_pair=n_pairs, seed=data_seed, prompts=prompts)
+    singles, pairs = shapes_eval_items(n, n_pairs, data_seed, prompts=prompts)
     items = singles + pairs
     net = feature_net or feats.load_shapes_features()
     f_gen = feats.extract(net, images)
     f_real = feats.extract(net, [it["image"] for it in items])
-    floor_singles, floor_pairs = shapes_eval_items(n, n_pairs, data_seed, start=max(n, n_pairs))
+    floor_singles, floor_pairs = shapes_eval_items(n, n_pairs, data_seed, start=max(n, n_pairs), prompts=prompts)
     f_other = feats.extract(net, [it["image"] for it in floor_singles + floor_pairs])
     return {
         "single": report.single,
         "pair": report.pair,
+        "per_template": report.per_template,
         "fid": fid(f_gen, f_real),
         "fid_floor": fid(f_other, f_real),
         "fid_samples": len(items),
@@ -139,14 +143,17 @@ def _evaluate_digits(pipe, n, gen_kwargs, feature_net, progress):
 def evaluate_model(pipe_or_path, dataset: str = "shapes", n: int = 200, steps: int = 20, sampler: str = "DPM++ 2M",
                    scheduler: str = "Karras", cfg: float = 5.0, seed: int = 0, *, n_pairs: int | None = None,
                    size: int | None = None, data_seed: int = 0, feature_net=None, device: str = "cpu",
-                   keep_images: bool = False, progress: Callable[[int, int], None] | None = None) -> dict:
+                   keep_images: bool = False, progress: Callable[[int, int], None] | None = None,
+                   prompts: str = "robust") -> dict:
     """Generate for evaluation prompts and measure adherence and FID (see the module docstring).
 
     pipe_or_path: a `Pipeline`, a shipped name ("shapes"), a checkpoint file or a diffusers folder.
     n: single-object (shapes) or digit prompts; n_pairs: two-object prompts (shapes; default n // 2).
+    prompts: shapes only, "robust" (held-out phrasings and combinations, the default) or "legacy" (the
+    first release's evaluation prompts; `adherence.adherence_prompts`).
     size: generation side in pixels (None = 64 for shapes, the dataset's size; the model's native size for
     digits); images are resized to the feature net's input. Returns a JSON-able dict: "single"/"pair"
-    adherence fractions (shapes) or "recognised" (digits), "fid", "fid_floor", "fid_samples", the settings,
+    adherence fractions (shapes) or "recognised" (digits), "fid", "fid_floor", "fid_samples", "per_template" (shapes), the settings,
     "prompts", "seconds" (plus "images" when keep_images).
     """
     if dataset not in DATASETS:
@@ -154,6 +161,8 @@ def evaluate_model(pipe_or_path, dataset: str = "shapes", n: int = 200, steps: i
     if not isinstance(n, int) or n < 2:
         raise ValueError(f"n={n!r}: FID needs at least 2 images (the quality bars use hundreds)")
     n_pairs = n // 2 if n_pairs is None else n_pairs
+    if prompts not in STYLES:
+        raise ValueError(f"prompts={prompts!r}; valid: {', '.join(map(repr, STYLES))}")
     if dataset == "shapes" and (not isinstance(n_pairs, int) or n_pairs < 0):
         raise ValueError(f"n_pairs={n_pairs!r}: must be a non-negative integer")
     if dataset == "digits" and n > 1000:
@@ -164,7 +173,7 @@ def evaluate_model(pipe_or_path, dataset: str = "shapes", n: int = 200, steps: i
     pipe = _pipeline(pipe_or_path, device)
     gen_kwargs = dict(steps=steps, sampler=sampler, scheduler=scheduler, cfg=cfg, seed=seed, size=size)
     if dataset == "shapes":
-        result = _evaluate_shapes(pipe, n, n_pairs, gen_kwargs, data_seed, feature_net, progress)
+        result = _evaluate_shapes(pipe, n, n_pairs, gen_kwargs, data_seed, feature_net, progress, prompts)
     else:
         result = _evaluate_digits(pipe, n, gen_kwargs, feature_net, progress)
     images = result.pop("images")
@@ -173,6 +182,7 @@ def evaluate_model(pipe_or_path, dataset: str = "shapes", n: int = 200, steps: i
                   seconds=time.perf_counter() - t0)
     if dataset == "shapes":
         result["n_pairs"] = n_pairs
+        result["prompt_set"] = prompts
     if keep_images:
         result["images"] = images
     return result
@@ -182,7 +192,7 @@ def format_markdown(result: dict) -> str:
     """The result as the table a model card quotes."""
     r = result
     lines = [f"Evaluated with `diffusekit eval --dataset {r['dataset']} -n {r['n']}"
-             + (f" --pairs {r['n_pairs']}" if "n_pairs" in r else "")
+             + (f" --pairs {r['n_pairs']} --prompts {r.get('prompt_set', 'robust')}" if "n_pairs" in r else "")
              + f" --steps {r['steps']} --sampler \"{r['sampler']}\" --scheduler {r['scheduler']} "
                f"--cfg-scale {r['cfg']:g} --seed {r['seed']}" + (f" --size {r['size']}" if r.get("size") else "")
              + f"` on model {r['model']} ({r['seconds']:.0f} s).", "",
@@ -192,8 +202,9 @@ def format_markdown(result: dict) -> str:
         return "n/a" if v is None else f"{100 * v:.1f}%"
 
     if r["dataset"] == "shapes":
-        adherence = AdherenceReport(single=r["single"], pair=r["pair"], n_single=r["n"], n_pair=r["n_pairs"])
-        lines = lines[:2] + [adherence.to_markdown(), ""] + lines[2:]
+        adherence = AdherenceReport(single=r["single"], pair=r["pair"], n_single=r["n"], n_pair=r["n_pairs"],
+                                    prompts=r.get("prompt_set", "robust"), per_template=r.get("per_template", {}))
+        lines = lines[:2] + [adherence.to_markdown(per_template=True), ""] + lines[2:]
     else:
         lines.append(f"| recognised digit (n={r['n']}) | {pct(r['recognised'])} |")
     lines.append(f"| FID, {r['feature_space']}, {r['fid_samples']} samples | {r['fid']:.3f} |")
@@ -211,6 +222,9 @@ def add_arguments(parser) -> None:
                         help="evaluation world (default: the model's name when it is a shipped one, else shapes)")
     parser.add_argument("-n", type=int, default=200, help="single-object / digit prompts (default 200)")
     parser.add_argument("--pairs", type=int, default=None, help="two-object prompts for shapes (default n/2)")
+    parser.add_argument("--prompts", default="robust", choices=STYLES,
+                        help="shapes prompts: robust (held-out phrasings and combinations, default) or legacy "
+                             "(the first release's evaluation prompts)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--sampler", default="DPM++ 2M")
     parser.add_argument("--scheduler", default="Karras")
@@ -229,7 +243,8 @@ def run_from_args(args, progress: Callable[[int, int], None] | None = None) -> d
     dataset = args.dataset or (args.model if args.model in DATASETS else "shapes")
     result = evaluate_model(args.model, dataset, n=args.n, n_pairs=args.pairs, steps=args.steps, sampler=args.sampler,
                             scheduler=args.scheduler, cfg=args.cfg_scale, seed=args.seed, size=args.size,
-                            keep_images=bool(args.save_images), progress=progress)
+                            keep_images=bool(args.save_images), progress=progress,
+                            prompts=getattr(args, "prompts", "robust"))
     images = result.pop("images", None)
     if args.save_images:
         folder = Path(args.save_images)

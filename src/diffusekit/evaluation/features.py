@@ -31,7 +31,7 @@ from torch import nn
 
 from ..training.datasets.digits import NAMES as DIGIT_NAMES
 from ..training.datasets.digits import load_mnist_arrays
-from ..training.datasets.shapes import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, Scene, ShapesDataset
+from ..training.datasets.shapes import LEGACY_BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, Scene, ShapesDataset
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "features"
 SHAPES_FILE = ASSETS / "shapes_features.safetensors"
@@ -39,7 +39,7 @@ DIGITS_FILE = ASSETS / "digits_classifier.safetensors"
 
 # head name -> (labels, kind): "single" = one label per image (softmax), "multi" = a set (sigmoid each)
 SHAPES_HEADS: dict[str, tuple[tuple[str, ...], str]] = {
-    "background": (BACKGROUNDS, "single"),
+    "background": (LEGACY_BACKGROUNDS, "single"),   # the net was trained on the first release's data
     "count": (("1", "2"), "single"),
     "shapes": (SHAPES, "multi"),
     "colors": (tuple(COLORS), "multi"),
@@ -118,7 +118,7 @@ def shapes_targets(scene: Scene) -> dict[str, torch.Tensor]:
     """Ground truth of one scene: class indices for "single" heads, 0/1 vectors for "multi" heads."""
     present = {"shapes": {o.shape for o in scene.objects}, "colors": {o.color for o in scene.objects},
                "positions": {o.position for o in scene.objects}, "sizes": {o.size for o in scene.objects}}
-    out = {"background": torch.tensor(BACKGROUNDS.index(scene.background)),
+    out = {"background": torch.tensor(LEGACY_BACKGROUNDS.index(scene.background)),
            "count": torch.tensor(len(scene.objects) - 1)}
     for name, items in present.items():
         out[name] = torch.tensor([float(lab in items) for lab in SHAPES_HEADS[name][0]])
@@ -160,13 +160,14 @@ def _cosine_lr(step: int, steps: int, lr: float, warmup: int) -> float:
 def train_shapes_features(steps: int = 2000, seed: int = 0, *, config: ShapesFeatureConfig = ShapesFeatureConfig(),
                           pool: int = 10_000, batch_size: int = 64, lr: float = 3e-3,
                           losses: list | None = None, log: Callable[[str], None] | None = None) -> ShapesFeatureNet:
-    """Train the shapes feature net on `pool` images of `ShapesDataset(seed, split="train")` (rendered once),
+    """Train the shapes feature net on `pool` images of `ShapesDataset(seed, split="train", style="legacy")`
+    (the first release's data, rendered once; its background head has that data's six backgrounds),
     batches drawn in a fixed-seed order; AdamW with linear warmup and cosine decay. The held-out split's
     attribute combinations are never seen. Appends each step's loss to `losses` when given."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)                     # parameter init
     model = ShapesFeatureNet(config)
-    ds = ShapesDataset(seed=seed, size=config.image_size, split="train")
+    ds = ShapesDataset(seed=seed, size=config.image_size, split="train", style="legacy")
     x_pool, y_pool = _render_pool(ds, 0, pool)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     order = torch.randperm(pool, generator=gen)
@@ -400,7 +401,7 @@ def _main(argv: list[str] | None = None) -> None:
         out = save_feature_net(model, a.out or SHAPES_FILE)
         model = load_feature_net(out)                   # measure what ships (fp16 weights)
         for split in ("train", "heldout"):
-            acc = shapes_accuracy(model, ShapesDataset(seed=10_000 + a.seed, split=split), n=2000)
+            acc = shapes_accuracy(model, ShapesDataset(seed=10_000 + a.seed, split=split, style="legacy"), n=2000)
             print(f"accuracy on 2000 unseen {split}-split images:", json.dumps({k: round(v, 4) for k, v in acc.items()}))
     else:
         model = train_digits_classifier(a.steps or 1500, a.seed, log=print)

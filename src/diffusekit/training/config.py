@@ -12,7 +12,9 @@ recipe's conventions (see `configs/shapes.toml`):
              (`CLIPTextConfig` fields). A flow model may be an SD3-style transformer instead:
              [model.mmdit] (`MMDiTConfig` fields), with shift (its sampling time shift),
              vae_from / text_from (a shipped model whose VAE / text encoder is reused, frozen) and
-             context_tokens (joint text tokens, the first N of the 77)
+             context_tokens (joint text tokens, the first N of the 77); init_from (a shipped name or a
+             checkpoint file whose UNet, text encoder and VAE weights the run starts from, instead of a
+             random init: a warm start; init_sha256 pins that file's contents)
     [vae]    the autoencoder stage, run before the diffusion stage when [model.vae] is given
     [train]  the diffusion stage
     [decoder] optional last stage: fine-tune the VAE decoder with the encoder frozen (as Stability's
@@ -74,6 +76,9 @@ class ModelConfig:
     vae_from: str = ""          # a shipped model name: use its VAE (frozen, no [vae] stage) and latent scale
     text_from: str = ""         # a shipped model name: use its text encoder and tokenizer, frozen
     context_tokens: int = 0     # MMDiT: joint text tokens (the first N of 77; causal CLIP makes them exact); 0 = 77
+    init_from: str = ""         # warm start: a shipped name or checkpoint file with the same architecture whose
+                                # UNet, text encoder and VAE weights (and latent scale) the run starts from
+    init_sha256: str = ""       # if set, init_from's file must have this sha256 (the exact weights a recipe used)
 
 
 @dataclass
@@ -164,8 +169,17 @@ class TrainConfig:
             raise ValueError("train.timestep_sampling applies to flow models (model.prediction = 'flow')")
         if self.vae is not None and self.model.vae is None:
             raise ValueError("a [vae] stage needs [model.vae] (the autoencoder's shape)")
-        if self.decoder is not None and self.vae is None:
-            raise ValueError("a [decoder] stage fine-tunes a VAE trained by the [vae] stage; add [vae] and [model.vae]")
+        if m.init_from and self.vae is not None:
+            raise ValueError("model.init_from brings a trained VAE: drop the [vae] stage (fine-tune its decoder "
+                             "with [decoder] instead)")
+        if m.init_from and (m.vae_from or m.text_from or m.mmdit is not None):
+            raise ValueError("model.init_from warm-starts a whole UNet model; it does not combine with "
+                             "vae_from, text_from or [model.mmdit]")
+        if m.init_sha256 and not m.init_from:
+            raise ValueError("model.init_sha256 pins the file of model.init_from, which is not set")
+        if self.decoder is not None and self.vae is None and not m.init_from:
+            raise ValueError("a [decoder] stage fine-tunes a VAE trained by the [vae] stage (or brought by "
+                             "model.init_from); add [vae] and [model.vae], or model.init_from")
         if self.data.workers < 0:
             raise ValueError(f"data.workers={self.data.workers}; must be >= 0 (0 = one per CPU core)")
         if not 0 <= self.data.caption_dropout < 1:

@@ -25,7 +25,7 @@ import math
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -220,7 +220,52 @@ def build_models(cfg: TrainConfig) -> tuple[TextToImage | JointTextToImage, Auto
         text = shipped[m.text_from].text_encoders[0]
     if isinstance(ucfg, MMDiTConfig):
         return JointTextToImage(MMDiT(ucfg), text, m.context_tokens, train_text=not m.text_from), vae
-    return TextToImage(UNetModel(ucfg), text), vae
+    model = TextToImage(UNetModel(ucfg), text)
+    if m.init_from:
+        _warm_start(cfg, model, vae)
+    return model, vae
+
+
+def _init_file(cfg: TrainConfig) -> Path:
+    """model.init_from as a file, its sha256 checked against model.init_sha256 when that is given."""
+    from ..pipelines.shipped import resolve_model
+    path = resolve_model(cfg.model.init_from)
+    want = cfg.model.init_sha256.lower()
+    if want and path.is_file():
+        got = hashlib.sha256(path.read_bytes()).hexdigest()
+        if got != want:
+            raise ValueError(f"model.init_from={cfg.model.init_from!r} ({path}) has sha256 {got}, but "
+                             f"model.init_sha256 asks for {want}: these are not the weights the recipe starts from")
+    return path
+
+
+def _warm_start(cfg: TrainConfig, model: TextToImage, vae: AutoencoderKL | None) -> None:
+    """Copy model.init_from's UNet, text encoder and VAE weights into the freshly built modules. The
+    config's architecture must be the checkpoint's (every field is compared, so a mismatch names itself)."""
+    from ..models.loading import load_checkpoint
+    parts = load_checkpoint(_init_file(cfg), dtype=torch.float32)
+    fam = parts.family
+    ucfg, vcfg, tcfg = build_configs(cfg)
+    theirs = {"unet": fam.unet, "vae": fam.vae, "text": fam.text_encoders[0].config}
+    for name, ours in (("unet", ucfg), ("vae", vcfg), ("text", tcfg)):
+        if ours != theirs[name]:
+            a, b = (asdict(x) if x is not None else {} for x in (ours, theirs[name]))
+            diff = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+            raise ValueError(f"model.init_from={cfg.model.init_from!r}: [model.{name}] differs from the checkpoint's "
+                             f"(field: (config, checkpoint)) {diff}")
+    if fam.prediction_type != cfg.model.prediction:
+        raise ValueError(f"model.init_from={cfg.model.init_from!r} is a {fam.prediction_type!r} model; "
+                         f"model.prediction={cfg.model.prediction!r}")
+    model.unet.load_state_dict(parts.unet.state_dict())
+    model.text_encoder.load_state_dict(parts.text_encoders[0].state_dict())
+    if vae is not None:
+        vae.load_state_dict(parts.vae.state_dict())
+
+
+def init_latent_scale(cfg: TrainConfig) -> float:
+    """The latent scale of model.init_from (the latent space its UNet was trained in)."""
+    from ..models.loading import read_family
+    return read_family(_init_file(cfg)).latent_scale
 
 
 def _shipped_family(name: str) -> ModelFamily:
@@ -486,6 +531,8 @@ class Trainer:
                 self.latent_scale = float(found[2]["extra"]["latent_scale"])
             elif mcfg.vae_from:   # the latent space the shipped model's diffusion was trained in
                 self.latent_scale = _shipped_family(mcfg.vae_from).latent_scale
+            elif mcfg.init_from:  # a warm start keeps the latent space its UNet knows
+                self.latent_scale = init_latent_scale(self.cfg)
             else:
                 self.latent_scale = self._measure_latent_scale()
             if self.world.main:
@@ -556,8 +603,9 @@ class Trainer:
                 self.train_vae()
             else:
                 self._load_stage_weights("vae", VAEObjective(self.vae))
-        elif self.vae is not None and not self.cfg.model.vae_from:
-            raise ValueError("[model.vae] is given but there is no [vae] stage to train it")
+        elif self.vae is not None and not (self.cfg.model.vae_from or self.cfg.model.init_from):
+            raise ValueError("[model.vae] is given but there is no [vae] stage to train it (nor model.init_from "
+                             "to bring one)")
         if "diffusion" in stages:
             self.train_diffusion()
         if self.cfg.decoder is not None and "decoder" in stages:
@@ -678,7 +726,8 @@ def load_run(out_dir: str | Path, *, ema: bool = True) -> tuple[TrainConfig, Tex
                 _load_module(VAEObjective(vae), vfound[1], vfound[2] if ema else {"ema": {}})
                 break
         else:
-            raise FileNotFoundError(f"{out} has no readable vae checkpoint")
+            if not cfg.model.init_from:   # a warm start's VAE is init_from's when no stage changed it
+                raise FileNotFoundError(f"{out} has no readable vae checkpoint")
     scale = float(state["extra"].get("latent_scale", 1.0))
     return cfg, model.eval(), vae.eval() if vae is not None else None, scale
 
