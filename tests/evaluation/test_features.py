@@ -19,7 +19,7 @@ def shapes_net():
 
 @pytest.fixture(scope="module")
 def real_images():
-    ds = ShapesDataset(seed=UNSEEN_SEED)
+    ds = ShapesDataset(seed=UNSEEN_SEED, style="legacy")
     return [ds[i]["image"] for i in range(400)]
 
 
@@ -27,7 +27,7 @@ def real_images():
 def test_shipped_shapes_net_reads_unseen_images(shapes_net, split):
     # 300 images of an unseen seed; "heldout" = attribute combinations never trained on.
     # Floors sit a few points under the 2000-image accuracies in assets/features/README.md.
-    acc = fe.shapes_accuracy(shapes_net, ShapesDataset(seed=UNSEEN_SEED, split=split), n=300)
+    acc = fe.shapes_accuracy(shapes_net, ShapesDataset(seed=UNSEEN_SEED, split=split, style="legacy"), n=300)
     assert acc["background"] >= 0.98
     assert acc["count"] >= 0.98
     assert acc["colors"] >= 0.95
@@ -47,7 +47,7 @@ def test_extract_shape_dtype_and_determinism(shapes_net, real_images):
 
 def test_other_sizes_are_resized(shapes_net, real_images):
     # a 128x128 render of the same scene lands near the 64x64 one in feature space
-    ds = ShapesDataset(seed=UNSEEN_SEED, size=128)
+    ds = ShapesDataset(seed=UNSEEN_SEED, size=128, style="legacy")
     big = [ds[i]["image"] for i in range(20)]
     f64, f128 = fe.extract(shapes_net, real_images[:20]), fe.extract(shapes_net, big)
     dist_same = np.linalg.norm(f64 - f128, axis=1).mean()
@@ -64,7 +64,7 @@ def test_fid_space_separates_real_from_degraded(shapes_net, real_images):
     blurred = [im.filter(ImageFilter.GaussianBlur(2.0)) for im in b]
     noisy = [Image.fromarray(np.clip(np.asarray(im, np.float32) + rng.normal(0, 40, (64, 64, 3)), 0, 255).astype(np.uint8))
              for im in b]
-    heldout = ShapesDataset(seed=UNSEEN_SEED, split="heldout")
+    heldout = ShapesDataset(seed=UNSEEN_SEED, split="heldout", style="legacy")
     other = [heldout[i]["image"] for i in range(200)]
     fa, fb = fe.extract(shapes_net, a), fe.extract(shapes_net, b)
     floor = fid(fa, fb)

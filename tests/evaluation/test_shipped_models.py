@@ -36,9 +36,10 @@ def test_both_are_shipped_and_load_in_float32_on_cpu():
 
 
 def test_shapes_draws_held_out_prompts():
-    """Six held-out (shape, colour, background) prompts, detector-scored; the card's 200 scored 100%."""
+    """Six held-out (shape, colour, background) prompts of the first release's evaluation (its phrasings and
+    backgrounds, `--prompts legacy`), detector-scored; the card's 200 scored 100%."""
     pipe = Pipeline.from_pretrained("shapes")
-    ds = ShapesDataset(seed=0, split="heldout")
+    ds = ShapesDataset(seed=0, split="heldout", style="legacy")
     hits = {"shape_color": 0, "background": 0}
     for i in range(6):
         item = ds[i]
@@ -79,7 +80,7 @@ def test_shapes_flow_is_a_flow_mmdit_and_draws_the_background():
     pipe = Pipeline.from_pretrained("shapes-flow")
     assert pipe.family.prediction_type == "flow" and pipe.family.is_mmdit and pipe.denoiser.noise_form == "flow"
     assert {p.dtype for p in pipe.unet.parameters()} == {torch.float32}
-    ds = ShapesDataset(seed=0, split="heldout")
+    ds = ShapesDataset(seed=0, split="heldout", style="legacy")   # its training data
     hits = 0
     for i in range(6):
         item = ds[i]

@@ -4,7 +4,8 @@ A config has up to six tables; every key is optional and the defaults are the sh
 recipe's conventions (see `configs/shapes.toml`):
 
     [run]    out_dir, seed, threads
-    [data]   kind = "shapes" | "digits" | "folder", path (folder), size, length, seed, caption_dropout,
+    [data]   kind = "shapes" | "digits" | "folder", path (folder), size, length, seed, style (shapes:
+             "robust" | "legacy"), caption_dropout,
              preload, workers
     [model]  prediction = "eps" | "v" | "x0" | "flow", schedule = "scaled_linear" | "linear",
              beta_start, beta_end, timesteps; sub-tables [model.unet] (`UNetConfig` fields),
@@ -54,6 +55,7 @@ class DataConfig:
     size: int = 64
     length: int = 10_000        # items per epoch (shapes: any index is valid; others: min(length, real size))
     seed: int = 0
+    style: str = "robust"       # shapes: "robust" (8 backgrounds, many phrasings) or "legacy" (the first release's data)
     caption_dropout: float = 0.1   # empty caption this often, for classifier-free guidance (Ho & Salimans 2022)
     preload: bool = False       # draw all `length` items up front (in `workers` processes) and keep them, as
                                 # uint8 images and token ids, on the training device: for a GPU, which the
@@ -180,6 +182,8 @@ class TrainConfig:
         if self.decoder is not None and self.vae is None and not m.init_from:
             raise ValueError("a [decoder] stage fine-tunes a VAE trained by the [vae] stage (or brought by "
                              "model.init_from); add [vae] and [model.vae], or model.init_from")
+        if self.data.style not in ("robust", "legacy"):
+            raise ValueError(f"data.style={self.data.style!r}; valid: 'robust', 'legacy'")
         if self.data.workers < 0:
             raise ValueError(f"data.workers={self.data.workers}; must be >= 0 (0 = one per CPU core)")
         if not 0 <= self.data.caption_dropout < 1:

@@ -17,7 +17,8 @@ __all__ = ["build_dataset", "ShapesDataset", "to_tensor_array", "preload"]
 def build_dataset(cfg):
     """The dataset a `DataConfig` names (kind "shapes" | "digits" | "folder")."""
     if cfg.kind == "shapes":
-        return ShapesDataset(seed=cfg.seed, size=cfg.size, length=cfg.length, split="train")
+        return ShapesDataset(seed=cfg.seed, size=cfg.size, length=cfg.length, split="train",
+                             style=getattr(cfg, "style", "robust"))
     if cfg.kind == "digits":
         from .digits import DigitsDataset
         return DigitsDataset(size=cfg.size, length=cfg.length)
