@@ -67,6 +67,18 @@ def tiny_flux(tmp_path_factory, t5_tokenizer_dir):
     return save_tiny(folder / "tiny-flux-dev.safetensors", "flux-dev")
 
 
+@pytest.fixture
+def flux_file(tmp_path, t5_tokenizer_dir):
+    """build(dtype=None, name="flux-dev") -> (family, path): a tiny Flux file stored in `dtype`, tokenizer_2/ beside it."""
+    import shutil
+
+    def build(dtype=None, name="flux-dev", seed=0):
+        fam, parts = build_tiny_parts(name, seed)
+        shutil.copytree(t5_tokenizer_dir, tmp_path / "tokenizer_2", dirs_exist_ok=True)
+        return fam, save_checkpoint(parts, tmp_path / f"{name}.safetensors", family=fam, dtype=dtype)
+    return build
+
+
 @pytest.fixture(scope="session")
 def sd3_pipe(tiny_sd3):
     from diffusekit import Pipeline

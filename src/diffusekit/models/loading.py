@@ -539,8 +539,9 @@ def _tokenizers(source: Path, tokenizer, te_names: list[str | None], fam: ModelF
             if where is None:
                 raise CheckpointError(
                     f"{source} has a T5 text encoder but no T5 tokenizer was found: pass t5_tokenizer=<tokenizer.json "
-                    f"or a folder with one>, set ${sd3_loading.T5_TOKENIZER_ENV} (CLI, server), or put a tokenizer_3/ "
-                    "folder (from a diffusers SD3 repository) beside the file")
+                    f"or a folder with one>, set ${sd3_loading.T5_TOKENIZER_ENV} (CLI, server), or put a "
+                    + ("tokenizer_2/ folder (from a diffusers Flux repository)" if fam.is_flux else
+                       "tokenizer_3/ folder (from a diffusers SD3 repository)") + " beside the file")
             try:
                 out.append(T5Tokenizer.from_file(where))
             except (OSError, ValueError) as e:

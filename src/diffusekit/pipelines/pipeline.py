@@ -52,7 +52,7 @@ from .latents import (LATENT_RGB, fill_masked, fit_latent_rgb, initial_noise, la
                       pil_to_tensor, prepare_mask, preview, tensor_to_pil)
 from .params import GenerationParams, GenerationResult, StepInfo
 from .sde_noise import BROWNIAN_SAMPLERS, changes_image, pass_noise, require_torchsde
-from .shipped import A1111_DEFAULTS, recommended, resolve_model, shipped_name
+from .shipped import family_defaults, recommended, resolve_model, shipped_name
 from .state import PromptSteps, SamplingPass, _Batch, _Call, _ConcatKey, _InitImages
 
 # A1111's defaults for the SDXL refiner's aesthetic-score input (sdxl_refiner_high/low_aesthetic_score)
@@ -148,7 +148,8 @@ class Pipeline:
     """Generation on one checkpoint. `Pipeline.from_pretrained(name_or_path)` then `.generate(params)`."""
 
     def __init__(self, parts: ModelParts, *, device: str | torch.device = "cpu",
-                 lora_dir: str | Path | None = None, embeddings_dir: str | Path | None = None):
+                 lora_dir: str | Path | None = None, embeddings_dir: str | Path | None = None,
+                 offload_text_encoders: bool = False):
         self.lora_dir = lora_dir                 # where <lora:NAME:W> finds NAME.safetensors (pipelines/loras.py)
         self._lora_targets: LoRATargets | None = None
         if (parts.vae is None) != parts.family.pixel_space:
@@ -161,9 +162,12 @@ class Pipeline:
         self.name = parts.name
         self.unet = parts.unet.to(self.device).eval()
         self.vae = parts.vae.to(self.device).eval() if parts.vae is not None else None
+        # offload: the text encoders (Flux's / SD3's T5-XXL: 4.7B parameters) stay on the CPU and encode there;
+        # only their outputs move to `device`, so they never take accelerator memory
+        self.offload_text_encoders = bool(offload_text_encoders)
         for enc in parts.text_encoders:
             if enc is not None:
-                enc.to(self.device).eval()
+                (enc if self.offload_text_encoders else enc.to(self.device)).eval()
         conditioner = (FluxTextConditioner if self.family.is_flux else
                        JointTextConditioner if self.family.is_mmdit else TextConditioner)
         self.text = conditioner(self.family, parts.text_encoders, parts.tokenizers) if parts.text_encoders else None
@@ -184,13 +188,14 @@ class Pipeline:
         self._refiners: dict[str, Pipeline] = {}
         self.embeddings_dir = embeddings_dir     # textual-inversion files named by their stem in prompts
         # sampler_name, scheduler, steps, cfg_scale the model's card recommends (shipped.recommended)
-        self.defaults: dict = dict(A1111_DEFAULTS)
+        self.defaults: dict = family_defaults(self.family)
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, *, device: str = "cpu", dtype: torch.dtype | None = None,
                         family: str | None = None, lora_dir: str | Path | None = None,
-                        embeddings_dir: str | Path | None = None, **load_options) -> "Pipeline":
+                        embeddings_dir: str | Path | None = None, offload_text_encoders: bool = False,
+                        **load_options) -> "Pipeline":
         """A shipped model name ("shapes"), a single-file checkpoint or a diffusers folder.
 
         dtype=None keeps the file's precision on an accelerator and computes in float32 on the CPU,
@@ -198,21 +203,31 @@ class Pipeline:
         lora_dir: the folder of LoRA files that `<lora:NAME:WEIGHT>` prompt tags name.
         embeddings_dir: the folder of textual-inversion embeddings (A1111's `embeddings/`): a file's stem
         written in a prompt or negative prompt stands for its vectors.
-        load_options: passed to `load_checkpoint` (SD3: `text_encoder_files=`, `t5_tokenizer=`)."""
+        offload_text_encoders: keep the text encoders on the CPU when `device` is an accelerator (they run once
+        per prompt; T5-XXL is 9.5 GB in bf16).
+        Flux on a CPU with dtype=None: the transformer and T5 keep their stored bf16 / fp8 / fp16 weights,
+        memory-mapped, and compute in float32 (each layer upcast as it runs), so a 12B model needs its file's
+        pages, not 48 GB of float32 copies (bench/flux_memory.py).
+        load_options: passed to `load_checkpoint` (SD3 / Flux: `text_encoder_files=`, `t5_tokenizer=`, Flux:
+        `vae_file=`)."""
         path = resolve_model(name_or_path)
         keep = dtype is None and torch.device(device).type == "cpu" and read_family(path, family).is_flux
         if dtype is None and torch.device(device).type == "cpu" and not keep:
             dtype = torch.float32
         parts = load_checkpoint(path, family=family, dtype=dtype, device="cpu", **load_options)
-        if keep:   # Flux on a CPU: weights stay as stored (memory-mapped bf16 / fp8), computed in float32
+        if keep:   # Flux on a CPU: the transformer and T5 stay as stored (memory-mapped bf16 / fp8 / fp16 pages,
+            # each layer upcast when it runs), computed in float32; CLIP-L and the VAE (small) become float32
             parts.unet.compute_dtype = torch.float32
             for module in (parts.vae, *parts.text_encoders):
-                if module is not None:
+                if hasattr(module, "compute_dtype"):
+                    module.compute_dtype = torch.float32
+                elif module is not None:
                     module.float()
         shipped = shipped_name(path)
         if shipped is not None:            # infotext "Model: shapes", not the file's stem "model"
             parts.name = shipped
-        pipe = cls(parts, device=device, lora_dir=lora_dir, embeddings_dir=embeddings_dir)
+        pipe = cls(parts, device=device, lora_dir=lora_dir, embeddings_dir=embeddings_dir,
+                   offload_text_encoders=offload_text_encoders)
         pipe.defaults = recommended(path, parts.family)
         return pipe
 
@@ -501,8 +516,11 @@ class Pipeline:
             self._shifted[shift] = FlowDenoiser(self.denoiser.inner_model, shift=shift)
         return self._shifted[shift]
 
-    def _sigmas(self, schedule_id: str, steps: int, width: int, height: int) -> torch.Tensor:
-        table = self.denoiser_at(width, height).schedule
+    def _sigmas(self, schedule_id: str, steps: int, width: int | None = None, height: int | None = None) -> torch.Tensor:
+        """The schedule's sigmas over the model's table (for a resolution-dependent shift: at width x height,
+        the native size when not given)."""
+        size = self.family.default_size
+        table = self.denoiser_at(width or size, height or size).schedule
         return sigma_schedules.get(schedule_id, steps, schedule=table, sigma_min=table.sigma_min,
                                    sigma_max=table.sigma_max).to(self.device)
 
@@ -646,12 +664,12 @@ class Pipeline:
     def _network_kwargs(self, c: Conditioning, aesthetic: float, width: int, height: int,
                         guidance: float | None = None) -> dict:
         """A Conditioning as the network's keyword arguments (batch 1; guidance expands them)."""
-        kw = {"context": c.context}
+        kw = {"context": c.context.to(self.device)}
         if self.family.is_transformer and c.pooled is not None:   # SD3, Flux: pooled CLIP joins the time embedding
-            kw["y"] = c.pooled
+            kw["y"] = c.pooled.to(self.device)
         if self.family.takes_guidance:   # Flux.1 dev: the distilled guidance scale is a network input
             kw["guidance"] = torch.tensor([float(self.family.guidance if guidance is None else guidance)],
-                                          device=c.context.device)
+                                          device=self.device)
         elif self.family.adm_inputs:
             kw["y"] = adm_vector(self.family, c.pooled, original_size=(height, width), target_size=(height, width),
                                  aesthetic_score=aesthetic)

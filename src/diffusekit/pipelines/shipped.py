@@ -92,6 +92,13 @@ FLUX_DEFAULTS = {"flux-dev": {"sampler_name": "Euler", "scheduler": "Simple", "s
                  "flux-schnell": {"sampler_name": "Euler", "scheduler": "Simple", "steps": 4, "cfg_scale": 1.0}}
 
 
+def family_defaults(family) -> dict:
+    """A1111's defaults, or Flux's for a Flux family (None: A1111's)."""
+    if family is not None and family.is_flux:
+        return dict(FLUX_DEFAULTS["flux-dev" if family.takes_guidance else "flux-schnell"])
+    return dict(A1111_DEFAULTS)
+
+
 def recommended(name_or_path, family=None) -> dict:
     """sampler_name, scheduler, steps and cfg_scale for a model (a shipped name or any path): A1111's
     defaults, or Flux's (`FLUX_DEFAULTS`, by the family: given, or read from the file's header), overridden
@@ -107,6 +114,5 @@ def recommended(name_or_path, family=None) -> dict:
                 family = read_family(s) if Path(s).exists() else None
             except (CheckpointError, OSError):
                 family = None
-        if family is not None and family.is_flux:
-            base = dict(FLUX_DEFAULTS["flux-dev" if family.takes_guidance else "flux-schnell"])
+        base = family_defaults(family)
     return {**base, **(card_settings(card) if card is not None and card.is_file() else {})}
