@@ -17,7 +17,6 @@ FLOPs of one call and the achieved GFLOP/s next to a large matmul of the same dt
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -29,7 +28,8 @@ from diffusekit.models.convert_flux import flux_config_from_diffusers, flux_stat
 from diffusekit.models.flux import Flux
 
 sys.path.insert(0, str(Path(__file__).parent))
-from unet import DTYPES, timed  # noqa: E402  (the UNet bench's helpers: one copy)
+from mmdit import interleaved, print_table  # noqa: E402  (the MMDiT bench's runner and table: one copy)
+from unet import DTYPES  # noqa: E402
 
 
 def diffusers_config(double: int, single: int) -> dict:
@@ -88,7 +88,7 @@ def main():
     latent = args.latent or (16 if args.quick else 32)
     double = args.double if args.double is not None else (1 if args.quick else 2)
     single = args.single if args.single is not None else (1 if args.quick else 4)
-    iters = args.iters or (1 if args.quick else 3)
+    args.iters = iters = args.iters or (1 if args.quick else 3)
     if args.threads:
         torch.set_num_threads(args.threads)
     dcfg = diffusers_config(double, single)
@@ -115,7 +115,6 @@ def main():
         ctx = torch.randn(args.batch, args.tokens, 4096, generator=gen).to(dtype)
         pooled = torch.randn(args.batch, 768, generator=gen).to(dtype)
         guidance = torch.full((args.batch,), 3.5)
-        times = {"diffusers": [], "ours": [], "matmul": []}
 
         def reference_call():
             out = reference(hidden_states=flux.patchify(x, 2), encoder_hidden_states=ctx, pooled_projections=pooled,
@@ -123,32 +122,13 @@ def main():
                             guidance=guidance).sample
             return flux.unpatchify(out, h, w, 2)
 
-        with torch.inference_mode():
-            for it in range(args.warmup + iters):
-                run_ref = lambda: timed(reference_call)  # noqa: E731
-                run_ours = lambda: timed(lambda: ours(x, t * 1000, ctx, pooled, guidance))  # noqa: E731
-                if it % 2 == 0:   # alternate who goes first: no order bias on a busy machine
-                    (wd, cd, ref_out), (wo, co, our_out) = run_ref(), run_ours()
-                else:
-                    (wo, co, our_out), (wd, cd, ref_out) = run_ours(), run_ref()
-                wm, cm, _ = timed(lambda: a @ b)
-                if it >= args.warmup:
-                    times["diffusers"].append((wd, cd))
-                    times["ours"].append((wo, co))
-                    times["matmul"].append((wm, cm))
-                print(f"  {name} iteration {it}: diffusers {wd:.2f} s, ours {wo:.2f} s", flush=True)
-        err = ((ref_out.float() - our_out.float()).abs().max() / ref_out.float().abs().max()).item()
-        med = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v)) for k, v in times.items()}
-        rows.append((name, med["diffusers"], med["ours"], 2 * args.matmul ** 3 / med["matmul"][0] / 1e9, err))
+        rows.append((name, *interleaved(reference_call, lambda: ours(x, t * 1000, ctx, pooled, guidance), a, b, args,
+                                         name)))
         del reference, ours
 
-    print()
-    print(f"{'dtype':>5} | {'diffusers ms':>12} {'ours ms':>9} {'ratio':>6} | {'diff cpu ms':>11} {'ours cpu ms':>11} "
-          f"{'ratio':>6} | {'TFLOP':>6} {'ours GFLOP/s':>12} {'matmul GFLOP/s':>14} | {'max rel diff':>12}")
-    for name, (wd, cd), (wo, co), peak, err in rows:
-        print(f"{name:>5} | {wd * 1e3:>12.0f} {wo * 1e3:>9.0f} {wo / wd:>6.3f} | {cd * 1e3:>11.0f} {co * 1e3:>11.0f} "
-              f"{co / cd:>6.3f} | {flops / 1e12:>6.3f} {flops / wo / 1e9:>12.1f} {peak:>14.1f} | {err:>12.2e}")
-    print("ratio = ours / diffusers (below 1: ours faster); max rel diff = max |ours - diffusers| / max |diffusers|")
+    print_table(rows, flops)
+    print("(bf16: diffusers rounds t * 1000 and guidance * 1000 to bf16 before the sinusoidal embedding, as BFL's "
+          "reference does; ours embeds them in float32 as ComfyUI does, so bf16 outputs differ by more than rounding)")
 
 
 if __name__ == "__main__":

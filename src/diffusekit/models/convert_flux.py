@@ -16,7 +16,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .convert_mmdit import _check_keys, _swap_halves
+from .convert_mmdit import from_table, to_table
 from .flux import DEV, Flux, FluxConfig
 from .keys import module_shapes
 
@@ -111,36 +111,13 @@ def _shapes(cfg: FluxConfig) -> dict[str, tuple[int, ...]]:
 def flux_state_dict_from_diffusers(sd: Mapping[str, torch.Tensor], cfg: FluxConfig) -> dict[str, torch.Tensor]:
     """diffusers `FluxTransformer2DModel.state_dict()` -> `Flux(cfg)` keys; ValueError naming any unknown or
     missing key or a wrong shape."""
-    table, shapes = flux_key_table(cfg), _shapes(cfg)
-    _check_keys(sd, {k for _, srcs in table.values() for k in srcs}, "diffusers Flux transformer")
-    out = {}
-    for key, (op, srcs) in table.items():
-        parts = [sd[s] for s in srcs]
-        if op == "cat" and len({p.dtype for p in parts}) > 1:
-            raise ValueError(f"diffusers keys {', '.join(srcs)} have different dtypes; {key} fuses them")
-        t = torch.cat(parts, dim=0) if op == "cat" else (_swap_halves(parts[0]) if op == "swap" else parts[0])
-        if tuple(t.shape) != shapes[key]:
-            raise ValueError(f"diffusers key(s) {', '.join(srcs)} give shape {tuple(t.shape)}; {key} needs "
-                             f"{shapes[key]}")
-        out[key] = t
-    return out
+    return from_table(sd, flux_key_table(cfg), _shapes(cfg), "diffusers Flux transformer")
 
 
 def flux_state_dict_to_diffusers(sd: Mapping[str, torch.Tensor], cfg: FluxConfig) -> dict[str, torch.Tensor]:
     """`Flux(cfg)` state dict -> diffusers `FluxTransformer2DModel` keys (the inverse of the above)."""
-    table, shapes = flux_key_table(cfg), _shapes(cfg)
-    _check_keys(sd, set(table), "Flux")
-    out = {}
-    for key, (op, dsts) in table.items():
-        t = sd[key]
-        if tuple(t.shape) != shapes[key]:
-            raise ValueError(f"{key} has shape {tuple(t.shape)}; the config needs {shapes[key]}")
-        if op == "cat":
-            sizes = [cfg.mlp_hidden if ".proj_mlp." in d else cfg.hidden_size for d in dsts]   # q, k, v (, mlp)
-            out |= dict(zip(dsts, t.split(sizes, dim=0)))
-        else:
-            out[dsts[0]] = _swap_halves(t) if op == "swap" else t
-    return out
+    return to_table(sd, flux_key_table(cfg), _shapes(cfg), "Flux",   # q, k, v (, the MLP input of linear1)
+                    lambda dsts: [cfg.mlp_hidden if ".proj_mlp." in d else cfg.hidden_size for d in dsts])
 
 
 def flux_config_from_shapes(shapes: Mapping[str, tuple[int, ...]], prefix: str = "model.diffusion_model.") -> FluxConfig:

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .mmdit import attention, modulate, rms_norm
+from .mmdit import attention, check_transformer_inputs, modulate, rms_norm
 from .unet import Linear, timestep_embedding
 
 __all__ = ["FluxConfig", "Flux", "DEV", "SCHNELL", "TINY", "TINY_SCHNELL", "PRESETS", "patchify", "unpatchify",
@@ -354,17 +354,9 @@ class Flux(nn.Module):
         return torch.bfloat16 if stored in FP8 else stored
 
     def _check_inputs(self, x, t, context, y, guidance) -> None:
-        cfg, p = self.config, self.config.patch_size
-        if x.ndim != 4 or x.shape[1] != cfg.latent_channels:
-            raise ValueError(f"x must be the latent (B, {cfg.latent_channels}, H, W), got {tuple(x.shape)}")
-        if x.shape[2] % p or x.shape[3] % p:
-            raise ValueError(f"latent size {tuple(x.shape[2:])} must be a multiple of patch_size={p}")
+        cfg = self.config
+        check_transformer_inputs(x, t, context, cfg.latent_channels, cfg.patch_size, cfg.context_in_dim)
         b = x.shape[0]
-        if t.shape != (b,):
-            raise ValueError(f"t must have shape ({b},), got {tuple(t.shape)}")
-        if context is None or context.ndim != 3 or context.shape[0] != b or context.shape[2] != cfg.context_in_dim:
-            got = None if context is None else tuple(context.shape)
-            raise ValueError(f"context must be (B={b}, tokens, {cfg.context_in_dim}), got {got}")
         if y is None or tuple(y.shape) != (b, cfg.vec_in_dim):
             raise ValueError(f"y (pooled CLIP vector) must be ({b}, {cfg.vec_in_dim}), got "
                              f"{None if y is None else tuple(y.shape)}")

@@ -24,6 +24,7 @@ from .convert_clip import clip_config_from_hf
 from .convert_flux import flux_config_from_diffusers
 from .convert_vae import vae_config_from_diffusers
 from .families import CheckpointError, ModelFamily, get_family
+from .sd3_loading import config_reader
 from .t5 import t5_config_from_hf
 
 __all__ = ["FLUX_ENCODER_NAMES", "find_vae_file", "flux_diffusers_family", "is_flux_folder"]
@@ -61,11 +62,7 @@ def find_vae_file(path: Path, given: str | Path | None) -> Path:
 def flux_diffusers_family(folder: Path, family, read_json: Callable[[Path], dict], present: Callable[[str], bool],
                           pad_id: Callable[[Path, int], int]) -> tuple[ModelFamily, dict | None, list[str | None]]:
     """(family, scheduler config, text-encoder folders) of a diffusers FluxPipeline folder, from its JSON files."""
-    def config(what, fn, data):
-        try:
-            return fn(data)
-        except ValueError as e:
-            raise CheckpointError(f"{folder / what}/config.json: {e}") from None
+    config = config_reader(folder)
 
     for name in ("transformer", "vae", *_FOLDERS):
         if not present(name):

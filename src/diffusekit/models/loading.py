@@ -242,19 +242,24 @@ def _standalone_encoders(path: Path, fam: ModelFamily, labels: list[str], te_fil
                                lambda k: prefix + k in src.shapes)
             if mkey not in getattr(module, "ignored_keys", ()):
                 names[fkey] = mkey
-        want = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-        missing = sorted(set(want) - set(names.values()))
-        unexpected = sorted(f for f, m in names.items() if m not in want)
-        wrong = sorted(f"{f} {list(src.shapes[f])} (model: {list(want[m])})" for f, m in names.items()
-                       if m in want and tuple(src.shapes[f]) != want[m])
-        if missing or unexpected or wrong:
-            parts = [f"{what} ({len(k)}): {key_list(k)}" for what, k in
-                     (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)) if k]
-            raise CheckpointError(f"{files[name]} is not the {name} text encoder of family {fam.name!r}: "
-                                  + "; ".join(parts))
-        tensors = {names[f]: t for f, t in src.read(list(names), dtype, device)}
-        out[label] = _assign(module, tensors, f"{files[name]} ({name})")
+        out[label] = _read_part(files[name], src, module, names, f"the {name} text encoder of family {fam.name!r}",
+                                dtype, device)
     return out
+
+
+def _read_part(file: Path, src, module: nn.Module, names: dict[str, str], what: str, dtype, device) -> nn.Module:
+    """A stand-alone part file's tensors ({file key: module key} `names`) into `module`; a CheckpointError
+    listing missing, unexpected and mis-shaped keys ("{file} is not {what}: ...")."""
+    want = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    missing = sorted(set(want) - set(names.values()))
+    unexpected = sorted(f for f, m in names.items() if m not in want)
+    wrong = sorted(f"{f} {list(src.shapes[f])} (model: {list(want[m])})" for f, m in names.items()
+                   if m in want and tuple(src.shapes[f]) != want[m])
+    if missing or unexpected or wrong:
+        parts = [f"{kind} ({len(k)}): {key_list(k)}" for kind, k in
+                 (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)) if k]
+        raise CheckpointError(f"{file} is not {what}: " + "; ".join(parts))
+    return _assign(module, {names[f]: t for f, t in src.read(list(names), dtype, device)}, f"{file} ({what})")
 
 
 def _standalone_vae(file: Path, fam: ModelFamily, dtype, device) -> nn.Module:
@@ -262,17 +267,8 @@ def _standalone_vae(file: Path, fam: ModelFamily, dtype, device) -> nn.Module:
     `first_stage_model.` / `vae.`)."""
     src, module = open_file(file), _build(AutoencoderKL, fam.vae)
     prefix = next((p for p in (VAE_PREFIX, "vae.") if any(k.startswith(p) for k in src.shapes)), "")
-    want = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     names = {f: f[len(prefix):] for f in src.shapes if f.startswith(prefix)}
-    missing = sorted(set(want) - set(names.values()))
-    unexpected = sorted(f for f, m in names.items() if m not in want)
-    wrong = sorted(f"{f} {list(src.shapes[f])} (model: {list(want[m])})" for f, m in names.items()
-                   if m in want and tuple(src.shapes[f]) != want[m])
-    if missing or unexpected or wrong:
-        parts = [f"{what} ({len(k)}): {key_list(k)}" for what, k in
-                 (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)) if k]
-        raise CheckpointError(f"{file} is not the 16-channel VAE of family {fam.name!r}: " + "; ".join(parts))
-    return _assign(module, {names[f]: t for f, t in src.read(list(names), dtype, device)}, f"{file} (VAE)")
+    return _read_part(file, src, module, names, f"the 16-channel VAE of family {fam.name!r}", dtype, device)
 
 
 def _raise_mismatch(path, fam, how, shapes, missing, unexpected, wrong):

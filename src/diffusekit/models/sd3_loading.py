@@ -84,15 +84,21 @@ def find_t5_tokenizer(source: Path, given: str | os.PathLike | None, folder: str
     return None
 
 
-def sd3_diffusers_family(folder: Path, family, read_json: Callable[[Path], dict], present: Callable[[str], bool],
-                         pad_id: Callable[[Path, int], int]) -> tuple[ModelFamily, dict | None, list[str | None]]:
-    """(family, scheduler config, text-encoder folder per family encoder, None where absent) of a diffusers
-    StableDiffusion3Pipeline folder, from its JSON files."""
+def config_reader(folder: Path) -> Callable:
+    """config(component, parse, data) -> parse(data), a ValueError becoming a CheckpointError naming the file."""
     def config(what, fn, data):
         try:
             return fn(data)
         except ValueError as e:
             raise CheckpointError(f"{folder / what}/config.json: {e}") from None
+    return config
+
+
+def sd3_diffusers_family(folder: Path, family, read_json: Callable[[Path], dict], present: Callable[[str], bool],
+                         pad_id: Callable[[Path, int], int]) -> tuple[ModelFamily, dict | None, list[str | None]]:
+    """(family, scheduler config, text-encoder folder per family encoder, None where absent) of a diffusers
+    StableDiffusion3Pipeline folder, from its JSON files."""
+    config = config_reader(folder)
 
     for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
         if not present(name):
