@@ -417,6 +417,10 @@ class Pipeline:
         if not loras:
             yield from self._batches(params, params, callback, should_stop, hashes)
             return
+        if self.family.is_transformer:
+            raise ValueError(f"the prompt names LoRAs ({', '.join(ref.name for ref, _ in loras)}), but LoRA merging is "
+                             f"implemented for UNet models (SD 1.x / 2.x / SDXL); {self.name!r} is a "
+                             f"{'Flux' if self.family.is_flux else 'SD3'} transformer: remove the <lora:...> tags")
         if self._lora_targets is None:
             self._lora_targets = LoRATargets.of(self.parts)
         with merged(self._lora_targets, [(lora, ref.te, ref.unet) for ref, lora in loras]):
