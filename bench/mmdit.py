@@ -81,7 +81,7 @@ def main():
     parser.add_argument("--matmul", type=int, default=2048, help="side of the reference square matmul")
     args = parser.parse_args()
     latent = args.latent or (16 if args.quick else 32)
-    iters = args.iters or (1 if args.quick else 3)
+    args.iters = iters = args.iters or (1 if args.quick else 3)
     if args.threads:
         torch.set_num_threads(args.threads)
     config = mmdit_config_from_diffusers(SD3_MEDIUM)
@@ -103,27 +103,37 @@ def main():
         t = torch.linspace(999.0, 321.5, args.batch)
         ctx = torch.randn(args.batch, tokens, 4096, generator=gen).to(dtype)
         pooled = torch.randn(args.batch, 2048, generator=gen).to(dtype)
-        times = {"diffusers": [], "ours": [], "matmul": []}
-        with torch.inference_mode():
-            for it in range(args.warmup + iters):
-                run_ref = lambda: timed(lambda: reference(hidden_states=x, encoder_hidden_states=ctx,  # noqa: E731
-                                                          pooled_projections=pooled, timestep=t).sample)
-                run_ours = lambda: timed(lambda: ours(x, t, ctx, pooled))  # noqa: E731
-                if it % 2 == 0:   # alternate who goes first: no order bias on a busy machine
-                    (wd, cd, ref_out), (wo, co, our_out) = run_ref(), run_ours()
-                else:
-                    (wo, co, our_out), (wd, cd, ref_out) = run_ours(), run_ref()
-                wm, cm, _ = timed(lambda: a @ b)
-                if it >= args.warmup:
-                    times["diffusers"].append((wd, cd))
-                    times["ours"].append((wo, co))
-                    times["matmul"].append((wm, cm))
-                print(f"  {name} iteration {it}: diffusers {wd:.1f} s, ours {wo:.1f} s", flush=True)
-        err = ((ref_out.float() - our_out.float()).abs().max() / ref_out.float().abs().max()).item()
-        med = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v)) for k, v in times.items()}
-        rows.append((name, med["diffusers"], med["ours"], 2 * args.matmul ** 3 / med["matmul"][0] / 1e9, err))
+        run_ref = lambda: reference(hidden_states=x, encoder_hidden_states=ctx,  # noqa: E731
+                                    pooled_projections=pooled, timestep=t).sample
+        rows.append((name, *interleaved(run_ref, lambda: ours(x, t, ctx, pooled), a, b, args, name)))
         del reference, ours
 
+    print_table(rows, flops)
+
+
+def interleaved(run_ref, run_ours, a, b, args, name):
+    """Median (wall s, CPU s) of diffusers and ours over `args.iters` runs after `args.warmup`, in alternating
+    order with a large matmul a @ b after each pair (so machine load hits all alike); returns (diffusers, ours,
+    matmul GFLOP/s, max relative difference of the outputs). Shared by bench/flux.py."""
+    times = {"diffusers": [], "ours": [], "matmul": []}
+    with torch.inference_mode():
+        for it in range(args.warmup + args.iters):
+            if it % 2 == 0:   # alternate who goes first: no order bias on a busy machine
+                (wd, cd, ref_out), (wo, co, our_out) = timed(run_ref), timed(run_ours)
+            else:
+                (wo, co, our_out), (wd, cd, ref_out) = timed(run_ours), timed(run_ref)
+            wm, cm, _ = timed(lambda: a @ b)
+            if it >= args.warmup:
+                times["diffusers"].append((wd, cd))
+                times["ours"].append((wo, co))
+                times["matmul"].append((wm, cm))
+            print(f"  {name} iteration {it}: diffusers {wd:.2f} s, ours {wo:.2f} s", flush=True)
+    err = ((ref_out.float() - our_out.float()).abs().max() / ref_out.float().abs().max()).item()
+    med = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v)) for k, v in times.items()}
+    return med["diffusers"], med["ours"], 2 * a.shape[0] ** 3 / med["matmul"][0] / 1e9, err
+
+
+def print_table(rows, flops: float) -> None:
     print()
     print(f"{'dtype':>5} | {'diffusers ms':>12} {'ours ms':>9} {'ratio':>6} | {'diff cpu ms':>11} {'ours cpu ms':>11} "
           f"{'ratio':>6} | {'TFLOP':>6} {'ours GFLOP/s':>12} {'matmul GFLOP/s':>14} | {'max rel diff':>12}")

@@ -58,3 +58,39 @@ def test_info_describes_an_sd3_checkpoint(tmp_path, capsys):
     assert rows["MMDiT"].startswith("16 -> 16 channels, 3 joint blocks of width 64") and "MMDiT-X" in rows["MMDiT"]
     assert rows["Text encoder 3"] == "t5, width 96, 2 layers, hidden layer -1, optional"
     assert rows["Training schedule"] == "rectified flow, time shift 3"
+
+
+def test_info_describes_a_flux_checkpoint(tmp_path, capsys):
+    from diffusekit.models.flux import Flux
+    from diffusekit.models.t5 import T5EncoderModel
+    fam = tiny_family("flux-dev")
+    path = save_checkpoint({"unet": Flux(fam.unet), "vae": AutoencoderKL(fam.vae), "text_encoders": [
+        CLIPTextModel(fam.text_encoders[0].config), T5EncoderModel(fam.text_encoders[1].config)]},
+        tmp_path / "flux.safetensors", family=fam)
+    rc, out, _ = info(capsys, path)
+    rows = dict(line.split(": ", 1) for line in out.splitlines())
+    assert rc == 0 and rows["Family"] == "flux-dev" and rows["Prediction"] == "flow"
+    assert rows["Space"].endswith("latent scale 0.3611, shift 0.1159")
+    assert rows["Flux"].startswith("2 double-stream + 2 single-stream blocks of width 64") and "guidance" in rows["Flux"]
+    assert rows["Text encoder 2"] == "t5, width 40, 2 layers, hidden layer -1"
+    assert rows["Training schedule"].startswith("rectified flow, resolution-dependent time shift exp(mu), mu 0.5")
+
+
+def test_generate_flux_with_guidance(tmp_path, capsys, t5_tokenizer_dir):
+    import shutil
+
+    from PIL import Image
+
+    from diffusekit.models.flux import Flux
+    from diffusekit.models.t5 import T5EncoderModel
+    fam = tiny_family("flux-dev")
+    shutil.copytree(t5_tokenizer_dir, tmp_path / "tokenizer_2")
+    path = save_checkpoint({"unet": Flux(fam.unet), "vae": AutoencoderKL(fam.vae), "text_encoders": [
+        CLIPTextModel(fam.text_encoders[0].config), T5EncoderModel(fam.text_encoders[1].config)]},
+        tmp_path / "flux.safetensors", family=fam)
+    rc = main(["generate", "a red circle", "--model", str(path), "--width", "32", "--height", "32", "--steps", "2",
+               "--guidance", "2.5", "--seed", "1", "--out", str(tmp_path / "out")])
+    assert rc == 0
+    image = next((tmp_path / "out").glob("*.png"))
+    text = Image.open(image).info["parameters"]
+    assert "Sampler: Euler, Schedule type: Simple, CFG scale: 1.0, Distilled CFG Scale: 2.5, Seed: 1" in text

@@ -23,7 +23,7 @@ from diffusekit.models import (FAMILIES, FAMILY_NAMES, CheckpointError, ModelFam
                                save_checkpoint, tiny_family)
 from diffusekit.models import loading
 from diffusekit.models.clip import CLIPTextModel, OpenCLIPTextModel
-from diffusekit.models.families import SD3_FAMILIES
+from diffusekit.models.families import FLUX_FAMILIES, SD3_FAMILIES
 from diffusekit.models.tokenizer import CLIPTokenizer, find_bundled_bpe
 from diffusekit.models.unet import UNetModel
 from diffusekit.models.vae import AutoencoderKL
@@ -82,7 +82,7 @@ def sd1_file(tmp_path_factory):
 
 # ------------------------------------------------------------------------------ single files
 @needs_bpe
-@pytest.mark.parametrize("name", [n for n in FAMILY_NAMES if n not in SD3_FAMILIES])  # SD3: test_loading_sd3.py
+@pytest.mark.parametrize("name", [n for n in FAMILY_NAMES if n not in SD3_FAMILIES + FLUX_FAMILIES])  # test_loading_sd3.py, test_loading_flux.py
 def test_every_family_round_trips_fp32(tmp_path, name, tok):
     fam = tiny_family(name)
     mods = tiny_modules(fam, seed=FAMILY_NAMES.index(name))

@@ -140,5 +140,6 @@ def test_t5_tokenizer_lookup(tmp_path, t5_tokenizer_dir, monkeypatch):
 
 
 def test_flux_is_named_not_misread():
-    with pytest.raises(CheckpointError, match="FLUX"):
-        detect_family({"model.diffusion_model.double_blocks.0.img_attn.qkv.weight": (9, 3)})
+    flux_keys = {"model.diffusion_model.img_in.weight": (3072, 64),
+                 "model.diffusion_model.double_blocks.0.img_mod.lin.weight": (18432, 3072)}
+    assert detect_family(flux_keys) == "flux-schnell"     # Flux, not SD3 (tests/models/test_loading_flux.py)

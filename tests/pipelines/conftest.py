@@ -4,6 +4,7 @@ import torch
 
 from diffusekit.models.clip import CLIPTextModel, OpenCLIPTextModel
 from diffusekit.models.families import tiny_family
+from diffusekit.models.flux import Flux
 from diffusekit.models.loading import save_checkpoint
 from diffusekit.models.mmdit import MMDiT
 from diffusekit.models.t5 import T5EncoderModel
@@ -16,7 +17,7 @@ def build_tiny_parts(family_name: str, seed: int = 0):
     output convolutions, which would make every prediction 0 and every test vacuous)."""
     fam = tiny_family(family_name)
     torch.manual_seed(seed)
-    unet = MMDiT(fam.unet) if fam.is_mmdit else UNetModel(fam.unet)
+    unet = Flux(fam.unet) if fam.is_flux else MMDiT(fam.unet) if fam.is_mmdit else UNetModel(fam.unet)
     vae = AutoencoderKL(fam.vae)
     classes = {"clip": CLIPTextModel, "openclip": OpenCLIPTextModel, "t5": T5EncoderModel}
     encoders = [classes[s.kind](s.config) for s in fam.text_encoders]
@@ -54,6 +55,28 @@ def tiny_sd3(tmp_path_factory, t5_tokenizer_dir):
     folder = tmp_path_factory.mktemp("sd3")
     shutil.copytree(t5_tokenizer_dir, folder / "tokenizer_3")
     return save_tiny(folder / "tiny-sd3.safetensors", "sd3")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory, t5_tokenizer_dir):
+    """A tiny Flux.1 dev single file in ComfyUI's layout (transformer, 16-channel VAE, CLIP-L, T5) with the
+    T5 tokenizer in a tokenizer_2/ folder beside it."""
+    import shutil
+    folder = tmp_path_factory.mktemp("flux")
+    shutil.copytree(t5_tokenizer_dir, folder / "tokenizer_2")
+    return save_tiny(folder / "tiny-flux-dev.safetensors", "flux-dev")
+
+
+@pytest.fixture
+def flux_file(tmp_path, t5_tokenizer_dir):
+    """build(dtype=None, name="flux-dev") -> (family, path): a tiny Flux file stored in `dtype`, tokenizer_2/ beside it."""
+    import shutil
+
+    def build(dtype=None, name="flux-dev", seed=0):
+        fam, parts = build_tiny_parts(name, seed)
+        shutil.copytree(t5_tokenizer_dir, tmp_path / "tokenizer_2", dirs_exist_ok=True)
+        return fam, save_checkpoint(parts, tmp_path / f"{name}.safetensors", family=fam, dtype=dtype)
+    return build
 
 
 @pytest.fixture(scope="session")

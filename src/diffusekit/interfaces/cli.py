@@ -38,6 +38,7 @@ FLAG_FIELDS = {
     "denoising_strength": "denoising_strength", "mask_blur": "mask_blur", "eta": "eta", "cfg_rescale": "cfg_rescale",
     "hires_scale": "hr_scale", "hires_steps": "hr_second_pass_steps", "hires_upscaler": "hr_upscaler",
     "refiner": "refiner_checkpoint", "refiner_switch_at": "refiner_switch_at", "sde_noise": "sde_noise",
+    "guidance": "guidance",
 }
 
 
@@ -320,7 +321,12 @@ def _model_rows(name: str, fam) -> list[tuple[str, str]]:
     else:
         space = (f"latents: a VAE with {fam.latent_channels} channels at 1/{fam.latent_factor} of the image side, "
                  f"latent scale {fam.latent_scale:g}")
-    if fam.is_mmdit:
+    if fam.is_flux:
+        space += f", shift {fam.latent_shift:g}"
+        net = ("Flux", f"{u.depth} double-stream + {u.depth_single_blocks} single-stream blocks of width {u.hidden_size} "
+                       f"({u.num_heads} heads), 2x2 patches of {u.latent_channels} channels, context {u.context_in_dim}, "
+                       f"pooled {u.vec_in_dim}" + (", distilled guidance input" if u.guidance_embed else ""))
+    elif fam.is_mmdit:
         space += f", shift {fam.latent_shift:g}"
         net = ("MMDiT", f"{u.in_channels} -> {u.out_channels} channels, {u.depth} joint blocks of width {u.hidden_size}, "
                         f"patch {u.patch_size}, context {u.context_dim}, pooled {u.adm_in_channels}"
@@ -337,6 +343,9 @@ def _model_rows(name: str, fam) -> list[tuple[str, str]]:
     schedule = f"{b.kind} betas {b.beta_start:g} .. {b.beta_end:g}, {b.num_timesteps} steps"
     if fam.prediction_type == "flow":
         schedule = f"rectified flow, time shift {fam.flow_shift:g}"
+        if fam.dynamic_shift is not None:
+            schedule = (f"rectified flow, resolution-dependent time shift exp(mu), mu {fam.dynamic_shift[0]:g} at 256 "
+                        f"to {fam.dynamic_shift[1]:g} at 4096 image tokens")
     rows += [("Prediction", fam.prediction_type),
              ("Training schedule", schedule + (", zero terminal SNR" if fam.zero_terminal_snr else "")),
              ("Native size", f"{fam.default_size}x{fam.default_size}")]
@@ -608,6 +617,9 @@ def _sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--negative-prompt", default=None, help="what to steer away from (the CFG uncond text)")
     p.add_argument("--cfg-scale", type=float, default=None,
                    help="classifier-free guidance scale (default: the model card's, 5 for the shipped models; else 7)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="Flux.1 dev's distilled guidance, a model input (Forge's 'Distilled CFG Scale'; default 3.5); "
+                        "other models ignore it. With Flux keep --cfg-scale 1 (the default there): > 1 adds true CFG")
     p.add_argument("--seed", type=int, default=None, help="-1 = random (default); image i uses seed + i")
     p.add_argument("--width", type=int, default=None, help="a multiple of the model's VAE factor (8 for SD, 4 for shapes; default: the native size)")
     p.add_argument("--height", type=int, default=None, help="a multiple of the model's VAE factor (8 for SD, 4 for shapes; default: the native size)")

@@ -113,36 +113,52 @@ def _swap_halves(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([b, a], dim=0)
 
 
-def mmdit_state_dict_from_diffusers(sd: Mapping[str, torch.Tensor], cfg: MMDiTConfig) -> dict[str, torch.Tensor]:
-    """diffusers `SD3Transformer2DModel.state_dict()` -> `MMDiT(cfg)` keys; ValueError naming any
-    unknown or missing key or a wrong shape."""
-    table, shapes = mmdit_key_table(cfg), _expected_shapes(cfg)
-    _check_keys(sd, {k for _, srcs in table.values() for k in srcs}, "diffusers SD3 transformer")
+def from_table(sd: Mapping[str, torch.Tensor], table: Mapping[str, tuple[str, tuple[str, ...]]],
+               shapes: Mapping[str, tuple[int, ...]], what: str) -> dict[str, torch.Tensor]:
+    """Apply a {our key: (op, their keys)} table to their state dict: "copy", "swap" (halves exchanged), or
+    "qkv" / "cat" (their pieces concatenated along dim 0); ValueError naming unknown or missing keys (`what`
+    says whose) and wrong shapes. Shared by the SD3 and Flux conversions."""
+    _check_keys(sd, {k for _, srcs in table.values() for k in srcs}, what)
     out = {}
     for key, (op, srcs) in table.items():
         parts = [sd[s] for s in srcs]
-        t = torch.cat(parts, dim=0) if op == "qkv" else (_swap_halves(parts[0]) if op == "swap" else parts[0])
-        if t.shape != shapes[key]:
-            raise ValueError(f"diffusers key(s) {', '.join(srcs)} give shape {tuple(t.shape)}; {key} needs "
+        if len(parts) > 1 and len({p.dtype for p in parts}) > 1:
+            raise ValueError(f"{what} keys {', '.join(srcs)} have different dtypes; {key} fuses them")
+        t = torch.cat(parts, dim=0) if op in ("qkv", "cat") else (_swap_halves(parts[0]) if op == "swap" else parts[0])
+        if tuple(t.shape) != tuple(shapes[key]):
+            raise ValueError(f"{what} key(s) {', '.join(srcs)} give shape {tuple(t.shape)}; {key} needs "
                              f"{tuple(shapes[key])}")
         out[key] = t
     return out
 
 
-def mmdit_state_dict_to_diffusers(sd: Mapping[str, torch.Tensor], cfg: MMDiTConfig) -> dict[str, torch.Tensor]:
-    """`MMDiT(cfg)` state dict -> diffusers `SD3Transformer2DModel` keys (the inverse of the above)."""
-    table, shapes = mmdit_key_table(cfg), _expected_shapes(cfg)
-    _check_keys(sd, set(table), "MMDiT")
+def to_table(sd: Mapping[str, torch.Tensor], table: Mapping[str, tuple[str, tuple[str, ...]]],
+             shapes: Mapping[str, tuple[int, ...]], what: str, sizes) -> dict[str, torch.Tensor]:
+    """The inverse of `from_table`: our state dict -> their keys; `sizes(their keys)` gives the dim-0 split of a
+    fused tensor."""
+    _check_keys(sd, set(table), what)
     out = {}
     for key, (op, dsts) in table.items():
         t = sd[key]
-        if t.shape != shapes[key]:
+        if tuple(t.shape) != tuple(shapes[key]):
             raise ValueError(f"{key} has shape {tuple(t.shape)}; the config needs {tuple(shapes[key])}")
-        if op == "qkv":
-            out |= dict(zip(dsts, t.chunk(3, dim=0)))
+        if op in ("qkv", "cat"):
+            out |= dict(zip(dsts, t.split(sizes(dsts), dim=0)))
         else:
             out[dsts[0]] = _swap_halves(t) if op == "swap" else t
     return out
+
+
+def mmdit_state_dict_from_diffusers(sd: Mapping[str, torch.Tensor], cfg: MMDiTConfig) -> dict[str, torch.Tensor]:
+    """diffusers `SD3Transformer2DModel.state_dict()` -> `MMDiT(cfg)` keys; ValueError naming any
+    unknown or missing key or a wrong shape."""
+    return from_table(sd, mmdit_key_table(cfg), _expected_shapes(cfg), "diffusers SD3 transformer")
+
+
+def mmdit_state_dict_to_diffusers(sd: Mapping[str, torch.Tensor], cfg: MMDiTConfig) -> dict[str, torch.Tensor]:
+    """`MMDiT(cfg)` state dict -> diffusers `SD3Transformer2DModel` keys (the inverse of the above)."""
+    return to_table(sd, mmdit_key_table(cfg), _expected_shapes(cfg), "MMDiT",
+                    lambda dsts: [cfg.hidden_size] * len(dsts))
 
 
 def mmdit_config_from_shapes(shapes: Mapping[str, tuple[int, ...]], prefix: str = "model.diffusion_model.",

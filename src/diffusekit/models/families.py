@@ -17,7 +17,10 @@ Key layouts (LDM / SGM single files, as A1111, ComfyUI and sgm read them):
           `conditioner.embedders.1.model.`; the refiner has only bigG, at `conditioner.embedders.0.model.`;
   SD3/3.5 the MMDiT at `model.diffusion_model.joint_blocks.*`, and when the file carries them (the
           "incl_clips[_t5xxl]" releases) CLIP-L, CLIP-G (both transformers layout, with projection) and
-          T5-XXL at `text_encoders.{clip_l,clip_g,t5xxl}.transformer.`.
+          T5-XXL at `text_encoders.{clip_l,clip_g,t5xxl}.transformer.`;
+  Flux.1  the transformer at `model.diffusion_model.double_blocks.*` / `single_blocks.*` (ComfyUI; BFL's
+          own release has the same keys without the prefix and no other part), CLIP-L and T5-XXL at
+          `text_encoders.{clip_l,t5xxl}.transformer.` when the file carries them.
 """
 
 from __future__ import annotations
@@ -30,8 +33,9 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
-from . import clip, mmdit, t5, unet, vae
+from . import clip, flux, mmdit, t5, unet, vae
 from .clip import CLIPTextConfig
+from .flux import FluxConfig
 from .mmdit import MMDiTConfig
 from .t5 import T5Config
 from .unet import UNetConfig
@@ -47,6 +51,7 @@ __all__ = [
     "get_family",
     "tiny_family",
     "detect_family",
+    "flux_key_prefix",
 ]
 
 
@@ -138,7 +143,12 @@ class ModelFamily:
     prediction_type "flow": rectified flow x = (1 - s) x0 + s eps, the network predicts v = eps - x0
     (SD3, Esser et al. 2024); `flow_shift` is its time shift (SD3 / SD3.5: 3.0) and `beta_schedule`
     does not apply. latent_shift: model-space latent = (VAE latent - latent_shift) * latent_scale
-    (SD3: 0.0609 and 1.5305; 0 for SD 1/2/XL).
+    (SD3: 0.0609 and 1.5305; Flux: 0.1159 and 0.3611; 0 for SD 1/2/XL).
+    dynamic_shift: Flux.1 dev's resolution-dependent shift, (mu at 256, mu at 4096 image tokens) = (0.5,
+    1.15): mu is linear in the number of 2x2 latent patches and the time shift is exp(mu) (diffusers
+    `calculate_shift` + `time_shift`, ComfyUI ModelSamplingFlux); None: the fixed `flow_shift`.
+    guidance: the default distilled guidance scale of a guidance-distilled model (Flux.1 dev: 3.5; Forge's
+    "Distilled CFG Scale"); used only when the network has a guidance input.
     """
 
     name: str
@@ -155,6 +165,8 @@ class ModelFamily:
     vae_force_upcast: bool = False
     latent_shift: float = 0.0
     flow_shift: float = 3.0
+    dynamic_shift: tuple[float, float] | None = None
+    guidance: float = 3.5
 
     def __post_init__(self):
         # checkpoint metadata sets these too: refuse at load what would only fail (or draw black) later
@@ -171,9 +183,16 @@ class ModelFamily:
         for name in ("zero_terminal_snr", "vae_force_upcast"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r}: must be true or false")
-        if self.is_mmdit and self.prediction_type != "flow":
-            raise ValueError(f"an MMDiT family is a rectified-flow model: prediction_type must be 'flow', "
+        if self.is_transformer and self.prediction_type != "flow":
+            raise ValueError(f"an MMDiT / Flux family is a rectified-flow model: prediction_type must be 'flow', "
                              f"got {self.prediction_type!r}")
+        d = self.dynamic_shift
+        if d is not None and (len(d) != 2 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in d)):
+            raise ValueError(f"dynamic_shift={d!r}: must be None or (mu at 256 tokens, mu at 4096 tokens), "
+                             "e.g. (0.5, 1.15)")
+        g = self.guidance
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or g < 0:
+            raise ValueError(f"guidance={g!r}: must be a finite number >= 0 (Flux.1 dev: 3.5)")
         f = self.flow_shift
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f) or f <= 0:
             raise ValueError(f"flow_shift={f!r}: must be a finite number > 0 (SD3: 3.0)")
@@ -182,8 +201,33 @@ class ModelFamily:
 
     @property
     def is_mmdit(self) -> bool:
-        """The network is an SD3-style `MMDiT` (else the LDM `UNetModel`)."""
+        """The network is an SD3-style `MMDiT` (else the LDM `UNetModel`, or Flux)."""
         return isinstance(self.unet, MMDiTConfig)
+
+    @property
+    def is_flux(self) -> bool:
+        """The network is a Flux.1 transformer (`models.flux.Flux`)."""
+        return isinstance(self.unet, FluxConfig)
+
+    @property
+    def is_transformer(self) -> bool:
+        """An SD3 MMDiT or a Flux: a patchifying flow transformer in a diffusers `transformer/` folder, whose
+        single files may leave their text encoders (and Flux's, the VAE) to separate files."""
+        return self.is_mmdit or self.is_flux
+
+    @property
+    def takes_guidance(self) -> bool:
+        """The network has a distilled-guidance input (Flux.1 dev's `guidance_in`)."""
+        return self.is_flux and self.unet.guidance_embed
+
+    def shift_at(self, width: int, height: int) -> float:
+        """The flow time shift for an image of width x height pixels: exp(mu(n)) with n its 2x2 latent patches
+        when `dynamic_shift` is set (mu linear through (256, mu_256) and (4096, mu_4096)), else `flow_shift`."""
+        if self.dynamic_shift is None:
+            return self.flow_shift
+        n = (width // self.latent_factor // 2) * (height // self.latent_factor // 2)
+        lo, hi = self.dynamic_shift
+        return math.exp(lo + (hi - lo) * (n - 256) / (4096 - 256))
 
     @property
     def pixel_space(self) -> bool:
@@ -220,7 +264,8 @@ class ModelFamily:
         pixel-space model; a missing "vae", like any missing field, takes the default."""
         data = dict(data)
         net = data.get("unet", {})
-        data["unet"] = _config(MMDiTConfig if "hidden_size" in net else UNetConfig, net)
+        data["unet"] = _config(FluxConfig if "depth_single_blocks" in net else
+                               MMDiTConfig if "hidden_size" in net else UNetConfig, net)
         vae_data = data.get("vae", {})
         data["vae"] = None if vae_data is None else _config(VAEConfig, vae_data)
         data["beta_schedule"] = _config(BetaSchedule, data.get("beta_schedule", {}))
@@ -305,9 +350,26 @@ def _sd3(m: MMDiTConfig, v: VAEConfig, te_l: CLIPTextConfig, te_g: CLIPTextConfi
 
 
 SD3_FAMILIES = ("sd3", "sd35-large", "sd35-medium")
+FLUX_FAMILIES = ("flux-dev", "flux-schnell")
+FLUX_PREFIX_CLIP_L = SD3_PREFIX_CLIP_L   # ComfyUI writes Flux's encoders where it writes SD3's
+FLUX_PREFIX_T5 = SD3_PREFIX_T5
+FLUX_DYNAMIC_SHIFT = (0.5, 1.15)
+
+
+def _flux(m: FluxConfig, v: VAEConfig, te_l: CLIPTextConfig, te_t5: T5Config, name: str) -> ModelFamily:
+    # BFL `HFEmbedder` / diffusers FluxPipeline: CLIP-L's pooled output (the final-normed EOS state, no
+    # projection: 768) is `y`; T5-XXL's last layer over one window of 512 tokens (dev; 256 for schnell as
+    # diffusers and BFL use) is the whole context. CLIP-L pads with EOS, T5 with <pad> = 0.
+    schnell = name == "flux-schnell"
+    specs = (TextEncoderSpec("clip", te_l, FLUX_PREFIX_CLIP_L, pooled=True),
+             TextEncoderSpec("t5", te_t5, FLUX_PREFIX_T5, pad_id=0, max_length=256 if schnell else 512))
+    return ModelFamily(name, m, v, specs, prediction_type="flow", latent_scale=0.3611, latent_shift=0.1159,
+                       default_size=1024, flow_shift=1.0, dynamic_shift=None if schnell else FLUX_DYNAMIC_SHIFT)
 
 
 def _build(name: str, u: Mapping[str, UNetConfig | MMDiTConfig], v: VAEConfig, t: Mapping[str, Any]) -> ModelFamily:
+    if name in FLUX_FAMILIES:
+        return _flux(u[name], t["vae16"], t["clip_l"], t["t5"], name)
     if name in SD3_FAMILIES:
         return _sd3(u[name], t["vae16"], t["clip_l_sd3"], t["clip_g_sd3"], t["t5"], name)
     if name in ("sd1", "sd1-inpaint"):
@@ -320,12 +382,13 @@ def _build(name: str, u: Mapping[str, UNetConfig | MMDiTConfig], v: VAEConfig, t
 
 
 FAMILY_NAMES = ("sd1", "sd1-inpaint", "sd2", "sd2-v", "sd2-inpaint", "sdxl", "sdxl-inpaint",
-                "sdxl-refiner", *SD3_FAMILIES, "custom")
+                "sdxl-refiner", *SD3_FAMILIES, *FLUX_FAMILIES, "custom")
 
 _REAL_UNETS = {"sd1": unet.SD15, "sd1-inpaint": unet.SD15_INPAINT, "sd2": unet.SD2, "sd2-v": unet.SD2,
                "sd2-inpaint": replace(unet.SD2, in_channels=9), "sdxl": unet.SDXL,
                "sdxl-inpaint": replace(unet.SDXL, in_channels=9), "sdxl-refiner": unet.SDXL_REFINER,
-               "sd3": mmdit.SD3_MEDIUM, "sd35-large": mmdit.SD35_LARGE, "sd35-medium": mmdit.SD35_MEDIUM}
+               "sd3": mmdit.SD3_MEDIUM, "sd35-large": mmdit.SD35_LARGE, "sd35-medium": mmdit.SD35_MEDIUM,
+               "flux-dev": flux.DEV, "flux-schnell": flux.SCHNELL}
 _REAL_TEXT = {"clip_l": clip.CLIP_L, "clip_l_sdxl": clip.CLIP_L_SDXL, "openclip_h": clip.OPENCLIP_H,
               "bigg": clip.OPENCLIP_BIGG, "clip_l_sd3": replace(clip.CLIP_L, projection_dim=768),
               "clip_g_sd3": clip.OPENCLIP_BIGG, "t5": t5.T5_XXL, "vae16": VAEConfig.preset("sd3")}
@@ -350,7 +413,8 @@ def tiny_family(name: str) -> ModelFamily:
     conventions) at toy size, for tests: UNet/VAE/CLIP TINY presets, 9 input channels for the
     inpainting families; CLIP-L tiny is 32 wide, bigG tiny 48 wide with a 24-dim projection.
     SD3 families: MMDiT TINY over a 96-wide joint context (CLIP 32 + 48, padded) and 64-dim pooled
-    text (projections 32 + 32), T5 TINY 96 wide, the 16-channel VAE at TINY size."""
+    text (projections 32 + 32), T5 TINY 96 wide, the 16-channel VAE at TINY size. Flux families: Flux TINY (schnell without
+    guidance_in) over T5 TINY 40 wide and CLIP-L TINY's 32-wide pooled state."""
     if name == "custom":
         return replace(tiny_family("sd1"), name="custom")
     get_family(name)  # validates the name
@@ -374,6 +438,9 @@ def tiny_family(name: str) -> ModelFamily:
     mm = replace(mmdit.TINY, context_dim=small_t5.d_model, adm_in_channels=64)
     unets |= {"sd3": mm, "sd35-large": replace(mm, qk_norm="rms"),
               "sd35-medium": replace(mm, qk_norm="rms", x_block_self_attn_layers=(0, 1))}
+    if name in FLUX_FAMILIES:
+        fx = replace(flux.TINY if name == "flux-dev" else flux.TINY_SCHNELL, vec_in_dim=small_l.width)
+        return _flux(fx, VAEConfig.preset("sd3-tiny"), small_l, replace(t5.TINY, d_model=fx.context_in_dim), name)
     texts = {"clip_l": small_l, "clip_l_sdxl": small_l, "openclip_h": small_h, "bigg": small_g,
              "clip_l_sd3": sd3_l, "clip_g_sd3": sd3_g, "t5": small_t5, "vae16": VAEConfig.preset("sd3-tiny")}
     return _build(name, unets, VAEConfig.tiny(), texts)
@@ -383,7 +450,6 @@ def tiny_family(name: str) -> ModelFamily:
 _UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"
 _MMDIT_IN = "model.diffusion_model.x_embedder.proj.weight"
 _UNSUPPORTED_MARKERS = {
-    "model.diffusion_model.double_blocks.": "a FLUX model (double/single-stream blocks)",
     "cond_stage_model.roberta.": "AltDiffusion (XLM-RoBERTa text encoder)",
     "depth_model.": "SD 2 depth-to-image (MiDaS)",
     "edm_vpred.sigma_max": "an EDM v-prediction model (CosXL)",
@@ -401,7 +467,9 @@ def detect_family(keys_and_shapes: Mapping[str, Sequence[int]]) -> str:
     - 9 UNet input channels: the "-inpaint" variant;
     - an MMDiT (`model.diffusion_model.joint_blocks.*`): "sd35-medium" with MMDiT-X blocks
       (`x_block.attn2`), "sd35-large" with QK-norm (`ln_q`), else "sd3" (SD3 Medium). The loader reads
-      the MMDiT's exact config from the shapes (`convert_mmdit.mmdit_config_from_shapes`).
+      the MMDiT's exact config from the shapes (`convert_mmdit.mmdit_config_from_shapes`);
+    - a Flux transformer (`double_blocks.*` / `single_blocks.*`, with or without `model.diffusion_model.`):
+      "flux-dev" with a guidance embedder (`guidance_in`), else "flux-schnell" (ComfyUI's rule).
     SD 2.x eps and v checkpoints have identical keys and shapes, so this returns "sd2-v" for a
     4-channel SD 2 checkpoint: v is the convention of SD 2.x at 768 px (2.0-768-v, 2.1-768), the
     SD 2 checkpoints most people use. `load_checkpoint` refines that with A1111's test of the
@@ -417,6 +485,9 @@ def detect_family(keys_and_shapes: Mapping[str, Sequence[int]]) -> str:
         if has(marker):
             raise CheckpointError(f"this checkpoint is {what}, which diffusekit does not support; "
                                   f"supported families: {', '.join(FAMILY_NAMES)}")
+    flux_prefix = flux_key_prefix(keys_and_shapes)
+    if flux_prefix is not None:
+        return "flux-dev" if flux_prefix + "guidance_in.in_layer.weight" in keys_and_shapes else "flux-schnell"
     if _MMDIT_IN in keys_and_shapes:
         if has("model.diffusion_model.joint_blocks.0.x_block.attn2."):
             return "sd35-medium"
@@ -447,6 +518,16 @@ def detect_family(keys_and_shapes: Mapping[str, Sequence[int]]) -> str:
     raise CheckpointError("the checkpoint has a UNet (model.diffusion_model.*) but no text encoder "
                           "(cond_stage_model.* or conditioner.embedders.*): a UNet-only file cannot be "
                           "loaded as a full model")
+
+
+def flux_key_prefix(keys) -> str | None:
+    """The prefix of a Flux transformer's keys in a file: "model.diffusion_model." (ComfyUI), "" (BFL's
+    release), or None when the file holds no Flux."""
+    for prefix in ("model.diffusion_model.", ""):
+        if prefix + "img_in.weight" in keys and (prefix + "double_blocks.0.img_mod.lin.weight" in keys
+                                                 or prefix + "single_blocks.0.linear1.weight" in keys):
+            return prefix
+    return None
 
 
 def _not_a_checkpoint(keys) -> str:

@@ -8,6 +8,10 @@
   only: a pickle that needs anything beyond tensors and plain containers is refused, never run;
 - a diffusers folder (`model_index.json`, `unet/`, `vae/`, `text_encoder*/`, `tokenizer*/`,
   `scheduler/`), renamed to the LDM layout by the `convert_*` tables;
+- Flux.1 dev / schnell (`flux_loading` says where their parts live): BFL's transformer-only files (keys
+  without prefix, `ae.safetensors` and the encoders beside them), ComfyUI checkpoints and diffusers
+  FluxPipeline folders. The transformer's bf16 / fp8 weights stay as stored and memory-mapped when
+  dtype is None (each layer is upcast at compute time: `flux.Flux.compute_dtype`);
 - SD3 / SD3.5 (an MMDiT instead of the UNet; `sd3_loading` says where their parts live): single files
   with or without their text encoders (those missing are read from stand-alone files beside it, T5 may
   be absent altogether) and diffusers `StableDiffusion3Pipeline` folders. fp8-stored weights (the
@@ -46,13 +50,15 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from . import sd3_loading
+from . import flux_loading, sd3_loading
 from .clip import CLIPTextModel, OpenCLIPTextModel
 from .convert_clip import clip_config_from_hf, clip_state_dict_from_hf, openclip_state_dict_from_hf
+from .convert_flux import flux_config_from_shapes, flux_state_dict_from_diffusers
 from .convert_mmdit import mmdit_config_from_shapes, mmdit_state_dict_from_diffusers
 from .convert_unet import unet_config_from_diffusers, unet_state_dict_from_diffusers
 from .convert_vae import vae_config_from_diffusers, vae_state_dict_from_diffusers
-from .families import CheckpointError, ModelFamily, TextEncoderSpec, detect_family, get_family
+from .families import CheckpointError, ModelFamily, TextEncoderSpec, detect_family, flux_key_prefix, get_family
+from .flux import Flux
 from .keys import key_list
 from .mmdit import MMDiT
 from .t5 import T5EncoderModel
@@ -109,9 +115,14 @@ def _text_encoder(spec: TextEncoderSpec) -> nn.Module:
     return _build(_ENCODER_CLASSES[spec.kind], spec.config)
 
 
-def _components(family: ModelFamily) -> list[tuple[str, str, nn.Module]]:
-    """(label, key prefix, module on meta) for every part of the family (no VAE for a pixel-space one)."""
-    parts = [("unet", UNET_PREFIX, _build(MMDiT if family.is_mmdit else UNetModel, family.unet))]
+def _network_class(family: ModelFamily) -> type[nn.Module]:
+    return Flux if family.is_flux else MMDiT if family.is_mmdit else UNetModel
+
+
+def _components(family: ModelFamily, net_prefix: str = UNET_PREFIX) -> list[tuple[str, str, nn.Module]]:
+    """(label, key prefix, module on meta) for every part of the family (no VAE for a pixel-space one);
+    `net_prefix`: where the denoising network's keys are ("" in BFL's Flux files)."""
+    parts = [("unet", net_prefix, _build(_network_class(family), family.unet))]
     if family.vae is not None:
         parts.append(("vae", VAE_PREFIX, _build(AutoencoderKL, family.vae)))
     parts += [(f"text_encoder_{i}", spec.prefix, _text_encoder(spec)) for i, spec in enumerate(family.text_encoders)]
@@ -151,13 +162,16 @@ def _file_family(src, family, path: Path) -> tuple[ModelFamily, str, set[str]]:
 
 
 def _load_single_file(path: Path, family, dtype, device, probe: bool,
-                      te_files=None) -> tuple[dict[str, nn.Module | None], ModelFamily]:
+                      te_files=None, vae_file=None) -> tuple[dict[str, nn.Module | None], ModelFamily]:
     src = open_file(path)
     fam, how, markers = _file_family(src, family, path)
-    components = _components(fam)
-    # SD3 files may leave out their text encoders: those come from stand-alone files (or, T5, not at all)
-    absent = {label for label, prefix, _ in components if fam.is_mmdit and label.startswith("text_encoder_")
-              and not any(k.startswith(prefix) for k in src.shapes)}
+    net_prefix = (flux_key_prefix(src.shapes) if fam.is_flux else None)
+    components = _components(fam, UNET_PREFIX if net_prefix is None else net_prefix)
+    # SD3 / Flux files may leave out their text encoders (and Flux, its VAE): those come from stand-alone
+    # files (or, SD3's T5, not at all). BFL's prefix-less Flux file holds the transformer only.
+    bare = net_prefix == ""
+    absent = {label for label, prefix, _ in components if fam.is_transformer and label != "unet"
+              and (label != "vae" or fam.is_flux) and (bare or not any(k.startswith(prefix) for k in src.shapes))}
     components = [c for c in components if c[0] not in absent]
     plan = {label: {} for label, _, _ in components}
     unexpected, wrong, misshaped = [], [], set()
@@ -188,8 +202,13 @@ def _load_single_file(path: Path, family, dtype, device, probe: bool,
     modules = {}
     for label, _, module in components:
         names = {fkey: mkey for mkey, fkey in plan[label].items()}
-        tensors = {names[fkey]: t for fkey, t in src.read(names, dtype, device)}
+        # Flux keeps fp8 as stored (upcast per layer at compute time); other networks get bf16 at load
+        keep_fp8 = label == "unet" and fam.is_flux and dtype is None
+        tensors = {names[fkey]: t for fkey, t in src.read(names, dtype, device, keep_fp8=keep_fp8)}
         modules[label] = _assign(module, tensors, f"{path} {label}")
+    if "vae" in absent:
+        modules["vae"] = _standalone_vae(flux_loading.find_vae_file(path, vae_file), fam, dtype, device)
+        absent.discard("vae")
     if absent:
         modules |= _standalone_encoders(path, fam, sorted(absent), te_files, dtype, device)
     if how == "detected" and fam.name == "sd2-v" and probe and not predicts_v(modules["unet"]):
@@ -201,11 +220,12 @@ def _standalone_encoders(path: Path, fam: ModelFamily, labels: list[str], te_fil
                          device) -> dict[str, nn.Module | None]:
     """SD3 text encoders a single file lacks, read from stand-alone files (`sd3_loading.find_text_encoder_files`);
     an optional one (T5) with no file is None."""
-    files = sd3_loading.find_text_encoder_files(path, te_files)
+    all_names = flux_loading.FLUX_ENCODER_NAMES if fam.is_flux else sd3_loading.SD3_ENCODER_NAMES
+    files = sd3_loading.find_text_encoder_files(path, te_files, all_names)
     out: dict[str, nn.Module | None] = {}
     for label in labels:
         i = int(label.rsplit("_", 1)[1])
-        spec, name = fam.text_encoders[i], sd3_loading.SD3_ENCODER_NAMES[i]
+        spec, name = fam.text_encoders[i], all_names[i]
         if name not in files:
             if spec.optional:
                 out[label] = None
@@ -222,19 +242,33 @@ def _standalone_encoders(path: Path, fam: ModelFamily, labels: list[str], te_fil
                                lambda k: prefix + k in src.shapes)
             if mkey not in getattr(module, "ignored_keys", ()):
                 names[fkey] = mkey
-        want = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-        missing = sorted(set(want) - set(names.values()))
-        unexpected = sorted(f for f, m in names.items() if m not in want)
-        wrong = sorted(f"{f} {list(src.shapes[f])} (model: {list(want[m])})" for f, m in names.items()
-                       if m in want and tuple(src.shapes[f]) != want[m])
-        if missing or unexpected or wrong:
-            parts = [f"{what} ({len(k)}): {key_list(k)}" for what, k in
-                     (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)) if k]
-            raise CheckpointError(f"{files[name]} is not the {name} text encoder of family {fam.name!r}: "
-                                  + "; ".join(parts))
-        tensors = {names[f]: t for f, t in src.read(list(names), dtype, device)}
-        out[label] = _assign(module, tensors, f"{files[name]} ({name})")
+        out[label] = _read_part(files[name], src, module, names, f"the {name} text encoder of family {fam.name!r}",
+                                dtype, device)
     return out
+
+
+def _read_part(file: Path, src, module: nn.Module, names: dict[str, str], what: str, dtype, device) -> nn.Module:
+    """A stand-alone part file's tensors ({file key: module key} `names`) into `module`; a CheckpointError
+    listing missing, unexpected and mis-shaped keys ("{file} is not {what}: ...")."""
+    want = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    missing = sorted(set(want) - set(names.values()))
+    unexpected = sorted(f for f, m in names.items() if m not in want)
+    wrong = sorted(f"{f} {list(src.shapes[f])} (model: {list(want[m])})" for f, m in names.items()
+                   if m in want and tuple(src.shapes[f]) != want[m])
+    if missing or unexpected or wrong:
+        parts = [f"{kind} ({len(k)}): {key_list(k)}" for kind, k in
+                 (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)) if k]
+        raise CheckpointError(f"{file} is not {what}: " + "; ".join(parts))
+    return _assign(module, {names[f]: t for f, t in src.read(list(names), dtype, device)}, f"{file} ({what})")
+
+
+def _standalone_vae(file: Path, fam: ModelFamily, dtype, device) -> nn.Module:
+    """A VAE file beside a Flux transformer (BFL's `ae.safetensors`: LDM keys without prefix, or with
+    `first_stage_model.` / `vae.`)."""
+    src, module = open_file(file), _build(AutoencoderKL, fam.vae)
+    prefix = next((p for p in (VAE_PREFIX, "vae.") if any(k.startswith(p) for k in src.shapes)), "")
+    names = {f: f[len(prefix):] for f in src.shapes if f.startswith(prefix)}
+    return _read_part(file, src, module, names, f"the 16-channel VAE of family {fam.name!r}", dtype, device)
 
 
 def _raise_mismatch(path, fam, how, shapes, missing, unexpected, wrong):
@@ -288,6 +322,8 @@ def _resolve_family(family, metadata, shapes, path) -> tuple[ModelFamily, str]:
     fam = get_family(detect_family(shapes))
     if fam.is_mmdit:  # the MMDiT's exact shape (SD3.5 Large Turbo, fine-tunes, toy files) from its keys
         fam = replace(fam, unet=mmdit_config_from_shapes(shapes))
+    elif fam.is_flux:
+        fam = replace(fam, unet=flux_config_from_shapes(shapes, flux_key_prefix(shapes)))
     return fam, "detected"
 
 
@@ -420,6 +456,9 @@ def _diffusers_configs(folder: Path, family) -> tuple[ModelFamily, dict | None, 
         entry = index.get(name)
         return isinstance(entry, list) and entry[:1] != [None] and (folder / name).is_dir()
 
+    if "transformer" in index and flux_loading.is_flux_folder(
+            index, lambda: _read_json(folder / "transformer" / "config.json")):    # FluxPipeline
+        return flux_loading.flux_diffusers_family(folder, family, _read_json, present, _pad_id)
     if "transformer" in index:   # StableDiffusion3Pipeline: an MMDiT instead of the UNet
         return sd3_loading.sd3_diffusers_family(folder, family, _read_json, present, _pad_id)
     for name in ("unet", "vae"):
@@ -456,7 +495,9 @@ def _load_diffusers(folder: Path, family, dtype, device) -> tuple[dict[str, nn.M
             raise CheckpointError(f"{folder / what}: {e}") from None
         return _assign(module, {k: convert(t, dtype, device) for k, t in sd.items()}, f"{folder / what}")
 
-    if fam.is_mmdit:
+    if fam.is_flux:
+        net = load("transformer", _build(Flux, fam.unet), lambda sd: flux_state_dict_from_diffusers(sd, fam.unet))
+    elif fam.is_mmdit:
         net = load("transformer", _build(MMDiT, fam.unet), lambda sd: mmdit_state_dict_from_diffusers(sd, fam.unet))
     else:
         net = load("unet", _build(UNetModel, fam.unet), lambda sd: unet_state_dict_from_diffusers(sd, fam.unet))
@@ -490,12 +531,13 @@ def _tokenizers(source: Path, tokenizer, te_names: list[str | None], fam: ModelF
         elif modules.get(f"text_encoder_{i}") is None:
             out.append(None)
         else:
-            where = sd3_loading.find_t5_tokenizer(source, t5_tokenizer)
+            where = sd3_loading.find_t5_tokenizer(source, t5_tokenizer, "tokenizer_2" if fam.is_flux else "tokenizer_3")
             if where is None:
                 raise CheckpointError(
                     f"{source} has a T5 text encoder but no T5 tokenizer was found: pass t5_tokenizer=<tokenizer.json "
-                    f"or a folder with one>, set ${sd3_loading.T5_TOKENIZER_ENV} (CLI, server), or put a tokenizer_3/ "
-                    "folder (from a diffusers SD3 repository) beside the file")
+                    f"or a folder with one>, set ${sd3_loading.T5_TOKENIZER_ENV} (CLI, server), or put a "
+                    + ("tokenizer_2/ folder (from a diffusers Flux repository)" if fam.is_flux else
+                       "tokenizer_3/ folder (from a diffusers SD3 repository)") + " beside the file")
             try:
                 out.append(T5Tokenizer.from_file(where))
             except (OSError, ValueError) as e:
@@ -579,7 +621,8 @@ def load_checkpoint(path: str | os.PathLike, family: str | ModelFamily | None = 
                     tokenizer: CLIPTokenizer | str | os.PathLike | None = None,
                     probe_prediction: bool = True,
                     text_encoder_files: Mapping[str, str | os.PathLike] | None = None,
-                    t5_tokenizer: str | os.PathLike | None = None) -> ModelParts:
+                    t5_tokenizer: str | os.PathLike | None = None,
+                    vae_file: str | os.PathLike | None = None) -> ModelParts:
     """Load a whole model from a single-file checkpoint or a diffusers folder.
 
     family: None = from the file's diffusekit metadata, else detected (`detect_family`; a diffusers
@@ -595,7 +638,9 @@ def load_checkpoint(path: str | os.PathLike, family: str | ModelFamily | None = 
     text_encoder_files: SD3 single files without their encoders: {"clip_l": file, "clip_g": file, "t5xxl": file}
       (default: `<dir>/text_encoders/<name>*.safetensors`, then `<dir>/<name>*.safetensors`); no T5 = zeros.
     t5_tokenizer: SD3's T5 tokenizer.json (or a folder with one); default: $DIFFUSEKIT_T5_TOKENIZER, a
-      diffusers folder's tokenizer_3/, or a tokenizer_3/ folder beside the file.
+      diffusers folder's tokenizer_3/, or a tokenizer_3/ folder beside the file (Flux: tokenizer_2/).
+      Flux single files: text_encoder_files={"clip_l": ..., "t5xxl": ...} as for SD3; vae_file: the
+      autoencoder of a file without one (default: `ae.safetensors` beside it).
     Every failure is a CheckpointError that says what is wrong with the file and what to do.
     """
     path = Path(path)
@@ -604,10 +649,10 @@ def load_checkpoint(path: str | os.PathLike, family: str | ModelFamily | None = 
         raise CheckpointError(f"{path} does not exist")
     if path.is_dir():
         modules, fam, sched, te_names = _load_diffusers(path, family, dtype, device)
-        net = "transformer" if fam.is_mmdit else "unet"
+        net = "transformer" if fam.is_transformer else "unet"
         files = tuple(sorted(f for d in (net, "vae", *te_names) if d for f in _weight_files(path / d)))
     else:
-        modules, fam = _load_single_file(path, family, dtype, device, probe_prediction, text_encoder_files)
+        modules, fam = _load_single_file(path, family, dtype, device, probe_prediction, text_encoder_files, vae_file)
         sched, te_names, files = None, [f"text_encoder_{i}" for i in range(len(fam.text_encoders))], (path,)
     tokenizers = _tokenizers(path, tokenizer, te_names, fam, modules, t5_tokenizer)
     encoders = [modules[f"text_encoder_{i}"] for i in range(len(fam.text_encoders))]

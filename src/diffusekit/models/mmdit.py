@@ -308,6 +308,22 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
+def check_transformer_inputs(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None, channels: int,
+                             patch: int, context_dim: int) -> None:
+    """ValueError naming the bad input of a patchifying flow transformer (MMDiT, Flux): x (B, channels, H, W)
+    with H, W multiples of `patch`, t (B,), context (B, tokens, context_dim)."""
+    if x.ndim != 4 or x.shape[1] != channels:
+        raise ValueError(f"x must be the latent (B, {channels}, H, W), got {tuple(x.shape)}")
+    if x.shape[2] % patch or x.shape[3] % patch:
+        raise ValueError(f"latent size {tuple(x.shape[2:])} must be a multiple of patch_size={patch}")
+    b = x.shape[0]
+    if t.shape != (b,):
+        raise ValueError(f"t must have shape ({b},), got {tuple(t.shape)}")
+    if context is None or context.ndim != 3 or context.shape[0] != b or context.shape[2] != context_dim:
+        got = None if context is None else tuple(context.shape)
+        raise ValueError(f"context must be (B={b}, tokens, {context_dim}), got {got}")
+
+
 class MMDiT(nn.Module):
     """The SD3 / SD3.5 transformer: `forward(x, t, context, y) -> v`, keys of `model.diffusion_model.*`."""
 
@@ -365,17 +381,9 @@ class MMDiT(nn.Module):
         return grid.reshape(1, h * w, -1)
 
     def _check_inputs(self, x, t, context, y) -> None:
-        cfg, p = self.config, self.config.patch_size
-        if x.ndim != 4 or x.shape[1] != cfg.in_channels:
-            raise ValueError(f"x must be (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}")
-        if x.shape[2] % p or x.shape[3] % p:
-            raise ValueError(f"latent size {tuple(x.shape[2:])} must be a multiple of patch_size={p}")
+        cfg = self.config
+        check_transformer_inputs(x, t, context, cfg.in_channels, cfg.patch_size, cfg.context_dim)
         b = x.shape[0]
-        if t.shape != (b,):
-            raise ValueError(f"t must have shape ({b},), got {tuple(t.shape)}")
-        if context is None or context.ndim != 3 or context.shape[0] != b or context.shape[2] != cfg.context_dim:
-            got = None if context is None else tuple(context.shape)
-            raise ValueError(f"context must be (B={b}, tokens, {cfg.context_dim}), got {got}")
         if cfg.adm_in_channels and (y is None or y.shape != (b, cfg.adm_in_channels)):
             got = None if y is None else tuple(y.shape)
             raise ValueError(f"y (pooled text) must be ({b}, {cfg.adm_in_channels}), got {got}")

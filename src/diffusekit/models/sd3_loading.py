@@ -34,15 +34,17 @@ T5_TOKENIZER_ENV = "DIFFUSEKIT_T5_TOKENIZER"
 _FOLDERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
 
-def find_text_encoder_files(path: Path, given: Mapping[str, str | os.PathLike] | None) -> dict[str, Path]:
-    """{"clip_l" | "clip_g" | "t5xxl": file} for an SD3 single file's encoders kept in separate files.
+def find_text_encoder_files(path: Path, given: Mapping[str, str | os.PathLike] | None,
+                            names: tuple[str, ...] = SD3_ENCODER_NAMES) -> dict[str, Path]:
+    """{"clip_l" | "clip_g" | "t5xxl": file} for an SD3 (or, `names` = ("clip_l", "t5xxl"), Flux) single file's
+    encoders kept in separate files.
 
     `given` wins (unknown names are an error); otherwise `<dir>/text_encoders/` and `<dir>/` are searched
     for `<name>*.safetensors` (the SD3.5 release layout: t5xxl_fp16 preferred over fp8)."""
     given = dict(given or {})
-    unknown = sorted(set(given) - set(SD3_ENCODER_NAMES))
+    unknown = sorted(set(given) - set(names))
     if unknown:
-        raise CheckpointError(f"text_encoder_files names {unknown}; valid: {', '.join(SD3_ENCODER_NAMES)}")
+        raise CheckpointError(f"text_encoder_files names {unknown}; valid: {', '.join(names)}")
     out = {name: Path(p) for name, p in given.items()}
     for name, p in out.items():
         if not p.is_file():
@@ -50,7 +52,7 @@ def find_text_encoder_files(path: Path, given: Mapping[str, str | os.PathLike] |
     for folder in (path.parent / "text_encoders", path.parent):
         if not folder.is_dir():
             continue
-        for name in SD3_ENCODER_NAMES:
+        for name in names:
             if name not in out:
                 found = sorted(folder.glob(f"{name}*.safetensors"), key=lambda f: ("fp8" in f.name, f.name))
                 if found:
@@ -66,31 +68,37 @@ def standalone_prefix(keys, spec_prefix: str) -> str:
     return ""
 
 
-def find_t5_tokenizer(source: Path, given: str | os.PathLike | None) -> Path | None:
+def find_t5_tokenizer(source: Path, given: str | os.PathLike | None, folder: str = "tokenizer_3") -> Path | None:
     """Where the T5 tokenizer.json is: `given` (a file or folder), else $DIFFUSEKIT_T5_TOKENIZER, else
-    `tokenizer_3/` of a diffusers folder, or beside a single file (`<dir>/tokenizer_3/`,
-    `<dir>/text_encoders/tokenizer_3/`, `<dir>/text_encoders/t5_tokenizer/`); None if nowhere."""
+    `<folder>/` of a diffusers folder (SD3: tokenizer_3, Flux: tokenizer_2), or beside a single file
+    (`<dir>/<folder>/`, `<dir>/text_encoders/<folder>/`, `<dir>/text_encoders/t5_tokenizer/`); None if nowhere."""
     if given is not None:
         return Path(given)
     if os.environ.get(T5_TOKENIZER_ENV):
         return Path(os.environ[T5_TOKENIZER_ENV])
     base = source if source.is_dir() else source.parent
-    for candidate in (base / "tokenizer_3", base / "text_encoders" / "tokenizer_3",
+    for candidate in (base / folder, base / "text_encoders" / folder,
                       base / "text_encoders" / "t5_tokenizer"):
         if (candidate / "tokenizer.json").is_file():
             return candidate
     return None
 
 
-def sd3_diffusers_family(folder: Path, family, read_json: Callable[[Path], dict], present: Callable[[str], bool],
-                         pad_id: Callable[[Path, int], int]) -> tuple[ModelFamily, dict | None, list[str | None]]:
-    """(family, scheduler config, text-encoder folder per family encoder, None where absent) of a diffusers
-    StableDiffusion3Pipeline folder, from its JSON files."""
+def config_reader(folder: Path) -> Callable:
+    """config(component, parse, data) -> parse(data), a ValueError becoming a CheckpointError naming the file."""
     def config(what, fn, data):
         try:
             return fn(data)
         except ValueError as e:
             raise CheckpointError(f"{folder / what}/config.json: {e}") from None
+    return config
+
+
+def sd3_diffusers_family(folder: Path, family, read_json: Callable[[Path], dict], present: Callable[[str], bool],
+                         pad_id: Callable[[Path, int], int]) -> tuple[ModelFamily, dict | None, list[str | None]]:
+    """(family, scheduler config, text-encoder folder per family encoder, None where absent) of a diffusers
+    StableDiffusion3Pipeline folder, from its JSON files."""
+    config = config_reader(folder)
 
     for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
         if not present(name):

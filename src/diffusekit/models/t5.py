@@ -148,7 +148,9 @@ class T5DenseGatedActDense(nn.Module):
 
     def forward(self, x):
         h = F.gelu(self.wi_0(x), approximate="tanh") * self.wi_1(x)
-        return self.wo(h.to(self.wo.weight.dtype))   # transformers keeps wo in fp32 under fp16 weights
+        # transformers keeps wo in fp32 under fp16 weights; float32 activations over stored half weights
+        # (compute_dtype) stay float32 (the layer upcasts its weight)
+        return self.wo(h if h.dtype == torch.float32 else h.to(self.wo.weight.dtype))
 
 
 class _FeedForwardLayer(nn.Module):
@@ -199,6 +201,9 @@ class T5EncoderModel(nn.Module):
     def __init__(self, config: T5Config = T5_XXL):
         super().__init__()
         self.config = config
+        # None: compute in the weights' dtype; float32 over stored bf16 / fp16 weights kept memory-mapped (each
+        # linear layer upcasts its weight when it runs: `unet.linear`), as Flux on a CPU loads T5-XXL
+        self.compute_dtype: torch.dtype | None = None
         self.shared = nn.Embedding(config.vocab_size, config.d_model)
         self.encoder = _Stack(config)
         self.reset_parameters()
@@ -233,6 +238,8 @@ class T5EncoderModel(nn.Module):
             raise ValueError(f"token ids must be in 0..{self.config.vocab_size - 1}, got "
                              f"{int(input_ids.min())}..{int(input_ids.max())}")
         x = self.shared(input_ids) if inputs_embeds is None else inputs_embeds                   # (B, T, D)
+        if self.compute_dtype is not None:
+            x = x.to(self.compute_dtype)
         first = self.encoder.block[0].layer[0].SelfAttention
         bias = first.position_bias(x.shape[1], x.device).float()                                 # (1, H, T, T)
         if attention_mask is not None:

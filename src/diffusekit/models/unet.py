@@ -189,7 +189,12 @@ def _compute_in_fp32(t: torch.Tensor) -> bool:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`F.linear`, in fp32 for bf16/fp16 on CPUs that emulate those types (`_compute_in_fp32`)."""
+    """`F.linear`, in fp32 for bf16/fp16 on CPUs that emulate those types (`_compute_in_fp32`). Weights
+    stored in another dtype than x (bf16 / fp8 kept memory-mapped, Flux) are cast to x's for this call
+    only: one layer's upcast copy at a time."""
+    if weight.dtype != x.dtype:
+        weight = weight.to(x.dtype)
+        bias = None if bias is None else bias.to(x.dtype)
     if _compute_in_fp32(x):
         return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
     return F.linear(x, weight, bias)

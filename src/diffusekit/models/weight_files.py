@@ -104,8 +104,9 @@ class _Source:
         self.shapes, self.metadata = shapes, metadata
 
     def read(self, names: Iterable[str], dtype: torch.dtype | None = None,
-             device: torch.device = torch.device("cpu")) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, tensor converted by `_target` to dtype / device) for each name."""
+             device: torch.device = torch.device("cpu"), *, keep_fp8: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor converted by `_target` to dtype / device) for each name; keep_fp8: fp8-stored
+        tensors stay fp8 (and memory-mapped) when dtype is None, for a network that upcasts per layer."""
         raise NotImplementedError
 
 
@@ -115,7 +116,7 @@ class _SafetensorsSource(_Source):
         super().__init__({k: e[1] for k, e in self.entries.items()}, metadata)
         self.path = path
 
-    def read(self, names, dtype=None, device=torch.device("cpu")):
+    def read(self, names, dtype=None, device=torch.device("cpu"), *, keep_fp8=False):
         # Kept as is: the memory-mapped tensor itself (zero copy; the mapping lives as long as the
         # parameter). Converted: read into a temporary buffer with plain file I/O, so no mapped page
         # of the source stays resident while the converted copies accumulate (peak = the converted
@@ -124,7 +125,7 @@ class _SafetensorsSource(_Source):
             for name in names:
                 stored, shape, begin, end = self.entries[name]
                 stored = _ST_DTYPES[stored]
-                target = _target(stored, dtype)
+                target = _target(stored, dtype, keep_fp8)
                 if target == stored and device.type == "cpu":
                     yield name, f.get_tensor(name)
                     continue
@@ -144,9 +145,9 @@ class _DictSource(_Source):
         super().__init__({k: tuple(v.shape) for k, v in tensors.items()}, metadata or {})
         self.tensors = tensors
 
-    def read(self, names, dtype=None, device=torch.device("cpu")):
+    def read(self, names, dtype=None, device=torch.device("cpu"), *, keep_fp8=False):
         for name in names:
-            yield name, convert(self.tensors[name], dtype, device)
+            yield name, convert(self.tensors[name], dtype, device, keep_fp8)
 
 
 def _torch_load(path: Path) -> dict[str, torch.Tensor]:
@@ -188,17 +189,18 @@ def open_file(path: Path) -> _Source:
                           f"{', '.join(PICKLE_SUFFIXES)}, or a diffusers folder with model_index.json")
 
 
-def _target(stored: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
+def _target(stored: torch.dtype, dtype: torch.dtype | None, keep_fp8: bool = False) -> torch.dtype:
     """The dtype a stored tensor is loaded as: `dtype` for floating tensors (None: as stored;
-    fp8-stored weights become bf16, since compute needs a real float type)."""
+    fp8-stored weights become bf16, since compute needs a real float type, unless `keep_fp8`)."""
     if dtype is None:
-        return torch.bfloat16 if stored in (torch.float8_e4m3fn, torch.float8_e5m2) else stored
+        fp8 = stored in (torch.float8_e4m3fn, torch.float8_e5m2)
+        return torch.bfloat16 if fp8 and not keep_fp8 else stored
     return dtype if stored.is_floating_point else stored
 
 
-def convert(t: torch.Tensor, dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:
+def convert(t: torch.Tensor, dtype: torch.dtype | None, device: torch.device, keep_fp8: bool = False) -> torch.Tensor:
     """`t` as `_target` says, on `device`; the tensor itself when nothing changes."""
-    target = _target(t.dtype, dtype)
+    target = _target(t.dtype, dtype, keep_fp8)
     if target == t.dtype and t.device == device:
         return t  # zero copy (a memory-mapped safetensors tensor stays mapped)
     return t.to(device=device, dtype=target)

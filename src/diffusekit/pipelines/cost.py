@@ -66,10 +66,12 @@ MMDIT_TEXT_TOKENS = 77 + 256  # SD3's joint context: CLIP + T5 (longer prompts a
 
 
 def mmdit_activation_bytes(family: ModelFamily, width: int, height: int, batch: int, dtype_bytes: int) -> int:
-    """Peak activations of one guided MMDiT call (SD3): the widest block's working set over image patches plus
-    text tokens; a transformer keeps no skip connections, and SDPA holds no tokens x tokens matrix."""
+    """Peak activations of one guided MMDiT call (SD3; Flux alike, over its T5 tokens): the widest block's
+    working set over image patches plus text tokens; a transformer keeps no skip connections, and SDPA holds
+    no tokens x tokens matrix."""
     u, f = family.unet, family.latent_factor * family.unet.patch_size
-    tokens = (width // f) * (height // f) + MMDIT_TEXT_TOKENS
+    text = family.text_encoders[-1].max_length if family.is_flux else MMDIT_TEXT_TOKENS
+    tokens = (width // f) * (height // f) + text
     return int(2 * batch * MMDIT_WORK_TENSORS * u.hidden_size * tokens * dtype_bytes)
 
 
@@ -87,7 +89,7 @@ def estimate_memory(family: ModelFamily, p: GenerationParams, *, width: int, hei
     """{"weights", "unet", "vae", "peak"} in bytes for `p` at its (resolved) width x height; peak = weights +
     the larger of the UNet's and the VAE's activations (they do not run at the same time)."""
     w, h = output_size(p, width, height)
-    network = mmdit_activation_bytes if family.is_mmdit else unet_activation_bytes
+    network = mmdit_activation_bytes if family.is_transformer else unet_activation_bytes
     unet = network(family, w, h, p.batch_size, dtype_bytes)
     per_call = min(p.batch_size, max(1, decode_pixels_per_call // (w * h)))
     vae = vae_decode_bytes(family, w, h, per_call)

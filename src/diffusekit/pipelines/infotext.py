@@ -39,13 +39,15 @@ __all__ = [
 ]
 
 PARAM_ORDER = (
-    "Steps", "Sampler", "Schedule type", "CFG scale", "Image CFG scale", "Seed", "Face restoration",
+    "Steps", "Sampler", "Schedule type", "CFG scale", "Distilled CFG Scale", "Image CFG scale", "Seed",
+    "Face restoration",
     "Size", "Model hash", "Model", "FP8 weight", "Cache FP16 weight for LoRA", "VAE hash", "VAE",
     "Variation seed", "Variation seed strength", "Seed resize from", "Denoising strength",
     "Conditional mask weight", "Clip skip", "ENSD", "Token merging ratio", "Token merging ratio hr",
     "Init image hash", "RNG", "Tiling",
 )
-"""Keys A1111 writes first, in its order; any other key follows in the caller's order."""
+"""Keys A1111 writes first, in its order (Forge adds "Distilled CFG Scale", Flux.1 dev's guidance input,
+after "CFG scale"); any other key follows in the caller's order."""
 _TRAILING = ("Version", "User")  # written after the extra keys
 
 class Field(NamedTuple):
@@ -59,7 +61,7 @@ class Field(NamedTuple):
 
 FIELDS: tuple[Field, ...] = (
     Field("Steps", "steps", int), Field("Sampler", "sampler_name", str), Field("Schedule type", "scheduler", str),
-    Field("CFG scale", "cfg_scale", float), Field("Seed", "seed", int),
+    Field("CFG scale", "cfg_scale", float), Field("Distilled CFG Scale", "guidance", float), Field("Seed", "seed", int),
     Field("Size-1", "width", int), Field("Size-2", "height", int),
     Field("Variation seed", "subseed", int), Field("Variation seed strength", "subseed_strength", float),
     Field("Denoising strength", "denoising_strength", float), Field("Mask blur", "mask_blur", int),

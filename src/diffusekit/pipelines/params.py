@@ -64,6 +64,8 @@ class GenerationParams:
     s_tmax: float = math.inf
     s_noise: float = 1.0
     cfg_rescale: float = 0.0
+    guidance: Optional[float] = None            # Flux.1 dev's distilled guidance (Forge "Distilled CFG Scale");
+                                                # None = the model's default (3.5); other models ignore it
     sde_noise: str = "diffusekit"               # "diffusekit" | "a1111" | "comfyui" (pipelines/sde_noise.py)
     # two-stage generation
     refiner_checkpoint: Optional[str] = None
@@ -136,6 +138,9 @@ class GenerationParams:
             bad("subseed_strength", "must be in [0, 1]")
         if not math.isfinite(float(self.cfg_scale)) or not 0.0 <= float(self.cfg_scale) <= 100.0:
             bad("cfg_scale", "must be a number from 0 to 100")
+        if self.guidance is not None and (isinstance(self.guidance, bool) or not isinstance(self.guidance, (int, float))
+                                          or not math.isfinite(float(self.guidance)) or not 0 <= self.guidance <= 100):
+            bad("guidance", "must be a number from 0 to 100 (Flux.1 dev's distilled guidance, 3.5 by default) or None")
         if not 0.0 <= float(self.cfg_rescale) <= 1.0:
             bad("cfg_rescale", "must be in [0, 1]")
         if self.sde_noise not in SDE_NOISE_MODES:

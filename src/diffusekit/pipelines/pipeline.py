@@ -40,18 +40,19 @@ from ..core.denoisers import EpsDenoiser, FlowDenoiser, VDenoiser
 from ..core.guidance import cfg
 from ..core.schedules import DiscreteSchedule
 from ..models.embeddings import EmbeddingLibrary
-from ..models.loading import ModelParts, load_checkpoint
+from ..models.loading import ModelParts, load_checkpoint, read_family
 from ..models.lora import LoRATargets, merged
 from . import infotext as infotext_mod
 from .loras import LoraLibrary, extract_loras, infotext_name, lora_hashes_text
 from . import prompts as prompt_mod
 from .conditioning import Conditioning, TextConditioner, adm_vector
+from .conditioning_flux import FluxTextConditioner
 from .conditioning_sd3 import JointTextConditioner
 from .latents import (LATENT_RGB, fill_masked, fit_latent_rgb, initial_noise, latent_mask, overlay_mask,
                       pil_to_tensor, prepare_mask, preview, tensor_to_pil)
 from .params import GenerationParams, GenerationResult, StepInfo
 from .sde_noise import BROWNIAN_SAMPLERS, changes_image, pass_noise, require_torchsde
-from .shipped import A1111_DEFAULTS, recommended, resolve_model, shipped_name
+from .shipped import family_defaults, recommended, resolve_model, shipped_name
 from .state import PromptSteps, SamplingPass, _Batch, _Call, _ConcatKey, _InitImages
 
 # A1111's defaults for the SDXL refiner's aesthetic-score input (sdxl_refiner_high/low_aesthetic_score)
@@ -122,20 +123,24 @@ def _rescale_signal(x: torch.Tensor, x0: torch.Tensor | None, r: float) -> torch
 
 
 class UNetAdapter(torch.nn.Module):
-    """The LDM UNet as a network `model(x, t, context=, y=, c_concat=)` for the denoiser wrappers:
+    """The LDM UNet as a network `model(x, t, context=, y=, c_concat=, guidance=)` for the denoiser wrappers:
     concatenates an inpainting model's extra channels and casts to the UNet's dtype (the sampler's latent
-    stays float32; the output is cast back)."""
+    stays float32; the output is cast back). `guidance` (Flux.1 dev's distilled scale) goes to the network
+    as is; a network with its own compute dtype (`activation_dtype`: Flux over stored bf16 / fp8 weights)
+    gets its inputs in that dtype."""
 
     def __init__(self, unet: torch.nn.Module):
         super().__init__()
         self.unet = unet
 
-    def forward(self, x, t, context=None, y=None, c_concat=None):
-        dtype = next(self.unet.parameters()).dtype
+    def forward(self, x, t, context=None, y=None, c_concat=None, guidance=None):
+        own = getattr(self.unet, "activation_dtype", None)
+        dtype = own() if own is not None else next(self.unet.parameters()).dtype
         if c_concat is not None:
             x = torch.cat([x, c_concat.to(x.dtype)], dim=1)
+        extra = {} if guidance is None else {"guidance": guidance.to(x.device, torch.float32)}
         out = self.unet(x.to(dtype), t.to(x.device, torch.float32),
-                        None if context is None else context.to(dtype), None if y is None else y.to(dtype))
+                        None if context is None else context.to(dtype), None if y is None else y.to(dtype), **extra)
         return out.to(x.dtype)
 
 
@@ -143,7 +148,8 @@ class Pipeline:
     """Generation on one checkpoint. `Pipeline.from_pretrained(name_or_path)` then `.generate(params)`."""
 
     def __init__(self, parts: ModelParts, *, device: str | torch.device = "cpu",
-                 lora_dir: str | Path | None = None, embeddings_dir: str | Path | None = None):
+                 lora_dir: str | Path | None = None, embeddings_dir: str | Path | None = None,
+                 offload_text_encoders: bool = False):
         self.lora_dir = lora_dir                 # where <lora:NAME:W> finds NAME.safetensors (pipelines/loras.py)
         self._lora_targets: LoRATargets | None = None
         if (parts.vae is None) != parts.family.pixel_space:
@@ -156,12 +162,17 @@ class Pipeline:
         self.name = parts.name
         self.unet = parts.unet.to(self.device).eval()
         self.vae = parts.vae.to(self.device).eval() if parts.vae is not None else None
+        # offload: the text encoders (Flux's / SD3's T5-XXL: 4.7B parameters) stay on the CPU and encode there;
+        # only their outputs move to `device`, so they never take accelerator memory
+        self.offload_text_encoders = bool(offload_text_encoders)
         for enc in parts.text_encoders:
             if enc is not None:
-                enc.to(self.device).eval()
-        conditioner = JointTextConditioner if self.family.is_mmdit else TextConditioner
+                (enc if self.offload_text_encoders else enc.to(self.device)).eval()
+        conditioner = (FluxTextConditioner if self.family.is_flux else
+                       JointTextConditioner if self.family.is_mmdit else TextConditioner)
         self.text = conditioner(self.family, parts.text_encoders, parts.tokenizers) if parts.text_encoders else None
-        if self.family.prediction_type == "flow":   # rectified flow (SD3): its own sigma table in [0, 1]
+        self._shifted: dict[float, FlowDenoiser] = {}
+        if self.family.prediction_type == "flow":   # rectified flow (SD3, Flux): its own sigma table in [0, 1]
             self.denoiser = FlowDenoiser(UNetAdapter(self.unet), shift=self.family.flow_shift)
             self.schedule = self.denoiser.schedule
         else:
@@ -177,13 +188,14 @@ class Pipeline:
         self._refiners: dict[str, Pipeline] = {}
         self.embeddings_dir = embeddings_dir     # textual-inversion files named by their stem in prompts
         # sampler_name, scheduler, steps, cfg_scale the model's card recommends (shipped.recommended)
-        self.defaults: dict = dict(A1111_DEFAULTS)
+        self.defaults: dict = family_defaults(self.family)
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, *, device: str = "cpu", dtype: torch.dtype | None = None,
                         family: str | None = None, lora_dir: str | Path | None = None,
-                        embeddings_dir: str | Path | None = None, **load_options) -> "Pipeline":
+                        embeddings_dir: str | Path | None = None, offload_text_encoders: bool = False,
+                        **load_options) -> "Pipeline":
         """A shipped model name ("shapes"), a single-file checkpoint or a diffusers folder.
 
         dtype=None keeps the file's precision on an accelerator and computes in float32 on the CPU,
@@ -191,16 +203,32 @@ class Pipeline:
         lora_dir: the folder of LoRA files that `<lora:NAME:WEIGHT>` prompt tags name.
         embeddings_dir: the folder of textual-inversion embeddings (A1111's `embeddings/`): a file's stem
         written in a prompt or negative prompt stands for its vectors.
-        load_options: passed to `load_checkpoint` (SD3: `text_encoder_files=`, `t5_tokenizer=`)."""
+        offload_text_encoders: keep the text encoders on the CPU when `device` is an accelerator (they run once
+        per prompt; T5-XXL is 9.5 GB in bf16).
+        Flux on a CPU with dtype=None: the transformer and T5 keep their stored bf16 / fp8 / fp16 weights,
+        memory-mapped, and compute in float32 (each layer upcast as it runs), so a 12B model needs its file's
+        pages, not 48 GB of float32 copies (bench/flux_memory.py).
+        load_options: passed to `load_checkpoint` (SD3 / Flux: `text_encoder_files=`, `t5_tokenizer=`, Flux:
+        `vae_file=`)."""
         path = resolve_model(name_or_path)
-        if dtype is None and torch.device(device).type == "cpu":
+        keep = dtype is None and torch.device(device).type == "cpu" and read_family(path, family).is_flux
+        if dtype is None and torch.device(device).type == "cpu" and not keep:
             dtype = torch.float32
         parts = load_checkpoint(path, family=family, dtype=dtype, device="cpu", **load_options)
+        if keep:   # Flux on a CPU: the transformer and T5 stay as stored (memory-mapped bf16 / fp8 / fp16 pages,
+            # each layer upcast when it runs), computed in float32; CLIP-L and the VAE (small) become float32
+            parts.unet.compute_dtype = torch.float32
+            for module in (parts.vae, *parts.text_encoders):
+                if hasattr(module, "compute_dtype"):
+                    module.compute_dtype = torch.float32
+                elif module is not None:
+                    module.float()
         shipped = shipped_name(path)
         if shipped is not None:            # infotext "Model: shapes", not the file's stem "model"
             parts.name = shipped
-        pipe = cls(parts, device=device, lora_dir=lora_dir, embeddings_dir=embeddings_dir)
-        pipe.defaults = recommended(path)
+        pipe = cls(parts, device=device, lora_dir=lora_dir, embeddings_dir=embeddings_dir,
+                   offload_text_encoders=offload_text_encoders)
+        pipe.defaults = recommended(path, parts.family)
         return pipe
 
     @property
@@ -272,7 +300,7 @@ class Pipeline:
     @property
     def size_multiple(self) -> int:
         """Image sides must be multiples of this: the VAE factor, times the patch size of an MMDiT (SD3: 16)."""
-        return self.factor * (self.family.unet.patch_size if self.family.is_mmdit else 1)
+        return self.factor * (self.family.unet.patch_size if self.family.is_transformer else 1)
 
     @property
     def sample_space(self) -> str:
@@ -389,6 +417,10 @@ class Pipeline:
         if not loras:
             yield from self._batches(params, params, callback, should_stop, hashes)
             return
+        if self.family.is_transformer:
+            raise ValueError(f"the prompt names LoRAs ({', '.join(ref.name for ref, _ in loras)}), but LoRA merging is "
+                             f"implemented for UNet models (SD 1.x / 2.x / SDXL); {self.name!r} is a "
+                             f"{'Flux' if self.family.is_flux else 'SD3'} transformer: remove the <lora:...> tags")
         if self._lora_targets is None:
             self._lora_targets = LoRATargets.of(self.parts)
         with merged(self._lora_targets, [(lora, ref.te, ref.unet) for ref, lora in loras]):
@@ -478,9 +510,23 @@ class Pipeline:
         b = sp.x.shape[0]
         return torch.cat([m.expand(b, -1, -1, -1), _rows(latent, b)], 1)
 
-    def _sigmas(self, schedule_id: str, steps: int) -> torch.Tensor:
-        return sigma_schedules.get(schedule_id, steps, schedule=self.schedule, sigma_min=self.schedule.sigma_min,
-                                   sigma_max=self.schedule.sigma_max).to(self.device)
+    def denoiser_at(self, width: int, height: int):
+        """The denoiser for images of width x height: `self.denoiser`, except for a resolution-dependent flow
+        shift (Flux.1 dev, `ModelFamily.shift_at`), where it is a FlowDenoiser of that shift (cached)."""
+        if self.family.prediction_type != "flow" or self.family.dynamic_shift is None:
+            return self.denoiser
+        shift = self.family.shift_at(width, height)
+        if shift not in self._shifted:
+            self._shifted[shift] = FlowDenoiser(self.denoiser.inner_model, shift=shift)
+        return self._shifted[shift]
+
+    def _sigmas(self, schedule_id: str, steps: int, width: int | None = None, height: int | None = None) -> torch.Tensor:
+        """The schedule's sigmas over the model's table (for a resolution-dependent shift: at width x height,
+        the native size when not given)."""
+        size = self.family.default_size
+        table = self.denoiser_at(width or size, height or size).schedule
+        return sigma_schedules.get(schedule_id, steps, schedule=table, sigma_min=table.sigma_min,
+                                   sigma_max=table.sigma_max).to(self.device)
 
     # ------------------------------------------------------------------ one batch
     def _run_batch(self, batch: _Batch) -> torch.Tensor:
@@ -489,7 +535,7 @@ class Pipeline:
         shape = (b, self.latent_channels, height // self.factor, width // self.factor)
         noise, gens = initial_noise(shape, batch.seeds, batch.subseeds, p.subseed_strength)
         noise = noise.to(self.device)
-        full = self._sigmas(batch.call.schedule_id, p.steps)
+        full = self._sigmas(batch.call.schedule_id, p.steps, width, height)
         init_latent = mask = None
         if init is None:   # pure noise at the first level: sigma * noise (VE), noise itself (flow, s = 1)
             sig, x = full, self.denoiser.noise_scaling(full[0], noise)
@@ -536,7 +582,7 @@ class Pipeline:
             return x
         steps = p.hr_second_pass_steps or p.steps
         total = int(steps / min(float(strength), 0.999))
-        full = self._sigmas(batch.call.schedule_id, total)
+        full = self._sigmas(batch.call.schedule_id, total, hw, hh)
         sig = full[total - steps:]
         noise, gens = initial_noise(x.shape, batch.seeds, batch.subseeds, p.subseed_strength)
         sp = SamplingPass("hires", sig, self.denoiser.noise_scaling(sig[0], noise.to(x.device), x), gens, hw, hh,
@@ -596,8 +642,9 @@ class Pipeline:
         SDXL its `y`), built once per pass rather than on every model call. The text encodings are cached
         for the whole generate() call."""
         p = batch.call.text_params
+        denoiser = self.denoiser_at(width, height)
         if self.text is None:
-            return [(0, self.denoiser)]
+            return [(0, denoiser)]
         cache = batch.call.cache.of(self).text
         if prompt not in cache:
             cache[prompt] = self.text.pair(p.prompt, p.negative_prompt, prompt.steps, p.clip_skip,
@@ -606,16 +653,27 @@ class Pipeline:
         ends = sorted({end for end, _ in cs.entries} | {end for end, _ in us.entries})
         out = []
         for end in ends:
-            c = self._network_kwargs(cs.at(end), AESTHETIC_SCORE_COND, width, height)
-            u = self._network_kwargs(us.at(end), AESTHETIC_SCORE_UNCOND, width, height)
-            out.append((end, cfg(self.denoiser, p.cfg_scale, c, u, rescale=p.cfg_rescale)))
+            c = self._network_kwargs(cs.at(end), AESTHETIC_SCORE_COND, width, height, p.guidance)
+            u = self._network_kwargs(us.at(end), AESTHETIC_SCORE_UNCOND, width, height, p.guidance)
+            out.append((end, cfg(denoiser, p.cfg_scale, c, u, rescale=p.cfg_rescale)))
         return out
 
-    def _network_kwargs(self, c: Conditioning, aesthetic: float, width: int, height: int) -> dict:
+    def guidance(self, params: GenerationParams) -> float | None:
+        """The distilled guidance scale a guidance-distilled model (Flux.1 dev) gets: params.guidance, else
+        the family's default (3.5); None for every other model."""
+        if not self.family.takes_guidance:
+            return None
+        return float(self.family.guidance if params.guidance is None else params.guidance)
+
+    def _network_kwargs(self, c: Conditioning, aesthetic: float, width: int, height: int,
+                        guidance: float | None = None) -> dict:
         """A Conditioning as the network's keyword arguments (batch 1; guidance expands them)."""
-        kw = {"context": c.context}
-        if self.family.is_mmdit and c.pooled is not None:   # SD3: the pooled CLIP vector joins the timestep embedding
-            kw["y"] = c.pooled
+        kw = {"context": c.context.to(self.device)}
+        if self.family.is_transformer and c.pooled is not None:   # SD3, Flux: pooled CLIP joins the time embedding
+            kw["y"] = c.pooled.to(self.device)
+        if self.family.takes_guidance:   # Flux.1 dev: the distilled guidance scale is a network input
+            kw["guidance"] = torch.tensor([float(self.family.guidance if guidance is None else guidance)],
+                                          device=self.device)
         elif self.family.adm_inputs:
             kw["y"] = adm_vector(self.family, c.pooled, original_size=(height, width), target_size=(height, width),
                                  aesthetic_score=aesthetic)
@@ -675,6 +733,7 @@ class Pipeline:
         values = {
             "steps": params.steps, "sampler_name": sampler_registry.INFO[sampler_id].label,
             "scheduler": sigma_schedules.LABELS.get(schedule_id, schedule_id), "cfg_scale": params.cfg_scale,
+            "guidance": self.guidance(params),             # Forge's "Distilled CFG Scale": Flux.1 dev only
             "seed": seed, "width": call.width, "height": call.height,
             "subseed": subseed if varied else None, "subseed_strength": params.subseed_strength if varied else None,
             "denoising_strength": (params.hr_denoising_strength if hires and params.hr_denoising_strength is not None

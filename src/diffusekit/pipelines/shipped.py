@@ -87,10 +87,32 @@ def card_settings(card: Path) -> dict:
     return out
 
 
-def recommended(name_or_path) -> dict:
+# Flux.1 without a card: Forge's / ComfyUI's settings (Euler, Simple; guidance is the model's input, so no CFG)
+FLUX_DEFAULTS = {"flux-dev": {"sampler_name": "Euler", "scheduler": "Simple", "steps": 20, "cfg_scale": 1.0},
+                 "flux-schnell": {"sampler_name": "Euler", "scheduler": "Simple", "steps": 4, "cfg_scale": 1.0}}
+
+
+def family_defaults(family) -> dict:
+    """A1111's defaults, or Flux's for a Flux family (None: A1111's)."""
+    if family is not None and family.is_flux:
+        return dict(FLUX_DEFAULTS["flux-dev" if family.takes_guidance else "flux-schnell"])
+    return dict(A1111_DEFAULTS)
+
+
+def recommended(name_or_path, family=None) -> dict:
     """sampler_name, scheduler, steps and cfg_scale for a model (a shipped name or any path): A1111's
-    defaults, overridden by what the shipped model's card states."""
+    defaults, or Flux's (`FLUX_DEFAULTS`, by the family: given, or read from the file's header), overridden
+    by what the shipped model's card states."""
     s = str(name_or_path)
     name = s if s in SHIPPED else shipped_name(s)
     card = ASSETS / name / CARD if name else None
-    return {**A1111_DEFAULTS, **(card_settings(card) if card is not None and card.is_file() else {})}
+    base = dict(A1111_DEFAULTS)
+    if name is None:
+        if family is None:
+            from ..models.loading import CheckpointError, read_family
+            try:
+                family = read_family(s) if Path(s).exists() else None
+            except (CheckpointError, OSError):
+                family = None
+        base = family_defaults(family)
+    return {**base, **(card_settings(card) if card is not None and card.is_file() else {})}

@@ -18,6 +18,8 @@ from .schemas import RequestError
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 # folders of parts, not checkpoints: SD3.5 keeps clip_l / clip_g / t5xxl files in text_encoders/ beside the model
 PART_FOLDERS = ("text_encoders",)
+# files of parts: Flux's autoencoder beside BFL's transformer file (models/flux_loading.VAE_FILE_NAMES)
+PART_FILES = ("ae.safetensors", "flux_ae.safetensors")
 HASH_EAGER_MAX_BYTES = 512 * 2**20   # files up to this size are hashed when listed; bigger ones once loaded
 
 
@@ -66,7 +68,7 @@ class ModelStore:
                         dirs.remove(d)
                 dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in PART_FOLDERS)
                 for f in sorted(files):
-                    if f.endswith(CHECKPOINT_SUFFIXES) and not f.startswith("."):
+                    if f.endswith(CHECKPOINT_SUFFIXES) and not f.startswith(".") and f not in PART_FILES:
                         rel = (rootp / f).relative_to(self.models_dir).as_posix()
                         out.append(ModelEntry(rel, rel.rsplit(".", 1)[0], rootp / f))
         for name in shipped.available():

@@ -180,6 +180,8 @@ class Txt2ImgRequest(_Checked):
     # diffusekit additions
     save_process: Optional[bool] = Field(False, description="keep every step for GET /diffusekit/v1/video")
     cfg_rescale: Optional[float] = Field(0.0, description="CFG rescale phi (Lin et al. 2023), 0 = off")
+    distilled_cfg_scale: Optional[float] = Field(None, description="Forge's field: Flux.1 dev's distilled guidance, "
+                                                                   "a model input (null = 3.5); other models ignore it")
     sde_noise: Optional[str] = Field(None, description="SDE samplers' Brownian noise: 'diffusekit' (null), 'a1111' "
                                                        "or 'comfyui' (torchsde's tree seeded as those tools do)")
 
@@ -367,6 +369,7 @@ def to_generation_params(req: Txt2ImgRequest, *, init_images=None, mask=None, cl
         s_tmax=float(_or(req.s_tmax, math.inf)), s_noise=float(_or(req.s_noise, 1.0)),
         cfg_rescale=float(_or(req.cfg_rescale, 0.0)), refiner_switch_at=req.refiner_switch_at,
         save_process=bool(req.save_process), sde_noise=_or(req.sde_noise, "diffusekit"),
+        guidance=None if req.distilled_cfg_scale is None else float(req.distilled_cfg_scale),
     )
     if req.denoising_strength is not None:
         p.denoising_strength = float(req.denoising_strength)
@@ -427,6 +430,13 @@ def memory_budget_bytes(limits: Limits, device) -> int | None:
     return limits.max_memory_mb * 2**20 if limits.max_memory_mb else device_memory_bytes(device)
 
 
+def _activation_bytes(net) -> int:
+    """Bytes per activation element: the network's compute dtype (Flux over bf16 / fp8 weights computes in
+    its `activation_dtype`), else its weights' dtype."""
+    own = getattr(net, "activation_dtype", None)
+    return (own() if own is not None else next(net.parameters()).dtype).itemsize
+
+
 def check_memory(p: GenerationParams, pipe, budget_bytes: int | None) -> dict:
     """Refuse (422 naming max_memory_mb) a request whose estimated peak memory on `pipe` (weights plus
     activations, `pipelines.cost.estimate_memory`; width/height resolved) exceeds the budget."""
@@ -434,7 +444,7 @@ def check_memory(p: GenerationParams, pipe, budget_bytes: int | None) -> dict:
     modules = [m for m in (pipe.unet, pipe.vae, *pipe.parts.text_encoders) if m is not None]
     weights = sum(t.numel() * t.element_size() for m in modules for t in m.parameters())
     est = estimate_memory(pipe.family, p, width=p.width, height=p.height,
-                          dtype_bytes=next(pipe.unet.parameters()).element_size(), weight_bytes=weights,
+                          dtype_bytes=_activation_bytes(pipe.unet), weight_bytes=weights,
                           decode_pixels_per_call=DECODE_PIXELS_PER_CALL)
     if budget_bytes and est["peak"] > budget_bytes:
         gib = 2**30
