@@ -91,7 +91,8 @@ class FinetuneModel(nn.Module):
         parts = self.parts
         hidden, pooled = [], None
         with nullcontext() if self.trains_text else torch.no_grad():
-            for e, (spec, enc) in enumerate(zip(parts.family.text_encoders, parts.text_encoders)):
+            encoders = self.text_encoders if self.text_encoders is not None else parts.text_encoders
+            for e, (spec, enc) in enumerate(zip(parts.family.text_encoders, encoders)):
                 emb = None
                 if self.embeddings is not None and ti_index is not None:
                     tok = enc.token_embeddings(ids[e])                              # (B, 77, W)
@@ -111,7 +112,7 @@ class FinetuneModel(nn.Module):
         if fam.adm_inputs:
             y = torch.cat([adm_vector(fam, pooled[i:i + 1], original_size=o, crop_coords=c, target_size=s)
                            for i, (o, c, s) in enumerate(adm)])
-        return self.parts.unet(x, t, context, y=y)
+        return (self.unet if self.unet is not None else self.parts.unet)(x, t, context, y=y)   # own in a copy
 
 
 def _init_vectors(parts, ft: FinetuneConfig) -> list[torch.Tensor]:
