@@ -422,6 +422,23 @@ def test_full_finetune_writes_a_checkpoint_that_loads(base, tmp_path):
     Pipeline.from_pretrained(out).generate(GenerationParams(prompt="a red circle", steps=2, width=32, height=32))
 
 
+def test_prior_preservation_with_real_dataset_images(base, tmp_path):
+    """class_data = "shapes": the regularisation items are the dataset's own (seed class_seed), and the
+    prior term is in the loss: with prior_weight 0 the run trains other weights."""
+    from diffusekit.training.datasets import ShapesDataset
+    tree = ft_tree(tmp_path / "a", base, steps=2, class_images=5, class_data="shapes", class_seed=4)
+    tuner = FineTuner(config_from_dict(tree))
+    want = ShapesDataset(seed=4, size=32)
+    items = tuner._class["items"]
+    assert len(items) == 5 and not (tmp_path / "a" / "class_images").exists()
+    assert items[3]["caption"] == want[3]["caption"] and items[3]["image"].tobytes() == want[3]["image"].tobytes()
+    tuner.run()
+    FineTuner(config_from_dict(ft_tree(tmp_path / "b", base, steps=2, class_images=5, class_data="shapes",
+                                       class_seed=4, prior_weight=0.0))).run()
+    a, b = lora_weights(tmp_path / "a"), lora_weights(tmp_path / "b")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) > 1e-4
+
+
 def test_prior_preservation_draws_class_images_with_the_base_model(base, tmp_path):
     tree = ft_tree(tmp_path, base, steps=2, class_images=3, class_prompts=["a red circle", "a blue square"],
                    class_steps=2)
@@ -487,6 +504,14 @@ def test_config_errors_teach(base, tmp_path):
         FineTuner(config_from_dict(ft_tree(tmp_path, base, targets=["mlp"])))
     with pytest.raises(ValueError, match="unknown key"):
         config_from_dict(ft_tree(tmp_path, base, ranks=3))
+    with pytest.raises(ValueError, match="train.distributed='zero3'; valid: ddp, fsdp"):
+        config_from_dict(ft_tree(tmp_path, base, method="full", train={"distributed": "zero3"}))
+    with pytest.raises(ValueError, match="finetune.method='lora' trains a few MB: use distributed = 'ddp'"):
+        config_from_dict(ft_tree(tmp_path, base, train={"distributed": "fsdp"}))
+    with pytest.raises(ValueError, match="EMA of sharded weights is not implemented; set ema_decay = 0"):
+        config_from_dict(ft_tree(tmp_path, base, method="full", train={"distributed": "fsdp", "ema_decay": 0.99}))
+    with pytest.raises(ValueError, match="class_data='imagenet'; valid: 'shapes', 'digits'"):
+        config_from_dict(ft_tree(tmp_path, base, class_images=4, class_data="imagenet"))
 
 
 def test_shipped_finetune_configs_parse_and_the_shapes_lora_recipe_runs(tmp_path):
