@@ -17,6 +17,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors import safe_open
 
+from diffusekit.models.loading import load_checkpoint
 from diffusekit.models.lora import LoRATargets, addnet_hash, load_lora, merged
 from diffusekit.training.buckets import BucketOrder, BucketedFolder, make_buckets, nearest_bucket
 from diffusekit.training.checkpoint import load_training_checkpoint
@@ -209,6 +210,78 @@ def test_lora_file_acts_the_same_in_diffusers_peft(tmp_path):
     assert (mine_te - theirs_te).abs().max() <= 1e-5 * theirs_te.abs().max()
 
 
+def test_sdxl_lora_from_the_trainer_acts_the_same_in_diffusers_peft(tmp_path, clip_vocab_files):
+    """A tiny random-weight SDXL (diffusers folder: UNet with text_time conditioning, CLIP-L, bigG with
+    projection) fine-tuned by our trainer (LoRA on attention, proj, ff, LoCon convs, both text encoders),
+    its kohya file loaded by diffusers' `StableDiffusionXLPipeline.load_lora_weights` (peft, unfused):
+    UNet (with `y` / added_cond_kwargs), CLIP-L penultimate hidden states, bigG penultimate hidden states
+    and pooled projection agree with diffusekit's loader and the training hooks within 1e-5. The file's
+    names are kohya's SDXL ones: LDM UNet paths, lora_te1_ / lora_te2_ with transformers paths."""
+    pytest.importorskip("peft")
+    loading = _load("_loading_tests", "models/test_loading.py")
+    diffusers, unet, vae, sched = loading._diffusers_parts("sdxl")
+    bpe = clip_vocab_files(tmp_path / "bpe")
+    te1, te2 = loading._hf_text(32, "quick_gelu"), loading._hf_text(48, "gelu", projection=24, seed=1)
+    ref = diffusers.StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2,
+                                              tokenizer=loading._hf_tokenizer(bpe),
+                                              tokenizer_2=loading._hf_tokenizer(bpe, pad_token="!"),
+                                              unet=unet, scheduler=sched)
+    ref.save_pretrained(tmp_path / "xl")
+    tree = ft_tree(tmp_path / "run", tmp_path / "xl", steps=2, batch=2, targets=["attn", "proj", "ff", "conv", "te"],
+                   conv_rank=2, conv_alpha=2.0, train={"lr": 5e-2, "warmup": 0})
+    tree["log"]["prompts"] = []
+    tuner = FineTuner(config_from_dict(tree))
+    assert tuner.family.name == "sdxl"
+    tuner.run()
+    path = tmp_path / "run" / "run.safetensors"
+    with safe_open(str(path), "pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert any(k.startswith("lora_unet_input_blocks_") for k in keys) and not any("down_blocks" in k for k in keys)
+    assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in keys
+    assert "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight" in keys
+
+    ref.load_lora_weights(str(path), adapter_name="l")
+    lora_modules = {k.rsplit(".", 2)[0] for k in keys if k.endswith("lora_down.weight")}
+    landed = sum(1 for m in (ref.unet, ref.text_encoder, ref.text_encoder_2) for n, _ in m.named_modules()
+                 if n.endswith("lora_A.l"))
+    assert landed == len(lora_modules)                                     # every layer of the file landed
+
+    ours = FineTuner(config_from_dict(tree), resume=True)                  # the trained hooks, from the checkpoint
+    ours.model.load_state_dict({k[len("model."):]: v for k, v in lora_weights(tmp_path / "run").items()})
+    fresh = load_checkpoint(tmp_path / "xl", dtype=torch.float32)
+    g = torch.Generator().manual_seed(5)
+    ids = [torch.randint(0, 49000, (2, 77), generator=g) for _ in range(2)]
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 600])
+    time_ids = torch.tensor([[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]] * 2)
+    adm = [((32, 32), (0, 0), (32, 32))] * 2
+
+    def ours_encode(parts):
+        o1 = parts.text_encoders[0](ids[0], layer=-2, final_norm=False, need_pooled=False)
+        o2 = parts.text_encoders[1](ids[1], layer=-2, final_norm=False, need_pooled=True)
+        return o1.hidden, o2.hidden, o2.pooled
+
+    with torch.no_grad():
+        plain = ours_encode(fresh)
+        with merged(LoRATargets.of(fresh), [(load_lora(path), 1.0, 1.0)]):
+            h1, h2, pooled = ours_encode(fresh)
+            ctx = torch.cat([h1, h2], dim=-1)
+            y = torch.cat([pooled, unet.add_time_proj(time_ids.flatten()).reshape(2, -1)], dim=-1)
+            mine = fresh.unet(x, t, ctx, y)
+        hooked = ours.model(x, t, ids, None, adm)
+        r1 = ref.text_encoder(ids[0], output_hidden_states=True).hidden_states[-2]
+        r2 = ref.text_encoder_2(ids[1], output_hidden_states=True)
+        theirs = ref.unet(x, t, encoder_hidden_states=torch.cat([r1, r2.hidden_states[-2]], dim=-1),
+                          added_cond_kwargs={"text_embeds": r2.text_embeds, "time_ids": time_ids}).sample
+
+    def close(a, b):
+        return float((a - b).abs().max()) <= 1e-5 * float(b.abs().max())
+
+    assert not close(h1, plain[0]) and not close(h2, plain[1]) and not close(pooled, plain[2])   # it trained
+    assert close(h1, r1) and close(h2, r2.hidden_states[-2]) and close(pooled, r2.text_embeds)
+    assert close(mine, theirs) and close(hooked, theirs)
+
+
 # ------------------------------------------------------------------------------------- the loop
 def test_resume_after_a_kill_equals_uninterrupted(straight, base, tmp_path):
     tree = ft_tree(tmp_path, base, targets=["attn", "proj", "ff", "conv", "te"])
@@ -241,6 +314,69 @@ def test_ddp_two_processes_equal_single_process(straight, base, tmp_path):
     tree = ft_tree(tmp_path, base, targets=["attn", "proj", "ff", "conv", "te"])
     mp.spawn(_ddp_worker, args=(2, _trainer_tests._free_port(), tree), nprocs=2, join=True)
     _trainer_tests.assert_same(lora_weights(tmp_path), lora_weights(straight))
+
+
+def _stop_at(step: int):
+    def hook(stage, done):
+        if done == step:
+            raise _trainer_tests.Stop     # as a kill -9 right after the checkpoint at `step`
+    return hook
+
+
+def _fsdp_worker(rank: int, world: int, port: int, tree: dict, resume: bool, stop: int, record: str) -> None:
+    """One torchrun process of a full fine-tune under FSDP; writes each parameter's (local, full) numel."""
+    import diffusekit.training.trainer as trainer_mod
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    shard = trainer_mod._fully_sharded
+
+    def spy(module):
+        out = shard(module)
+        sizes = [(p.to_local().numel(), p.numel()) for p in out.parameters()]
+        Path(f"{record}.{rank}.json").write_text(json.dumps(sizes))
+        return out
+
+    trainer_mod._fully_sharded = spy
+    tuner = FineTuner(config_from_dict(tree), resume=resume)
+    tuner.on_step = _stop_at(stop) if stop else None
+    try:
+        tuner.run()
+    except _trainer_tests.Stop:
+        pass
+    torch.distributed.destroy_process_group()
+
+
+def _fsdp(tree: dict, record: Path, *, resume: bool = False, stop: int = 0) -> None:
+    mp.spawn(_fsdp_worker, args=(2, _trainer_tests._free_port(), tree, resume, stop, str(record)), nprocs=2, join=True)
+
+
+def test_fsdp_two_processes_equal_single_process_and_resume_across(base, tmp_path):
+    """Full fine-tune (UNet + text encoder), global batch 4, clipped: 2 steps under FSDP on 2 gloo processes
+    (parameters and AdamW state sharded: each process holds about half) resumed in one process, and 2
+    one-process steps resumed under FSDP, both end at the weights of 4 one-process steps."""
+    def tree(name):
+        return ft_tree(tmp_path / name, base, method="full", targets=["te"],
+                       train={"distributed": "fsdp", "grad_clip": 0.05})   # clips every step: the norm spans the shards
+
+    FineTuner(config_from_dict(tree("one"))).run()
+    ref = lora_weights(tmp_path / "one")
+    # steps 1-2 under FSDP, 3-4 in one process (together: FSDP steps == one-process steps, as they compose)
+    _fsdp(tree("a"), tmp_path / "sizes", stop=2)
+    for rank in (0, 1):
+        sizes = json.loads((tmp_path / f"sizes.{rank}.json").read_text())
+        local, full = sum(a for a, _ in sizes), sum(b for _, b in sizes)
+        assert 0.4 * full < local < 0.6 * full and len(sizes) == len(ref)
+    assert load_training_checkpoint(tmp_path / "a", "finetune")[0] == 2 and not (tmp_path / "a" / "DONE").exists()
+    FineTuner(config_from_dict(tree("a")), resume=True).run()
+    _trainer_tests.assert_same(lora_weights(tmp_path / "a"), ref)
+    # one process -> FSDP
+    tuner = FineTuner(config_from_dict(tree("b")))
+    tuner.on_step = _stop_at(2)
+    with pytest.raises(_trainer_tests.Stop):
+        tuner.run()
+    _fsdp(tree("b"), tmp_path / "sizes", resume=True)
+    _trainer_tests.assert_same(lora_weights(tmp_path / "b"), ref)
 
 
 def test_textual_inversion_file_is_a1111s_and_the_pipeline_reads_it_as_trained(base, tmp_path):
@@ -284,6 +420,23 @@ def test_full_finetune_writes_a_checkpoint_that_loads(base, tmp_path):
     assert diff > 1e-4                                                       # the UNet moved
     assert all(torch.equal(p, q) for p, q in zip(a.text_encoders[0].parameters(), b.text_encoders[0].parameters()))
     Pipeline.from_pretrained(out).generate(GenerationParams(prompt="a red circle", steps=2, width=32, height=32))
+
+
+def test_prior_preservation_with_real_dataset_images(base, tmp_path):
+    """class_data = "shapes": the regularisation items are the dataset's own (seed class_seed), and the
+    prior term is in the loss: with prior_weight 0 the run trains other weights."""
+    from diffusekit.training.datasets import ShapesDataset
+    tree = ft_tree(tmp_path / "a", base, steps=2, class_images=5, class_data="shapes", class_seed=4)
+    tuner = FineTuner(config_from_dict(tree))
+    want = ShapesDataset(seed=4, size=32)
+    items = tuner._class["items"]
+    assert len(items) == 5 and not (tmp_path / "a" / "class_images").exists()
+    assert items[3]["caption"] == want[3]["caption"] and items[3]["image"].tobytes() == want[3]["image"].tobytes()
+    tuner.run()
+    FineTuner(config_from_dict(ft_tree(tmp_path / "b", base, steps=2, class_images=5, class_data="shapes",
+                                       class_seed=4, prior_weight=0.0))).run()
+    a, b = lora_weights(tmp_path / "a"), lora_weights(tmp_path / "b")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) > 1e-4
 
 
 def test_prior_preservation_draws_class_images_with_the_base_model(base, tmp_path):
@@ -351,6 +504,14 @@ def test_config_errors_teach(base, tmp_path):
         FineTuner(config_from_dict(ft_tree(tmp_path, base, targets=["mlp"])))
     with pytest.raises(ValueError, match="unknown key"):
         config_from_dict(ft_tree(tmp_path, base, ranks=3))
+    with pytest.raises(ValueError, match="train.distributed='zero3'; valid: ddp, fsdp"):
+        config_from_dict(ft_tree(tmp_path, base, method="full", train={"distributed": "zero3"}))
+    with pytest.raises(ValueError, match="finetune.method='lora' trains a few MB: use distributed = 'ddp'"):
+        config_from_dict(ft_tree(tmp_path, base, train={"distributed": "fsdp"}))
+    with pytest.raises(ValueError, match="EMA of sharded weights is not implemented; set ema_decay = 0"):
+        config_from_dict(ft_tree(tmp_path, base, method="full", train={"distributed": "fsdp", "ema_decay": 0.99}))
+    with pytest.raises(ValueError, match="class_data='imagenet'; valid: 'shapes', 'digits'"):
+        config_from_dict(ft_tree(tmp_path, base, class_images=4, class_data="imagenet"))
 
 
 def test_shipped_finetune_configs_parse_and_the_shapes_lora_recipe_runs(tmp_path):

@@ -39,6 +39,7 @@ from .finetune_config import FinetuneConfig
 DATASETS = ("shapes", "digits", "folder")
 PREDICTIONS = ("eps", "v", "x0", "flow")
 PRECISIONS = ("fp32", "bf16")
+DISTRIBUTED = ("ddp", "fsdp")
 
 
 @dataclass
@@ -100,6 +101,7 @@ class OptimConfig:
     ema_decay: float = 0.999    # 0 = no EMA
     precision: str = "fp32"
     gradient_checkpointing: bool = False
+    distributed: str = "ddp"    # under torchrun: "ddp" (replicas) | "fsdp" (parameters, grads, AdamW state sharded)
     checkpoint_every: int = 500    # steps
     checkpoint_minutes: float = 0  # also checkpoint when this much wall time passed (0 = off)
     keep_checkpoints: int = 3
@@ -150,6 +152,12 @@ class TrainConfig:
                 continue
             if stage.precision not in PRECISIONS:
                 raise ValueError(f"{name}.precision={stage.precision!r}; valid: {', '.join(PRECISIONS)}")
+            if stage.distributed not in DISTRIBUTED:
+                raise ValueError(f"{name}.distributed={stage.distributed!r}; valid: {', '.join(DISTRIBUTED)} "
+                                 "(how torchrun's processes share the model)")
+            if stage.distributed == "fsdp" and stage.ema_decay > 0:
+                raise ValueError(f"{name}.distributed='fsdp' with {name}.ema_decay={stage.ema_decay}: EMA of "
+                                 "sharded weights is not implemented; set ema_decay = 0 or distributed = 'ddp'")
             if stage.recon not in ("l1", "l2"):
                 raise ValueError(f"{name}.recon={stage.recon!r}; valid: 'l1', 'l2'")
             if stage.steps < 0 or stage.batch_size < 1 or stage.grad_accum < 1:
@@ -159,6 +167,9 @@ class TrainConfig:
             if self.vae is not None or self.decoder is not None:
                 raise ValueError("[finetune] trains a loaded checkpoint; drop [vae] and [decoder]")
             self.finetune.validate(self.data.kind)
+            if self.train.distributed == "fsdp" and self.finetune.method != "full":
+                raise ValueError(f"train.distributed='fsdp' shards a full fine-tune; finetune.method="
+                                 f"{self.finetune.method!r} trains a few MB: use distributed = 'ddp'")
         m = self.model
         if m.mmdit is not None and m.prediction != "flow":
             raise ValueError(f"[model.mmdit] is a rectified-flow transformer: model.prediction must be 'flow', "

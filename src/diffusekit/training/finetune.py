@@ -91,7 +91,8 @@ class FinetuneModel(nn.Module):
         parts = self.parts
         hidden, pooled = [], None
         with nullcontext() if self.trains_text else torch.no_grad():
-            for e, (spec, enc) in enumerate(zip(parts.family.text_encoders, parts.text_encoders)):
+            encoders = self.text_encoders if self.text_encoders is not None else parts.text_encoders
+            for e, (spec, enc) in enumerate(zip(parts.family.text_encoders, encoders)):
                 emb = None
                 if self.embeddings is not None and ti_index is not None:
                     tok = enc.token_embeddings(ids[e])                              # (B, 77, W)
@@ -111,7 +112,7 @@ class FinetuneModel(nn.Module):
         if fam.adm_inputs:
             y = torch.cat([adm_vector(fam, pooled[i:i + 1], original_size=o, crop_coords=c, target_size=s)
                            for i, (o, c, s) in enumerate(adm)])
-        return self.parts.unet(x, t, context, y=y)
+        return (self.unet if self.unet is not None else self.parts.unet)(x, t, context, y=y)   # own in a copy
 
 
 def _init_vectors(parts, ft: FinetuneConfig) -> list[torch.Tensor]:
@@ -236,11 +237,18 @@ class FineTuner(Trainer):
 
     # ------------------------------------------------------------------ DreamBooth class images
     def _class_items(self) -> dict:
-        """Class images drawn by the base model (before any training), kept in out_dir/class_images."""
+        """Class images drawn by the base model (before any training), kept in out_dir/class_images; or,
+        with `class_data`, the first `class_images` real items of that dataset (seed `class_seed`)."""
+        from dataclasses import replace
+
         from PIL import Image
 
         from ..pipelines.params import GenerationParams
         ft, size = self.ft, self.cfg.data.size
+        order = DataOrder(ft.class_images, self.cfg.data.seed + 1)
+        if ft.class_data:
+            data = replace(self.cfg.data, kind=ft.class_data, path="", seed=ft.class_seed, length=ft.class_images)
+            return {"items": build_dataset(data), "cache": {}, "order": order}
         folder = self.out / "class_images"
         if self.world.main:
             folder.mkdir(parents=True, exist_ok=True)
@@ -262,7 +270,7 @@ class FineTuner(Trainer):
         for k in range(ft.class_images):
             with Image.open(folder / f"{k:05d}.png") as im:
                 items.append({"image": im.convert("RGB"), "caption": ft.class_prompts[k % len(ft.class_prompts)]})
-        return {"items": items, "cache": {}, "order": DataOrder(len(items), self.cfg.data.seed + 1)}
+        return {"items": items, "cache": {}, "order": order}
 
     # ------------------------------------------------------------------ training
     def run(self) -> Path:

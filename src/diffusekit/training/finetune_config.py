@@ -12,6 +12,7 @@ configs/finetune_shapes_lora.toml.
     token, init_text, vectors                       textual inversion: the prompt word, its start
     instance_prompt                                 caption of items that have none
     class_prompts, class_images, prior_weight       DreamBooth prior preservation (Ruiz et al. 2023)
+    class_data, class_seed                          ... or regularise with real images of a dataset instead
     buckets, bucket_step, max_aspect                aspect-ratio bucketing of a folder dataset
     output_name, save_dtype                         the file written into run.out_dir
 """
@@ -46,6 +47,10 @@ class FinetuneConfig:
     prior_weight: float = 1.0
     class_steps: int = 20
     class_cfg: float = 5.0
+    # ... or regularisation with `class_images` real items of a dataset (data.kind names: "shapes" is the
+    # data the shipped `shapes` model learnt from) instead of images the base model draws
+    class_data: str = ""
+    class_seed: int = 0
     # aspect-ratio bucketing (data.kind = "folder")
     buckets: bool = False
     bucket_step: int = 64
@@ -65,8 +70,16 @@ class FinetuneConfig:
             raise ValueError(f"finetune.vectors={self.vectors}; must be 1..75")
         if self.method == "lora" and (self.rank < 1 or self.alpha <= 0):
             raise ValueError(f"finetune.rank={self.rank}, alpha={self.alpha}: rank >= 1 and alpha > 0 needed")
-        if self.class_images < 0 or (self.class_images > 0 and not self.class_prompts):
-            raise ValueError("finetune.class_images > 0 needs finetune.class_prompts (what the base model draws)")
+        if self.class_images < 0 or (self.class_images > 0 and not self.class_prompts and not self.class_data):
+            raise ValueError("finetune.class_images > 0 needs finetune.class_prompts (what the base model draws) "
+                             "or finetune.class_data (a dataset kind whose real images regularise: 'shapes', "
+                             "'digits')")
+        if self.class_data and self.class_prompts:
+            raise ValueError("give one of finetune.class_prompts (class images drawn by the base model) and "
+                             f"finetune.class_data={self.class_data!r} (real images of that dataset)")
+        if self.class_data not in ("", "shapes", "digits"):
+            raise ValueError(f"finetune.class_data={self.class_data!r}; valid: 'shapes', 'digits' (procedural "
+                             "datasets; for your own images use class_prompts)")
         if self.buckets and data_kind != "folder":
             raise ValueError(f"finetune.buckets needs data.kind='folder' (got {data_kind!r})")
         if self.buckets and self.class_images:

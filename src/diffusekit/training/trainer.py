@@ -14,7 +14,9 @@ Reproducibility contract (what makes `resume` and multi-process training exact):
   slice, so the result does not depend on the number of processes or on where a run was resumed;
 - weights, optimizer, EMA, RNG state and the step are checkpointed together.
 Under `torchrun --nproc_per_node N` the trainable module is wrapped in DistributedDataParallel
-(gloo on CPU, nccl on GPU); each process sees 1/N of every global batch; rank 0 writes files.
+(gloo on CPU, nccl on GPU), or with `distributed = "fsdp"` a copy of it is sharded by FSDP2
+(`_fully_sharded`); each process sees 1/N of every global batch; rank 0 writes files, which are the
+same for 1 process, DDP and FSDP (full state dicts), so each resumes the others.
 """
 from __future__ import annotations
 
@@ -393,46 +395,59 @@ class Trainer:
         if rem or per_micro == 0:
             raise ValueError(f"{stage}.batch_size={B} must be a positive multiple of processes x grad_accum "
                              f"= {w.size} x {ocfg.grad_accum}")
-        decay, no_decay = [], []
-        for n, p in module.named_parameters():
-            (no_decay if p.ndim < 2 or "embedding" in n else decay).append(p)
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": ocfg.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=ocfg.lr, betas=ocfg.betas, eps=ocfg.eps)
-        ema = EMA(module, ocfg.ema_decay) if ocfg.ema_decay > 0 else None
-        start, elapsed = 0, 0.0
+        start, elapsed, found = 0, 0.0, None
         log = LossLog(self.out / "loss.csv", enabled=w.main)
         if self.resume:
             found = load_training_checkpoint(self.out, stage)
             if found is not None:
                 start, weights, state, folder = found
                 module.load_state_dict({k[len("model."):]: v for k, v in weights.items() if k.startswith("model.")})
+        fsdp = w.size > 1 and ocfg.distributed == "fsdp"
+        # FSDP: the step runs on a sharded copy (parameters, gradients and AdamW state 1/N per process);
+        # `module` stays whole and is refreshed from the shards at each checkpoint, which it writes
+        train_mod = (_fully_sharded(copy.deepcopy(module)) if fsdp
+                     else nn.parallel.DistributedDataParallel(module) if w.size > 1 else module)
+        trained = train_mod if fsdp else module
+        groups = ([], []), ([], [])              # (names, params) with and without weight decay
+        for n, p in trained.named_parameters():
+            g = groups[1] if p.ndim < 2 or "embedding" in n else groups[0]
+            g[0].append(n)
+            g[1].append(p)
+        opt = torch.optim.AdamW([{"params": groups[0][1], "weight_decay": ocfg.weight_decay},
+                                 {"params": groups[1][1], "weight_decay": 0.0}], lr=ocfg.lr, betas=ocfg.betas, eps=ocfg.eps)
+        names = groups[0][0] + groups[1][0]      # the optimizer's parameter order (its state-dict indices)
+        ema = EMA(module, ocfg.ema_decay) if ocfg.ema_decay > 0 else None
+        if found is not None:
+            if fsdp:
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+                set_optimizer_state_dict(train_mod, opt, _named_optimizer_state(state["optimizer"], names),
+                                         options=StateDictOptions(full_state_dict=True))
+            else:
                 opt.load_state_dict(state["optimizer"])
-                if ema is not None:
-                    ema.load_state_dict(state["ema"])
-                torch.set_rng_state(state["torch_rng"])
-                elapsed = float(state["wall_s"])
-                self._restore(state.get("extra", {}))
-                log.truncate(stage, start)
-                if w.main:
-                    print(f"[{stage}] resumed from {folder} at step {start}")
+            if ema is not None:
+                ema.load_state_dict(state["ema"])
+            torch.set_rng_state(state["torch_rng"])
+            elapsed = float(state["wall_s"])
+            self._restore(state.get("extra", {}))
+            log.truncate(stage, start)
+            if w.main:
+                print(f"[{stage}] resumed from {folder} at step {start}")
         if start >= ocfg.steps:
             return ema
-        train_mod = module
-        if w.size > 1:
-            train_mod = nn.parallel.DistributedDataParallel(module)
         order = self.data_order(B)
         autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if ocfg.precision == "bf16"
                     else nullcontext())
-        params = [p for p in module.parameters() if p.requires_grad]
+        params = [p for p in trained.parameters() if p.requires_grad]
         progress = Progress(stage, start, ocfg.steps, enabled=w.main and self.cfg.log.progress)
         last_ckpt_time, t0 = time.time(), time.time() - elapsed
         last_plot = [time.time()]
-        module.train()
+        train_mod.train()
 
         def checkpoint(step: int) -> None:
+            optim_state = opt.state_dict() if not fsdp else _gather_into(module, train_mod, opt, names)
             if w.main:
                 weights = {f"model.{k}": v for k, v in module.state_dict().items()}
-                state = {"step": step, "optimizer": opt.state_dict(), "ema": ema.state_dict() if ema else {},
+                state = {"step": step, "optimizer": optim_state, "ema": ema.state_dict() if ema else {},
                          "torch_rng": torch.get_rng_state(), "wall_s": time.time() - t0,
                          "samples_seen": step * B, "extra": extra_state() if extra_state else {}}
                 save_training_checkpoint(self.out, stage, step, weights, state, keep=ocfg.keep_checkpoints)
@@ -455,7 +470,7 @@ class Trainer:
                 gen = step_generator(self.cfg.run.seed, stage, step)
                 lo = (k * w.size + w.rank) * per_micro
                 sync = k == ocfg.grad_accum - 1 or w.size == 1
-                with (nullcontext() if sync else train_mod.no_sync()), autocast:
+                with (nullcontext() if sync or fsdp else train_mod.no_sync()), autocast:
                     loss = micro_loss(gen, step, indices, lo, lo + per_micro, train_mod) / ocfg.grad_accum
                 loss.backward()
                 total += float(loss.detach())
@@ -464,6 +479,8 @@ class Trainer:
                 dist.all_reduce(t)
                 total = float(t) / w.size
             gnorm = torch.nn.utils.clip_grad_norm_(params, ocfg.grad_clip if ocfg.grad_clip > 0 else float("inf"))
+            if fsdp:   # the norm over every shard (a replicated DTensor)
+                gnorm = gnorm.full_tensor()
             opt.step()
             opt.zero_grad(set_to_none=True)
             if ema is not None:
@@ -667,6 +684,38 @@ class Trainer:
                            tokenizers=[self.tokenizer], family=model_family(self.cfg, self.latent_scale),
                            name="training")
         return Pipeline(parts, device=self.device)
+
+
+def _fully_sharded(module: nn.Module) -> nn.Module:
+    """FSDP2 (`torch.distributed.fsdp.fully_shard`, Zhao et al. 2023) in place: every element of a
+    ModuleList (UNet blocks, transformer layers) is its own unit, gathered only for its forward and
+    backward, then the root; parameters become DTensors sharded along dim 0 over the processes."""
+    from torch.distributed.fsdp import fully_shard
+    blocks = [m for m in module.modules() if isinstance(m, nn.ModuleList)]
+    for block in reversed([sub for ml in blocks for sub in ml]):   # innermost first, as FSDP2 requires
+        if any(p.requires_grad for p in block.parameters()):
+            fully_shard(block)
+    return fully_shard(module)
+
+
+def _named_optimizer_state(plain: dict, names: list[str]) -> dict:
+    """`optimizer.state_dict()` (parameters by index) -> the same keyed by parameter name, as
+    torch.distributed.checkpoint's full state dicts are (so an FSDP run resumes a DDP / single run)."""
+    return {"state": {names[i]: v for i, v in plain["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in plain["param_groups"]]}
+
+
+def _gather_into(module: nn.Module, sharded: nn.Module, opt: torch.optim.Optimizer, names: list[str]) -> dict:
+    """FSDP checkpoint (every process): `module` gets the full weights of the sharded copy; returns the
+    full optimizer state in `optimizer.state_dict()`'s by-index form, so checkpoints of FSDP, DDP and
+    single-process runs are the same files and each resumes the others."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    module.load_state_dict(get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True)))
+    named = get_optimizer_state_dict(sharded, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    index = {n: i for i, n in enumerate(names)}
+    return {"state": {index[n]: v for n, v in named.get("state", {}).items()},
+            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in named.get("param_groups", [])]}
 
 
 def _load_module(module: nn.Module, weights: dict, state: dict) -> None:
