@@ -139,6 +139,10 @@ class ModelFamily:
     (SD3, Esser et al. 2024); `flow_shift` is its time shift (SD3 / SD3.5: 3.0) and `beta_schedule`
     does not apply. latent_shift: model-space latent = (VAE latent - latent_shift) * latent_scale
     (SD3: 0.0609 and 1.5305; 0 for SD 1/2/XL).
+    consistency: the network was distilled into a consistency model (Latent Consistency Distillation,
+    `training/distill.py`): the pipeline wraps its eps / v denoiser in `core.consistency.ConsistencyDenoiser`
+    (LCM's boundary scalings c_skip / c_out), as diffusers' LCMScheduler and ComfyUI's "lcm" model
+    sampling do. It is sampled with the LCM sampler at 1-8 steps and no CFG.
     """
 
     name: str
@@ -155,6 +159,7 @@ class ModelFamily:
     vae_force_upcast: bool = False
     latent_shift: float = 0.0
     flow_shift: float = 3.0
+    consistency: bool = False     # a consistency model (LCM): its x0 estimate gets the boundary scalings
 
     def __post_init__(self):
         # checkpoint metadata sets these too: refuse at load what would only fail (or draw black) later
@@ -168,7 +173,7 @@ class ModelFamily:
             raise ValueError(f"latent_scale={s!r}: must be a finite number > 0 (SD 1.x: 0.18215, SDXL: 0.13025)")
         if not _is_int(self.size_embed_dim) or self.size_embed_dim < 1:
             raise ValueError(f"size_embed_dim={self.size_embed_dim!r}: must be a positive integer")
-        for name in ("zero_terminal_snr", "vae_force_upcast"):
+        for name in ("zero_terminal_snr", "vae_force_upcast", "consistency"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r}: must be true or false")
         if self.is_mmdit and self.prediction_type != "flow":
