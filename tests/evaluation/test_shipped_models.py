@@ -23,7 +23,7 @@ def params(prompt: str, seed: int, size: int) -> GenerationParams:
 
 
 def test_both_are_shipped_and_load_in_float32_on_cpu():
-    assert available() == ["shapes", "digits", "shapes-flow"]
+    assert available() == ["shapes", "digits", "shapes-flow", "shapes-turbo"]
     pipe = Pipeline.from_pretrained("shapes")
     assert {p.dtype for p in pipe.unet.parameters()} == {torch.float32}
     assert {p.dtype for p in pipe.vae.parameters()} == {torch.float32}
@@ -87,3 +87,31 @@ def test_shapes_flow_is_a_flow_mmdit_and_draws_the_background():
                                              cfg_scale=5, seed=1000 + i, width=64, height=64)).images[0]
         hits += score(detect(img), item["scene"])["background"]
     assert hits >= 5, hits
+
+
+def test_shapes_turbo_is_a_consistency_model_with_few_step_defaults():
+    """shapes-turbo: `shapes` distilled by LCD; the card sets LCM, SGM Uniform, <= 4 steps, CFG 1 (off)."""
+    from diffusekit.core.consistency import ConsistencyDenoiser
+    pipe = Pipeline.from_pretrained("shapes-turbo")
+    assert pipe.name == "shapes-turbo" and pipe.family.consistency
+    assert isinstance(pipe.denoiser, ConsistencyDenoiser)
+    d = pipe.defaults
+    assert (d["sampler_name"], d["scheduler"], d["cfg_scale"]) == ("LCM", "SGM Uniform", 1.0) and d["steps"] <= 4
+    teacher = Pipeline.from_pretrained("shapes")     # the same VAE and text encoder as the teacher
+    for a, b in ((pipe.vae, teacher.vae), (pipe.parts.text_encoders[0], teacher.parts.text_encoders[0])):
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_shapes_turbo_draws_held_out_prompts_in_one_step():
+    """Six held-out prompts at 1 step, CFG 1, detector-scored (the card's measurements: 200 prompts)."""
+    pipe = Pipeline.from_pretrained("shapes-turbo")
+    ds = ShapesDataset(seed=0, split="heldout")
+    hits = {"shape_color": 0, "background": 0}
+    for i in range(6):
+        item = ds[i]
+        p = GenerationParams(prompt=item["caption"], steps=1, sampler_name="LCM", scheduler="SGM Uniform",
+                             cfg_scale=1, seed=1000 + i, width=64, height=64)
+        s = score(detect(pipe.generate(p).images[0]), item["scene"])
+        hits["shape_color"] += s["shape_color"]
+        hits["background"] += s["background"]
+    assert hits["background"] >= 5 and hits["shape_color"] >= 4, hits
