@@ -35,17 +35,21 @@ def test_both_are_shipped_and_load_in_float32_on_cpu():
     assert digits.vae is None and digits.family.default_size == 32
 
 
-def test_shapes_draws_held_out_prompts():
-    """Six held-out (shape, colour, background) prompts, detector-scored; the card's 200 scored 100%."""
-    pipe = Pipeline.from_pretrained("shapes")
+def held_out_hits(pipe: Pipeline, make_params, n: int = 6) -> dict:
+    """Detector hits on the first n held-out (shape, colour, background) prompts, prompt i at seed 1000 + i."""
     ds = ShapesDataset(seed=0, split="heldout")
     hits = {"shape_color": 0, "background": 0}
-    for i in range(6):
+    for i in range(n):
         item = ds[i]
-        img = pipe.generate(params(item["caption"], 1000 + i, 64)).images[0]
-        s = score(detect(img), item["scene"])
+        s = score(detect(pipe.generate(make_params(item["caption"], 1000 + i)).images[0]), item["scene"])
         hits["shape_color"] += s["shape_color"]
         hits["background"] += s["background"]
+    return hits
+
+
+def test_shapes_draws_held_out_prompts():
+    """Six held-out (shape, colour, background) prompts, detector-scored; the card's 200 scored 100%."""
+    hits = held_out_hits(Pipeline.from_pretrained("shapes"), lambda prompt, seed: params(prompt, seed, 64))
     assert hits["background"] == 6 and hits["shape_color"] >= 5, hits
 
 
@@ -104,14 +108,6 @@ def test_shapes_turbo_is_a_consistency_model_with_few_step_defaults():
 
 def test_shapes_turbo_draws_held_out_prompts_in_one_step():
     """Six held-out prompts at 1 step, CFG 1, detector-scored (the card's measurements: 200 prompts)."""
-    pipe = Pipeline.from_pretrained("shapes-turbo")
-    ds = ShapesDataset(seed=0, split="heldout")
-    hits = {"shape_color": 0, "background": 0}
-    for i in range(6):
-        item = ds[i]
-        p = GenerationParams(prompt=item["caption"], steps=1, sampler_name="LCM", scheduler="SGM Uniform",
-                             cfg_scale=1, seed=1000 + i, width=64, height=64)
-        s = score(detect(pipe.generate(p).images[0]), item["scene"])
-        hits["shape_color"] += s["shape_color"]
-        hits["background"] += s["background"]
+    hits = held_out_hits(Pipeline.from_pretrained("shapes-turbo"), lambda prompt, seed: GenerationParams(
+        prompt=prompt, steps=1, sampler_name="LCM", scheduler="SGM Uniform", cfg_scale=1, seed=seed, width=64, height=64))
     assert hits["background"] >= 5 and hits["shape_color"] >= 4, hits

@@ -6,7 +6,7 @@ is a consistency model that the pipeline (and the ComfyUI KSampler) samples, con
 The teacher is the tiny random-weight SD1 checkpoint of tests/pipelines; 32x32 shapes, one thread."""
 from __future__ import annotations
 
-import importlib.util
+import importlib
 from pathlib import Path
 
 import pytest
@@ -22,18 +22,9 @@ from diffusekit.training.config import config_from_dict
 from diffusekit.training.distill import Distiller, export_student
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-_here = Path(__file__).parents[1]
-
-
-def _load(name, rel):
-    spec = importlib.util.spec_from_file_location(name, _here / rel)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-_tiny = _load("_pipelines_conftest_distill", "pipelines/conftest.py")       # save_tiny
-_trainer_tests = _load("_trainer_tests_distill", "training/test_trainer.py")  # Stop, assert_same
+# test_finetune's loaded helpers: save_tiny (tests/pipelines/conftest.py), Stop and assert_same (test_trainer)
+_ft = importlib.import_module("test_finetune")
+_tiny, _trainer_tests = _ft._tiny, _ft._trainer_tests
 
 
 def distill_tree(out: Path, base: Path, *, steps: int = 4, **distill) -> dict:

@@ -38,13 +38,12 @@ from torch import nn
 
 from ..core.consistency import ConsistencyDenoiser, ddim_step, pseudo_huber, timestep_grid
 from ..core.denoisers import Denoiser
-from ..models.loading import ModelParts, load_checkpoint, save_checkpoint
+from ..models.loading import ModelParts, save_checkpoint
 from ..pipelines.pipeline import Pipeline, UNetAdapter
-from ..pipelines.shipped import SHIPPED, resolve_model
-from .checkpoint import list_checkpoints, load_training_checkpoint
+from .checkpoint import load_training_checkpoint
 from .config import TrainConfig, config_from_dict, config_to_dict
 from .datasets import build_dataset
-from .trainer import Trainer, _init_world, _unwrap
+from .trainer import Trainer, _init_world, _unwrap, frozen_base
 
 __all__ = ["Distiller", "ConsistencyStudent", "teacher_step", "export_student"]
 
@@ -104,12 +103,7 @@ class Distiller(Trainer):
         self.out = Path(cfg.run.out_dir)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.on_step = None
-        parts = load_checkpoint(resolve_model(self.dc.base), dtype=torch.float32)
-        if self.dc.base in SHIPPED:
-            parts.name = self.dc.base
-        for m in (parts.unet, parts.vae, *parts.text_encoders):
-            if m is not None:
-                m.requires_grad_(False).eval()
+        parts = frozen_base(self.dc.base)
         self.teacher = Pipeline(parts, device=self.device)
         self.parts, self.family = parts, replace(parts.family, consistency=True)
         base = _denoiser_class(self.teacher)
@@ -123,12 +117,7 @@ class Distiller(Trainer):
         self._cache, self._pool, self._pool_latents, self._uncond = {}, None, None, None
         grid = timestep_grid(len(self.schedule), self.dc.intervals)
         self.sigmas = self.schedule.t_to_sigma(grid).float()          # (N + 1,) ascending, sigma_0 = sigma_min
-        if self.world.main:
-            if not resume and list_checkpoints(self.out, STAGE):
-                raise FileExistsError(f"{self.out} already holds checkpoints: pass resume=True (--resume) to "
-                                      "continue that run, or choose another run.out_dir")
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
+        self._claim_out_dir(STAGE)
 
     # ------------------------------------------------------------------ pieces
     def encode(self, ids: torch.Tensor) -> torch.Tensor:

@@ -115,6 +115,20 @@ def _tuples(d: dict) -> dict:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
 
 
+def frozen_base(name_or_path, family: str | None = None):
+    """The ModelParts of a checkpoint to train on (fine-tuning, distillation), fp32, every module frozen;
+    a shipped model keeps its name (infotext, metadata)."""
+    from ..models.loading import load_checkpoint
+    from ..pipelines.shipped import SHIPPED, resolve_model
+    parts = load_checkpoint(resolve_model(name_or_path), family=family, dtype=torch.float32)
+    if name_or_path in SHIPPED:
+        parts.name = name_or_path
+    for m in (parts.unet, parts.vae, *parts.text_encoders):
+        if m is not None:
+            m.requires_grad_(False)
+    return parts
+
+
 def _shipped_parts(name: str):
     """The ModelParts of a shipped model (its VAE / text encoder reused by vae_from / text_from), fp32."""
     from ..models.loading import load_checkpoint
@@ -281,12 +295,17 @@ class Trainer:
         self._pool_latents: torch.Tensor | None = None
         if cfg.data.preload:
             self._preload()
-        if self.world.main:
-            if not resume and (list_checkpoints(self.out, "vae") or list_checkpoints(self.out, "diffusion")):
-                raise FileExistsError(f"{self.out} already holds checkpoints: pass resume=True (--resume) to "
-                                      "continue that run, or choose another run.out_dir")
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(json.dumps(config_to_dict(self.cfg), indent=2))
+        self._claim_out_dir("vae", "diffusion")
+
+    def _claim_out_dir(self, *stages: str) -> None:
+        """Refuse an out_dir that holds checkpoints of `stages` unless resuming; write config.json (rank 0)."""
+        if not self.world.main:
+            return
+        if not self.resume and any(list_checkpoints(self.out, st) for st in stages):
+            raise FileExistsError(f"{self.out} already holds checkpoints: pass resume=True (--resume) to "
+                                  "continue that run, or choose another run.out_dir")
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.json").write_text(json.dumps(config_to_dict(self.cfg), indent=2))
 
     # ------------------------------------------------------------------ data
     def _preload(self) -> None:
