@@ -80,6 +80,26 @@ def test_type_a_prompt_generate_and_see_the_image_with_its_seed(page):
     assert page.errors == []
 
 
+def test_live_preview_draws_with_shapes_turbo_as_you_type(page):
+    """The live mode: typing sends a debounced 1-step txt2img to the shipped few-step model (LCM, CFG 1) while
+    the selected model stays selected; the newest prompt wins."""
+    selected = page.input_value("#model")
+    page.check("#live")
+    page.fill("#seed", "5")
+    page.type("#prompt", "a red circle, blue background", delay=5)
+    page.wait_for_function("document.getElementById('live-info').textContent.includes('blue background')",
+                           timeout=60_000)
+    info = page.inner_text("#live-info")
+    assert "Steps: 1," in info and "Sampler: LCM," in info and "Model: shapes-turbo" in info and "Seed: 5," in info
+    assert page.eval_on_selector("#live-image", "img => img.complete && img.naturalWidth") == 64
+    page.select_option("#live-steps", "2")
+    page.wait_for_function("document.getElementById('live-info').textContent.includes('Steps: 2,')", timeout=60_000)
+    assert page.input_value("#model") == selected
+    page.uncheck("#live")
+    page.fill("#prompt", "")
+    assert page.errors == []
+
+
 def test_compare_samplers_tab_renders_the_grid(page):
     for field, value in {"width": "32", "height": "32", "steps": "2", "seed": "7"}.items():   # the shared fields
         page.eval_on_selector(f"#{field}", f"e => e.value = '{value}'")

@@ -18,6 +18,13 @@ def test_the_shipped_cards_recommend_what_the_models_are_evaluated_at(name):
     assert "DPM++ 2M Karras, CFG 5" in (ASSETS / name / "MODEL_CARD.md").read_text()
 
 
+def test_the_turbo_card_recommends_one_call_per_step_consistency_sampling():
+    """shapes-turbo (a consistency model): LCM on SGM Uniform, at most 4 steps, CFG 1 (off), as SDXL Turbo's."""
+    s = card_settings(ASSETS / "shapes-turbo" / "MODEL_CARD.md")
+    assert (s["sampler_name"], s["scheduler"], s["cfg_scale"]) == ("LCM", "SGM Uniform", 1.0) and 1 <= s["steps"] <= 4
+    assert recommended("shapes-turbo") == recommended(shipped_path("shapes-turbo")) == s
+
+
 def test_a_checkpoint_without_a_card_gets_a1111s_defaults(tmp_path):
     other = tmp_path / "model.safetensors"
     other.write_bytes(b"")

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from ..core import samplers as sampler_registry
 from ..core import sigmas as sigma_schedules
+from ..core.consistency import ConsistencyDenoiser
 from ..core.denoisers import EpsDenoiser, VDenoiser
 from ..core.guidance import cfg as cfg_guidance
 from ..pipelines.conditioning import adm_vector
@@ -230,7 +231,9 @@ def comfy_denoiser(pipe):
         raise ValueError(f"KSampler runs eps and v models; {pipe.name!r} is a {kind!r} model, which workflows "
                          f"do not run yet: use `diffusekit generate` or Pipeline.generate for it")
     wrapper = VDenoiser if kind == "v" else EpsDenoiser
-    return wrapper(UNetAdapter(pipe.unet), pipe.schedule, quantize=True)
+    denoiser = wrapper(UNetAdapter(pipe.unet), pipe.schedule, quantize=True)
+    # an LCM file carries its boundary scalings (ComfyUI: the ModelSamplingDiscrete "lcm" node)
+    return ConsistencyDenoiser(denoiser) if pipe.family.consistency else denoiser
 
 
 def _inpaint_concat(pipe, latent_in: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:

@@ -149,6 +149,10 @@ class ModelFamily:
     `calculate_shift` + `time_shift`, ComfyUI ModelSamplingFlux); None: the fixed `flow_shift`.
     guidance: the default distilled guidance scale of a guidance-distilled model (Flux.1 dev: 3.5; Forge's
     "Distilled CFG Scale"); used only when the network has a guidance input.
+    consistency: the network was distilled into a consistency model (Latent Consistency Distillation,
+    `training/distill.py`): the pipeline wraps its eps / v denoiser in `core.consistency.ConsistencyDenoiser`
+    (LCM's boundary scalings c_skip / c_out), as diffusers' LCMScheduler and ComfyUI's "lcm" model
+    sampling do. It is sampled with the LCM sampler at 1-8 steps and no CFG.
     """
 
     name: str
@@ -167,6 +171,7 @@ class ModelFamily:
     flow_shift: float = 3.0
     dynamic_shift: tuple[float, float] | None = None
     guidance: float = 3.5
+    consistency: bool = False     # a consistency model (LCM): its x0 estimate gets the boundary scalings
 
     def __post_init__(self):
         # checkpoint metadata sets these too: refuse at load what would only fail (or draw black) later
@@ -180,7 +185,7 @@ class ModelFamily:
             raise ValueError(f"latent_scale={s!r}: must be a finite number > 0 (SD 1.x: 0.18215, SDXL: 0.13025)")
         if not _is_int(self.size_embed_dim) or self.size_embed_dim < 1:
             raise ValueError(f"size_embed_dim={self.size_embed_dim!r}: must be a positive integer")
-        for name in ("zero_terminal_snr", "vae_force_upcast"):
+        for name in ("zero_terminal_snr", "vae_force_upcast", "consistency"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r}: must be true or false")
         if self.is_transformer and self.prediction_type != "flow":

@@ -36,6 +36,7 @@ from PIL import Image
 from ..version import __version__
 from ..core import samplers as sampler_registry
 from ..core import sigmas as sigma_schedules
+from ..core.consistency import ConsistencyDenoiser
 from ..core.denoisers import EpsDenoiser, FlowDenoiser, VDenoiser
 from ..core.guidance import cfg
 from ..core.schedules import DiscreteSchedule
@@ -184,6 +185,8 @@ class Pipeline:
             # pixel space: the x0 estimate is clipped to the images' [-1, 1] at every step (see core.denoisers)
             self.denoiser = wrapper(UNetAdapter(self.unet), self.schedule,
                                     data_range=(-1.0, 1.0) if self.family.pixel_space else None)
+            if self.family.consistency:   # an LCM: its boundary scalings (core.consistency)
+                self.denoiser = ConsistencyDenoiser(self.denoiser)
         self._rgb = None
         self._refiners: dict[str, Pipeline] = {}
         self.embeddings_dir = embeddings_dir     # textual-inversion files named by their stem in prompts

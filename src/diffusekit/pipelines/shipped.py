@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "models"
-SHIPPED = ("shapes", "digits", "shapes-flow")
+SHIPPED = ("shapes", "digits", "shapes-flow", "shapes-turbo")
 CARD = "MODEL_CARD.md"
 # AUTOMATIC1111 v1.10's txt2img UI defaults: the settings for a checkpoint whose card says nothing
 A1111_DEFAULTS = {"sampler_name": "DPM++ 2M", "scheduler": "Automatic", "steps": 20, "cfg_scale": 7.0}

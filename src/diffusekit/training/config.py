@@ -23,6 +23,8 @@ recipe's conventions (see `configs/shapes.toml`):
     [log]    sample prompts and cadence
     [finetune] optional: fine-tune a loaded checkpoint (LoRA, full, textual inversion) instead of
              training [model] from scratch; see `finetune_config.py`
+    [distill] optional: Latent Consistency Distillation of a loaded eps / v checkpoint into a 1-4 step
+             model (`distill.py`, `DistillConfig`); [train] is its optimisation
 
 Overrides are dotted keys, e.g. {"train.steps": 10, "model.unet.model_channels": 32}.
 """
@@ -130,6 +132,37 @@ class LogConfig:
     progress: bool = True
 
 
+SOLVERS = ("ddim",)
+DISTILL_LOSSES = ("huber", "l2")
+
+
+@dataclass
+class DistillConfig:
+    """`[distill]`: Latent Consistency Distillation (Luo et al. 2023) of `base` (see `distill.py`)."""
+    base: str = "shapes"        # the teacher: a shipped name, a single file or a diffusers folder (eps / v, one CLIP)
+    intervals: int = 24         # N: the teacher's ODE is cut at t_n = 999 n / N (LCM: 50, i.e. skip 20)
+    solver: str = "ddim"        # the teacher's ODE step from t_n to t_(n-1)
+    guidance: float = 5.0       # fixed CFG scale of the teacher step (project convention: 1 = off), baked in
+    target_ema: float = 0.95    # mu of the target network (an EMA of the student; LCM: 0.95)
+    loss: str = "huber"         # "huber" (pseudo-Huber, LCM) | "l2"
+    huber_c: float = 0.001
+    output_name: str = "model"  # the exported file: <run.out_dir>/<output_name>.safetensors (fp16, EMA weights)
+
+    def validate(self) -> None:
+        if self.intervals < 1:
+            raise ValueError(f"distill.intervals={self.intervals}: must be >= 1 (LCM: 50)")
+        if self.solver not in SOLVERS:
+            raise ValueError(f"distill.solver={self.solver!r}; valid: {', '.join(SOLVERS)}")
+        if self.loss not in DISTILL_LOSSES:
+            raise ValueError(f"distill.loss={self.loss!r}; valid: {', '.join(DISTILL_LOSSES)}")
+        if not 0.0 <= self.target_ema < 1.0:
+            raise ValueError(f"distill.target_ema={self.target_ema}: must be in [0, 1) (0 = the student itself)")
+        if self.loss == "huber" and self.huber_c <= 0:
+            raise ValueError(f"distill.huber_c={self.huber_c}: must be > 0")
+        if self.guidance < 1.0:
+            raise ValueError(f"distill.guidance={self.guidance}: must be >= 1 (1 = no guidance)")
+
+
 @dataclass
 class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
@@ -140,6 +173,7 @@ class TrainConfig:
     decoder: OptimConfig | None = None
     log: LogConfig = field(default_factory=LogConfig)
     finetune: FinetuneConfig | None = None   # [finetune]: train on a loaded checkpoint (finetune_config.py)
+    distill: DistillConfig | None = None     # [distill]: consistency-distil a loaded checkpoint (distill.py)
     source: str = ""            # the file it came from
 
     def validate(self) -> None:
@@ -170,6 +204,10 @@ class TrainConfig:
             if self.train.distributed == "fsdp" and self.finetune.method != "full":
                 raise ValueError(f"train.distributed='fsdp' shards a full fine-tune; finetune.method="
                                  f"{self.finetune.method!r} trains a few MB: use distributed = 'ddp'")
+        if self.distill is not None:
+            if self.finetune is not None or self.vae is not None or self.decoder is not None:
+                raise ValueError("[distill] trains a student of a loaded checkpoint; drop [finetune], [vae] and [decoder]")
+            self.distill.validate()
         m = self.model
         if m.mmdit is not None and m.prediction != "flow":
             raise ValueError(f"[model.mmdit] is a rectified-flow transformer: model.prediction must be 'flow', "
@@ -225,7 +263,7 @@ def _set_dotted(tree: dict, key: str, value) -> None:
 
 
 def config_from_dict(tree: Mapping[str, Any], source: str = "") -> TrainConfig:
-    tables = {"run", "data", "model", "vae", "train", "decoder", "log", "finetune"}
+    tables = {"run", "data", "model", "vae", "train", "decoder", "log", "finetune", "distill"}
     unknown = sorted(set(tree) - tables)
     if unknown:
         raise ValueError(f"unknown table(s) {unknown} in {source or 'the config'}; valid: {sorted(tables)}")
@@ -238,6 +276,7 @@ def config_from_dict(tree: Mapping[str, Any], source: str = "") -> TrainConfig:
         decoder=_build(OptimConfig, tree["decoder"], "decoder") if "decoder" in tree else None,
         log=_build(LogConfig, tree.get("log", {}), "log"),
         finetune=_build(FinetuneConfig, tree["finetune"], "finetune") if "finetune" in tree else None,
+        distill=_build(DistillConfig, tree["distill"], "distill") if "distill" in tree else None,
         source=source,
     )
     cfg.validate()

@@ -30,18 +30,16 @@ import torch.distributed as dist
 from torch import nn
 
 from ..core.objectives import TrainingTarget, min_snr_weights, offset_noise, weighted_mse
-from ..models.loading import load_checkpoint, save_checkpoint
+from ..models.loading import save_checkpoint
 from ..pipelines import prompts as P
 from ..pipelines.conditioning import adm_vector
 from ..pipelines.pipeline import Pipeline
-from ..pipelines.shipped import SHIPPED, resolve_model
 from .buckets import BucketedFolder, BucketOrder
-from .checkpoint import list_checkpoints
-from .config import TrainConfig, config_to_dict
+from .config import TrainConfig
 from .datasets import build_dataset, to_tensor_array
 from .finetune_config import FinetuneConfig
 from .lora_network import LoRANetwork, save_kohya_lora
-from .trainer import DataOrder, Trainer, _init_world, _unwrap
+from .trainer import DataOrder, Trainer, _init_world, _unwrap, frozen_base
 
 __all__ = ["FineTuner", "FinetuneModel", "save_embedding"]
 
@@ -161,12 +159,7 @@ class FineTuner(Trainer):
         self.on_step = None
         self.latent_scale = 1.0
         ft = self.ft
-        parts = load_checkpoint(resolve_model(ft.base), family=ft.family or None, dtype=torch.float32)
-        if ft.base in SHIPPED:
-            parts.name = ft.base
-        for m in (parts.unet, parts.vae, *parts.text_encoders):
-            if m is not None:
-                m.requires_grad_(False)
+        parts = frozen_base(ft.base, ft.family or None)
         self.parts, self.family = parts, parts.family
         self.pipe = Pipeline(parts, device=self.device)
         self.model = FinetuneModel(parts, ft, torch.Generator().manual_seed(cfg.run.seed)).to(self.device)
@@ -178,12 +171,7 @@ class FineTuner(Trainer):
                         if ft.buckets else build_dataset(d))
         self._latents: dict[int, tuple[torch.Tensor, str, tuple]] = {}
         self._tokens: dict[str, tuple[list[torch.Tensor], torch.Tensor]] = {}
-        if self.world.main:
-            if not resume and list_checkpoints(self.out, STAGE):
-                raise FileExistsError(f"{self.out} already holds checkpoints: pass resume=True (--resume) to "
-                                      "continue that run, or choose another run.out_dir")
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
+        self._claim_out_dir(STAGE)
         self._class = self._class_items() if ft.class_images > 0 else None
         self.started = time.time()
 

@@ -117,6 +117,20 @@ def _tuples(d: dict) -> dict:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
 
 
+def frozen_base(name_or_path, family: str | None = None):
+    """The ModelParts of a checkpoint to train on (fine-tuning, distillation), fp32, every module frozen;
+    a shipped model keeps its name (infotext, metadata)."""
+    from ..models.loading import load_checkpoint
+    from ..pipelines.shipped import SHIPPED, resolve_model
+    parts = load_checkpoint(resolve_model(name_or_path), family=family, dtype=torch.float32)
+    if name_or_path in SHIPPED:
+        parts.name = name_or_path
+    for m in (parts.unet, parts.vae, *parts.text_encoders):
+        if m is not None:
+            m.requires_grad_(False)
+    return parts
+
+
 def _shipped_parts(name: str):
     """The ModelParts of a shipped model (its VAE / text encoder reused by vae_from / text_from), fp32."""
     from ..models.loading import load_checkpoint
@@ -327,20 +341,29 @@ class Trainer:
         self._pool: tuple[torch.Tensor, torch.Tensor] | None = None   # preloaded (uint8 NCHW, ids) on device
         self._pool_latents: torch.Tensor | None = None
         if cfg.data.preload:
-            t0 = time.time()
-            pixels, captions = preload(self.dataset, cfg.data.workers)
-            self._pool = (torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous().to(self.device),
-                          self.tokenizer(captions).to(self.device))
-            if self.world.main:
-                print(f"[data] preloaded {len(captions)} items in {time.time() - t0:.1f} s")
-        if self.world.main:
-            if not resume and (list_checkpoints(self.out, "vae") or list_checkpoints(self.out, "diffusion")):
-                raise FileExistsError(f"{self.out} already holds checkpoints: pass resume=True (--resume) to "
-                                      "continue that run, or choose another run.out_dir")
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(json.dumps(config_to_dict(self.cfg), indent=2))
+            self._preload()
+        self._claim_out_dir("vae", "diffusion")
+
+    def _claim_out_dir(self, *stages: str) -> None:
+        """Refuse an out_dir that holds checkpoints of `stages` unless resuming; write config.json (rank 0)."""
+        if not self.world.main:
+            return
+        if not self.resume and any(list_checkpoints(self.out, st) for st in stages):
+            raise FileExistsError(f"{self.out} already holds checkpoints: pass resume=True (--resume) to "
+                                  "continue that run, or choose another run.out_dir")
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.json").write_text(json.dumps(config_to_dict(self.cfg), indent=2))
 
     # ------------------------------------------------------------------ data
+    def _preload(self) -> None:
+        """Draw every item of the dataset up front and keep it on the device (`data.preload`)."""
+        t0 = time.time()
+        pixels, captions = preload(self.dataset, self.cfg.data.workers)
+        self._pool = (torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous().to(self.device),
+                      self.tokenizer(captions).to(self.device))
+        if self.world.main:
+            print(f"[data] preloaded {len(captions)} items in {time.time() - t0:.1f} s")
+
     def _images(self, indices: list[int]) -> torch.Tensor:
         if self._pool is not None:   # to_tensor_array's mapping, equal to within float32 rounding
             idx = torch.tensor(indices, device=self.device)
@@ -385,11 +408,14 @@ class Trainer:
     def _optimize(self, stage: str, module: nn.Module, ocfg: OptimConfig,
                   micro_loss: Callable[..., torch.Tensor],
                   on_checkpoint: Callable[[int, nn.Module], None] | None = None,
-                  extra_state: Callable[[], dict] | None = None) -> EMA | None:
+                  extra_state: Callable[[], dict] | None = None,
+                  after_step: Callable[[nn.Module], None] | None = None) -> EMA | None:
         """AdamW + warm-up/cosine + clipping + accumulation + EMA + checkpoints for `module`.
 
         micro_loss(gen, step, global_indices, lo, hi, module): loss of global-batch rows lo..hi-1
-        (this process's micro-batch), random draws made for the whole global batch from `gen`."""
+        (this process's micro-batch), random draws made for the whole global batch from `gen`.
+        after_step(module): called after every optimizer step, before the checkpoint (a consistency
+        target network's EMA update); what it keeps belongs in `extra_state` for resume."""
         w, B = self.world, ocfg.batch_size
         per_micro, rem = divmod(B, w.size * ocfg.grad_accum)
         if rem or per_micro == 0:
@@ -485,6 +511,8 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
             if ema is not None:
                 ema.update(module)
+            if after_step is not None:
+                after_step(module)
             done = step + 1
             log.add(stage, done, total, lr, float(gnorm), every=self.cfg.log.every, wall=time.time() - t0)
             progress.update(B, total)
@@ -748,6 +776,9 @@ def train_from_config(path: str | Path, *, resume: bool = False, overrides: dict
     if cfg.finetune is not None:   # [finetune]: a loaded checkpoint, not a model from scratch
         from .finetune import FineTuner
         return FineTuner(cfg, resume=resume).run()
+    if cfg.distill is not None:    # [distill]: a few-step consistency student of a loaded checkpoint
+        from .distill import Distiller
+        return Distiller(cfg, resume=resume).run()
     return Trainer(cfg, resume=resume).run(stages)
 
 

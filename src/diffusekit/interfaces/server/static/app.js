@@ -57,6 +57,7 @@ async function loadLists() {
   fillSelect($("sampler"), samplers.map((s) => [s.name, s.name]), "DPM++ 2M");
   fillSelect($("scheduler"), schedulers.map((s) => [s.label, s.label]), "Automatic");
   fillSelect($("model"), models.map((m) => [m.title, m.model_name]), options.sd_model_checkpoint);
+  liveAvailable(models);
   const box = $("compare-samplers");
   box.innerHTML = "";
   samplers.forEach((s, i) => {
@@ -221,6 +222,48 @@ $("gen-form").addEventListener("submit", async (ev) => {
     stopPolling();
   }
 });
+
+// ------------------------------------------------------------------ live preview as you type
+// A debounced txt2img on the few-step model (override_settings: the selected model stays selected), at most
+// one request in flight: typing while one runs sends the newest prompt once it returns.
+const LIVE_MODEL = "shapes-turbo";
+let liveTimer = null, liveBusy = false, livePending = false;
+function liveAvailable(models) {
+  const ok = models.some((m) => m.model_name === LIVE_MODEL);
+  $("live").disabled = !ok;
+  if (!ok) $("live").parentElement.title = `${LIVE_MODEL} is not on this server`;
+}
+async function livePreview() {
+  if (!$("live").checked || !$("prompt").value.trim()) return;
+  if (liveBusy || busy) { livePending = true; return; }
+  liveBusy = true; livePending = false;
+  const seed = Number($("seed").value);
+  const body = {
+    prompt: $("prompt").value, negative_prompt: $("negative_prompt").value, steps: Number($("live-steps").value),
+    sampler_name: "LCM", scheduler: "SGM Uniform", cfg_scale: 1, seed: seed >= 0 ? seed : 1,
+    override_settings: { sd_model_checkpoint: LIVE_MODEL }, override_settings_restore_afterwards: true,
+  };
+  const t0 = performance.now();
+  try {
+    const res = await api("/sdapi/v1/txt2img", body);
+    const info = JSON.parse(res.info);
+    $("live-image").src = "data:image/png;base64," + res.images[0];
+    $("live-info").textContent = `${Math.round(performance.now() - t0)} ms · ${info.infotexts[0]}`;
+    $("live-box").hidden = false;
+  } catch (e) {
+    $("live-info").textContent = String(e.message || e);
+    $("live-box").hidden = false;
+  } finally {
+    liveBusy = false;
+    if (livePending) livePreview();
+  }
+}
+function scheduleLive() {
+  clearTimeout(liveTimer);
+  liveTimer = setTimeout(livePreview, 250);
+}
+for (const id of ["prompt", "negative_prompt", "live-steps"]) $(id).addEventListener("input", scheduleLive);
+$("live").addEventListener("change", () => { $("live-box").hidden = !$("live").checked; scheduleLive(); });
 
 $("interrupt").addEventListener("click", () => api("/sdapi/v1/interrupt", {}).catch(() => {}));
 $("skip").addEventListener("click", () => api("/sdapi/v1/skip", {}).catch(() => {}));

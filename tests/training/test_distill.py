@@ -1,0 +1,157 @@
+"""Latent Consistency Distillation ([distill]): the target is the guided DDIM teacher step followed by the
+target network's consistency function (checked against the pipeline's own CFG and the registry's DDIM
+sampler), the boundary rows equal the teacher step exactly, exact resume after a kill, the exported file
+is a consistency model that the pipeline (and the ComfyUI KSampler) samples, config errors teach.
+
+The teacher is the tiny random-weight SD1 checkpoint of tests/pipelines; 32x32 shapes, one thread."""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from diffusekit.core import samplers
+from diffusekit.core.consistency import ConsistencyDenoiser
+from diffusekit.core.guidance import cfg
+from diffusekit.pipelines.pipeline import UNetAdapter
+from diffusekit.training.checkpoint import load_training_checkpoint
+from diffusekit.training.config import config_from_dict
+from diffusekit.training.distill import Distiller, export_student
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+# test_finetune's loaded helpers: save_tiny (tests/pipelines/conftest.py), Stop and assert_same (test_trainer)
+_ft = importlib.import_module("test_finetune")
+_tiny, _trainer_tests = _ft._tiny, _ft._trainer_tests
+
+
+def distill_tree(out: Path, base: Path, *, steps: int = 4, **distill) -> dict:
+    return {
+        "run": {"out_dir": str(out), "seed": 3, "threads": 1},
+        "data": {"kind": "shapes", "size": 32, "length": 8, "seed": 0, "preload": True, "workers": 1},
+        "distill": {"base": str(base), "intervals": 3, "guidance": 4.0, "target_ema": 0.5, **distill},
+        "train": {"steps": steps, "batch_size": 4, "lr": 1e-2, "warmup": 1, "ema_decay": 0.9, "eps": 1e-2,
+                  "checkpoint_every": 2},
+        "log": {"every": 1, "sample_every": 10_000, "progress": False, "prompts": ["a red circle"],
+                "sample_seeds": [1], "sample_steps": 1, "sample_sampler": "LCM", "sample_scheduler": "SGM Uniform",
+                "sample_cfg": 1.0},
+    }
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    return _tiny.save_tiny(tmp_path_factory.mktemp("teacher") / "tiny-sd1.safetensors", "sd1")
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, base) -> Path:
+    out = tmp_path_factory.mktemp("distill")
+    Distiller(config_from_dict(distill_tree(out, base))).run()
+    return out
+
+
+def test_target_is_the_guided_ddim_step_then_the_target_network(base, tmp_path):
+    d = Distiller(config_from_dict(distill_tree(tmp_path, base, intervals=3, guidance=4.0)))
+    d._preload()
+    with torch.no_grad():   # a target network that differs from the student, as after training steps
+        g = torch.Generator().manual_seed(5)
+        for p in d.target.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    idx = list(range(8))
+    x0, ids = d._latents_and_ids(idx)
+    pred, target, k = d.consistency_pair(torch.Generator().manual_seed(11), x0, ids, 0, 8, 8, d.model)
+    assert {1} < set(k.tolist()), k       # boundary rows (n = 1) and rows above them
+
+    # the same draws, recomputed with the pipeline's pieces
+    gen = torch.Generator().manual_seed(11)
+    k2 = torch.randint(1, 4, (8,), generator=gen)
+    noise = torch.randn(8, *x0.shape[1:], generator=gen)
+    assert torch.equal(k, k2)
+    sched = d.teacher.schedule
+    sig = sched.t_to_sigma(torch.tensor([0.0, 333.0, 666.0, 999.0], dtype=torch.float64)).float()
+    wrapper = type(d.teacher.denoiser)
+    target_f = ConsistencyDenoiser(wrapper(UNetAdapter(d.target.unet), sched))
+    student_f = ConsistencyDenoiser(wrapper(UNetAdapter(d.model.unet), sched))
+    uncond = d.encode(d.tokenizer([""]))
+    for i in range(8):
+        hi, lo = sig[k[i]], sig[k[i] - 1]
+        x = x0[i:i + 1] + hi * noise[i:i + 1]
+        ctx = d.encode(ids[i:i + 1])
+        guided = cfg(d.teacher.denoiser, 4.0, {"context": ctx}, {"context": uncond})
+        with torch.no_grad():
+            x_prev = samplers.SAMPLERS["ddim"](guided, x, torch.stack([hi, lo]))
+            want = target_f(x_prev, lo.reshape(1), context=ctx)
+            want_pred = student_f(x, hi.reshape(1), context=ctx)
+        torch.testing.assert_close(target[i:i + 1], want, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(pred[i:i + 1].detach(), want_pred, rtol=1e-4, atol=1e-5)
+        if k[i] == 1:   # f(x, sigma_min) = x: the target is the teacher's step itself, whatever the target net
+            torch.testing.assert_close(target[i:i + 1], x_prev, rtol=1e-5, atol=1e-5)
+
+
+def test_resume_after_kill_equals_the_straight_run(straight, base, tmp_path):
+    tree = distill_tree(tmp_path, base)
+    d = Distiller(config_from_dict(tree))
+
+    def hook(stage, step):
+        if step == 2:
+            raise _trainer_tests.Stop   # as a kill right after the checkpoint at step 2
+
+    d.on_step = hook
+    with pytest.raises(_trainer_tests.Stop):
+        d.run()
+    Distiller(config_from_dict(tree), resume=True).run()
+    a, b = load_training_checkpoint(tmp_path, "distill"), load_training_checkpoint(straight, "distill")
+    assert a[0] == b[0] == 4
+    _trainer_tests.assert_same(a[1], b[1])                                   # the student
+    _trainer_tests.assert_same(a[2]["extra"]["target"], b[2]["extra"]["target"])   # the target network
+    _trainer_tests.assert_same(a[2]["ema"]["shadow"], b[2]["ema"]["shadow"])  # the shipped EMA
+    rows = (tmp_path / "loss.csv").read_text().splitlines()
+    assert rows[0].startswith("stage,step,loss") and [r.split(",")[1] for r in rows[1:]] == ["1", "2", "3", "4"]
+    with pytest.raises(FileExistsError, match="--resume"):
+        Distiller(config_from_dict(tree))
+
+
+def test_exported_student_is_a_consistency_model_the_pipeline_samples(straight, tmp_path):
+    from diffusekit import GenerationParams, Pipeline
+    from diffusekit.graph.sampling import comfy_denoiser
+    path = straight / "model.safetensors"
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        assert f.get_tensor(next(k for k in f.keys() if k.startswith("model."))).dtype == torch.float16
+    assert meta["diffusekit.distilled_from"] == "tiny-sd1"
+    pipe = Pipeline.from_pretrained(path)
+    assert pipe.family.consistency and isinstance(pipe.denoiser, ConsistencyDenoiser)
+    assert isinstance(comfy_denoiser(pipe), ConsistencyDenoiser)
+    img = pipe.generate(GenerationParams(prompt="a red circle", steps=1, sampler_name="LCM",
+                                         scheduler="SGM Uniform", cfg_scale=1, seed=1, width=32, height=32)).images[0]
+    assert img.size == (32, 32)
+    # the online student's weights differ from the EMA ones that run() exported
+    online = export_student(straight, tmp_path / "online.safetensors", ema=False)
+    with safe_open(str(online), "pt") as f, safe_open(str(path), "pt") as g:
+        key = next(k for k in f.keys() if k.startswith("model.diffusion_model.out"))
+        assert not torch.equal(f.get_tensor(key), g.get_tensor(key))
+        assert torch.equal(f.get_tensor("cond_stage_model.transformer.text_model.final_layer_norm.weight"),
+                           g.get_tensor("cond_stage_model.transformer.text_model.final_layer_norm.weight"))
+
+
+def test_a_consistency_model_is_not_a_teacher(straight, tmp_path):
+    with pytest.raises(ValueError, match="already consistency-distilled"):
+        Distiller(config_from_dict(distill_tree(tmp_path, straight / "model.safetensors")))
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"distill": {"solver": "euler"}}, "distill.solver='euler'; valid: ddim"),
+    ({"distill": {"intervals": 0}}, "distill.intervals=0"),
+    ({"distill": {"loss": "l1"}}, "distill.loss='l1'; valid: huber, l2"),
+    ({"distill": {"target_ema": 1.0}}, "distill.target_ema=1.0"),
+    ({"distill": {"guidance": 0.5}}, "distill.guidance=0.5"),
+    ({"finetune": {"base": "shapes"}}, "drop \\[finetune\\]"),
+])
+def test_config_errors_name_the_value(bad, message, tmp_path):
+    tree = distill_tree(tmp_path, Path("x.safetensors"))
+    for table, values in bad.items():
+        tree.setdefault(table, {}).update(values)
+    with pytest.raises(ValueError, match=message):
+        config_from_dict(tree)
