@@ -84,8 +84,10 @@ def test_target_is_the_guided_ddim_step_then_the_target_network(base, tmp_path):
             x_prev = samplers.SAMPLERS["ddim"](guided, x, torch.stack([hi, lo]))
             want = target_f(x_prev, lo.reshape(1), context=ctx)
             want_pred = student_f(x, hi.reshape(1), context=ctx)
-        torch.testing.assert_close(target[i:i + 1], want, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(pred[i:i + 1].detach(), want_pred, rtol=1e-4, atol=1e-5)
+        # batch of 8 vs one row through teacher CFG + DDIM + target net: float32 kernels sum in a batch-dependent
+        # order (seen: 7e-5 on values ~0.25); a wrong scaling or step is off by O(0.1)
+        torch.testing.assert_close(target[i:i + 1], want, rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(pred[i:i + 1].detach(), want_pred, rtol=1e-3, atol=1e-4)
         if k[i] == 1:   # f(x, sigma_min) = x: the target is the teacher's step itself, whatever the target net
             torch.testing.assert_close(target[i:i + 1], x_prev, rtol=1e-5, atol=1e-5)
 
