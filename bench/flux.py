@@ -28,7 +28,7 @@ from diffusekit.models.convert_flux import flux_config_from_diffusers, flux_stat
 from diffusekit.models.flux import Flux
 
 sys.path.insert(0, str(Path(__file__).parent))
-from mmdit import interleaved, print_table  # noqa: E402  (the MMDiT bench's runner and table: one copy)
+from mmdit import interleaved, ours_sharing, print_table  # noqa: E402  (the MMDiT bench's helpers: one copy)
 from unet import DTYPES  # noqa: E402
 
 
@@ -62,13 +62,6 @@ def random_reference(cfg: dict, dtype: torch.dtype, seed: int = 0):
             else:
                 t.copy_(torch.randn(t.shape, generator=g, dtype=torch.float32).mul_(0.02))
     return ref
-
-
-def ours_sharing(reference, config) -> Flux:
-    with torch.device("meta"):
-        model = Flux(config)
-    model.load_state_dict(flux_state_dict_from_diffusers(reference.state_dict(), config), strict=True, assign=True)
-    return model.eval()
 
 
 def main():
@@ -107,7 +100,7 @@ def main():
     for name in args.dtypes:
         dtype = DTYPES[name]
         reference = random_reference(dcfg, dtype)
-        ours = ours_sharing(reference, config)
+        ours = ours_sharing(reference, config, Flux, flux_state_dict_from_diffusers)
         a = torch.randn(args.matmul, args.matmul, generator=gen).to(dtype)
         b = torch.randn(args.matmul, args.matmul, generator=gen).to(dtype)
         x = torch.randn(args.batch, 16, latent, latent, generator=gen).to(dtype)

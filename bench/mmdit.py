@@ -62,10 +62,11 @@ def random_reference(dtype: torch.dtype, seed: int = 0):
     return ref
 
 
-def ours_sharing(reference, config) -> MMDiT:
+def ours_sharing(reference, config, cls=MMDiT, convert=mmdit_state_dict_from_diffusers) -> torch.nn.Module:
+    """Our `cls(config)` built on meta, aliasing the diffusers `reference`'s tensors through `convert`."""
     with torch.device("meta"):
-        model = MMDiT(config)
-    model.load_state_dict(mmdit_state_dict_from_diffusers(reference.state_dict(), config), strict=True, assign=True)
+        model = cls(config)
+    model.load_state_dict(convert(reference.state_dict(), config), strict=True, assign=True)
     return model.eval()
 
 

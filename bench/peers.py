@@ -160,7 +160,7 @@ def _legacy_text_keys(folder: Path) -> Path:
     return out
 
 
-def prepare(impl: str, prec: str, folder: Path, work: Path, peers_python: str) -> str:
+def prepare(impl: str, prec: str, folder: Path, peers_python: str) -> str:
     """The model path a case loads (exported once and cached next to the diffusers folder)."""
     if impl == "openvino":
         kind = "int8" if prec == "int8" else "fp"
@@ -209,7 +209,7 @@ def main() -> None:
     for case in args.cases:
         impl, prec = case.split(":")
         try:
-            extra = prepare(impl, prec, folder, work, args.peers_python)
+            extra = prepare(impl, prec, folder, args.peers_python)
         except Exception as e:          # a peer that cannot be installed or exported here: say so, go on
             print(f"  {case}: preparing the model failed: {e}", file=sys.stderr)
             continue
