@@ -43,7 +43,8 @@ from ..pipelines.pipeline import Pipeline, UNetAdapter
 from .checkpoint import load_training_checkpoint
 from .config import TrainConfig, config_from_dict, config_to_dict
 from .datasets import build_dataset
-from .trainer import Trainer, _init_world, _unwrap, frozen_base
+from .distributed import _init_world
+from .trainer import Trainer, _unwrap, frozen_base
 
 __all__ = ["Distiller", "ConsistencyStudent", "teacher_step", "export_student"]
 

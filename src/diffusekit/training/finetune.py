@@ -39,7 +39,8 @@ from .config import TrainConfig
 from .datasets import build_dataset, to_tensor_array
 from .finetune_config import FinetuneConfig
 from .lora_network import LoRANetwork, save_kohya_lora
-from .trainer import DataOrder, Trainer, _init_world, _unwrap, frozen_base
+from .distributed import _init_world
+from .trainer import DataOrder, Trainer, _unwrap, frozen_base
 
 __all__ = ["FineTuner", "FinetuneModel", "save_embedding"]
 

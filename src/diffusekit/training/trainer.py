@@ -15,7 +15,7 @@ Reproducibility contract (what makes `resume` and multi-process training exact):
 - weights, optimizer, EMA, RNG state and the step are checkpointed together.
 Under `torchrun --nproc_per_node N` the trainable module is wrapped in DistributedDataParallel
 (gloo on CPU, nccl on GPU), or with `distributed = "fsdp"` a copy of it is sharded by FSDP2
-(`_fully_sharded`); each process sees 1/N of every global batch; rank 0 writes files, which are the
+(`distributed._fully_sharded`); each process sees 1/N of every global batch; rank 0 writes files, which are the
 same for 1 process, DDP and FSDP (full state dicts), so each resumes the others.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ import math
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
@@ -47,6 +47,7 @@ from ..models.vae import AutoencoderKL, VAEConfig
 from .checkpoint import list_checkpoints, load_training_checkpoint, save_training_checkpoint
 from .config import OptimConfig, TrainConfig, config_to_dict, load_config
 from .datasets import build_dataset, preload, to_tensor_array
+from .distributed import _fully_sharded, _gather_into, _init_world, _named_optimizer_state
 from .ema import EMA
 from .logs import LossLog, Progress
 
@@ -58,25 +59,6 @@ STAGES = ("vae", "diffusion", "decoder")
 
 
 # ---------------------------------------------------------------------------------- pieces
-@dataclass(frozen=True)
-class World:
-    rank: int = 0
-    size: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def _init_world() -> World:
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    if size <= 1:
-        return World()
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return World(dist.get_rank(), dist.get_world_size())
-
-
 def step_generator(seed: int, stage: str, step: int) -> torch.Generator:
     """The generator of every random draw of one optimizer step (same on every process)."""
     h = hashlib.sha256(f"{seed}:{stage}:{step}".encode()).digest()
@@ -714,38 +696,6 @@ class Trainer:
         return Pipeline(parts, device=self.device)
 
 
-def _fully_sharded(module: nn.Module) -> nn.Module:
-    """FSDP2 (`torch.distributed.fsdp.fully_shard`, Zhao et al. 2023) in place: every element of a
-    ModuleList (UNet blocks, transformer layers) is its own unit, gathered only for its forward and
-    backward, then the root; parameters become DTensors sharded along dim 0 over the processes."""
-    from torch.distributed.fsdp import fully_shard
-    blocks = [m for m in module.modules() if isinstance(m, nn.ModuleList)]
-    for block in reversed([sub for ml in blocks for sub in ml]):   # innermost first, as FSDP2 requires
-        if any(p.requires_grad for p in block.parameters()):
-            fully_shard(block)
-    return fully_shard(module)
-
-
-def _named_optimizer_state(plain: dict, names: list[str]) -> dict:
-    """`optimizer.state_dict()` (parameters by index) -> the same keyed by parameter name, as
-    torch.distributed.checkpoint's full state dicts are (so an FSDP run resumes a DDP / single run)."""
-    return {"state": {names[i]: v for i, v in plain["state"].items()},
-            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in plain["param_groups"]]}
-
-
-def _gather_into(module: nn.Module, sharded: nn.Module, opt: torch.optim.Optimizer, names: list[str]) -> dict:
-    """FSDP checkpoint (every process): `module` gets the full weights of the sharded copy; returns the
-    full optimizer state in `optimizer.state_dict()`'s by-index form, so checkpoints of FSDP, DDP and
-    single-process runs are the same files and each resumes the others."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
-    module.load_state_dict(get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True)))
-    named = get_optimizer_state_dict(sharded, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    index = {n: i for i, n in enumerate(names)}
-    return {"state": {index[n]: v for n, v in named.get("state", {}).items()},
-            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in named.get("param_groups", [])]}
-
-
 def _load_module(module: nn.Module, weights: dict, state: dict) -> None:
     """Checkpoint weights into `module`, then its EMA weights if the checkpoint has them."""
     module.load_state_dict({k[len("model."):]: v for k, v in weights.items() if k.startswith("model.")})
@@ -792,14 +742,8 @@ def load_run(out_dir: str | Path, *, ema: bool = True) -> tuple[TrainConfig, Tex
     if found is None:
         raise FileNotFoundError(f"{out} has no readable diffusion checkpoint")
     step, weights, state, _ = found
-    model.load_state_dict({k[len("model."):]: v for k, v in weights.items() if k.startswith("model.")})
-    if ema and state["ema"]:
-        e = EMA(model, state["ema"]["decay"])
-        e.load_state_dict(state["ema"])
-        e.copy_to(model)
-    if vae is not None and cfg.model.vae_from:
-        pass   # the shipped model's frozen VAE, as build_models loaded it
-    elif vae is not None:
+    _load_module(model, weights, state if ema else {"ema": {}})
+    if vae is not None and not cfg.model.vae_from:   # vae_from: the shipped model's frozen VAE, as built
         for stage in ("decoder", "vae"):   # a fine-tuned decoder replaces the VAE stage's weights
             vfound = load_training_checkpoint(out, stage)
             if vfound is not None:
