@@ -146,6 +146,76 @@ def test_preload_matches_items_in_order():
                 == torch.from_numpy(to_tensor_array(ds[i]["image"]))).all()
 
 
+def test_captions_per_item_phrases_one_scene_many_ways():
+    from diffusekit.training.datasets import ShapesDataset, preload
+    from diffusekit.training.datasets.shapes import HELDOUT_SINGLE_TEMPLATES, HELDOUT_PAIR_TEMPLATES, fill_template
+    ds = ShapesDataset(seed=4, size=16, length=6)
+    caps = [ds.captions(i, 6) for i in range(6)]
+    assert caps == [ds.captions(i, 6) for i in range(6)]              # deterministic
+    held = {fill_template(t, ds.scene(i)) for i in range(6)
+            for t in (HELDOUT_SINGLE_TEMPLATES if len(ds.scene(i).objects) == 1 else HELDOUT_PAIR_TEMPLATES)}
+    for i, cs in enumerate(caps):
+        assert cs[0] == ds[i]["caption"] and len(set(cs)) >= 3           # its own caption, then others
+        assert not held & set(cs)                                       # never a held-out phrasing
+    _, drawn = preload(ds, workers=2, chunk=4, captions_per_item=6)
+    assert drawn == caps
+    with pytest.raises(ValueError, match="captions_per_item"):
+        preload(ds, captions_per_item=0)
+
+
+def test_captions_per_item_trains_resumes_and_reuses_the_latent_cache(straight, tmp_path, monkeypatch):
+    tree = tiny_tree(tmp_path / "a")
+    tree["data"].update(preload=True, workers=1, captions_per_item=4)
+    tree["train"]["cache_latents"] = True
+    trainer = Trainer(config_from_dict(tree))
+    seen, forward = [], trainer.model.forward
+    trainer.model.forward = lambda x, t, ids, *a, **kw: seen.append(ids.clone()) or forward(x, t, ids, *a, **kw)
+    trainer.run()
+    assert (tmp_path / "a" / "latent-cache.pt").is_file()
+    # the model is fed the items' phrasings (2-D ids), other than the first caption in some rows, never a mix
+    pool = trainer._pool[1]                                    # (12, 4, 77)
+    fed = torch.cat(seen)
+    assert pool.shape == (12, 4, 77) and fed.dim() == 2
+    empty = trainer.tokenizer([""])[0]
+    as_row = [[bool((row == pool[i, j]).all()) for i in range(12) for j in range(4)] for row in fed]
+    assert all(any(m) or bool((row == empty).all()) for m, row in zip(as_row, fed))
+    firsts = {tuple(pool[i, 0].tolist()) for i in range(12)}
+    assert any(tuple(row.tolist()) not in firsts and not bool((row == empty).all()) for row in fed)
+    a = final_weights(tmp_path / "a")
+    # kill after step 2, resume: same weights, and the latents come from the run folder's cache
+    tree_b = tiny_tree(tmp_path / "b")
+    tree_b["data"].update(preload=True, workers=1, captions_per_item=4)
+    tree_b["train"]["cache_latents"] = True
+    run_interrupted(tree_b, "diffusion", 2)
+    encoded = []
+    real_encode = Trainer._encode
+    monkeypatch.setattr(Trainer, "_encode", lambda self, img: encoded.append(len(img)) or real_encode(self, img))
+    Trainer(config_from_dict(tree_b), resume=True).run()
+    assert not encoded                                                  # nothing re-encoded on resume
+    assert_same(final_weights(tmp_path / "b"), a)
+    # a cache written for other data is not trusted
+    tree_c = tiny_tree(tmp_path / "c")
+    tree_c["data"].update(preload=True, workers=1, captions_per_item=4)
+    tree_c["train"]["cache_latents"] = True
+    run_interrupted(tree_c, "diffusion", 2)
+    import shutil
+    shutil.copy(tmp_path / "a" / "latent-cache.pt", tmp_path / "c" / "latent-cache.pt")
+    saved = torch.load(tmp_path / "c" / "latent-cache.pt", weights_only=True)
+    saved["key"] = "another data config"
+    torch.save(saved, tmp_path / "c" / "latent-cache.pt")
+    Trainer(config_from_dict(tree_c), resume=True).run()
+    assert encoded and torch.load(tmp_path / "c" / "latent-cache.pt", weights_only=True)["key"] != "another data config"
+
+
+def test_captions_per_item_needs_procedural_preloaded_data(tmp_path):
+    for data in ({"captions_per_item": 3}, {"captions_per_item": 3, "preload": True, "kind": "digits"},
+                 {"captions_per_item": 0}):
+        tree = tiny_tree(tmp_path)
+        tree["data"].update(data)
+        with pytest.raises(ValueError, match="captions_per_item"):
+            config_from_dict(tree)
+
+
 def _ddp_worker(rank: int, world: int, port: int, tree: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank))

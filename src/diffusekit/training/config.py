@@ -6,7 +6,7 @@ recipe's conventions (see `configs/shapes.toml`):
     [run]    out_dir, seed, threads
     [data]   kind = "shapes" | "digits" | "folder", path (folder), size, length, seed, style (shapes:
              "robust" | "legacy"), caption_dropout,
-             preload, workers
+             preload, workers, captions_per_item (shapes + preload: phrasings per scene)
     [model]  prediction = "eps" | "v" | "x0" | "flow", schedule = "scaled_linear" | "linear",
              beta_start, beta_end, timesteps; sub-tables [model.unet] (`UNetConfig` fields),
              [model.vae] (`VAEConfig` fields; absent = a pixel-space model) and [model.text]
@@ -64,6 +64,8 @@ class DataConfig:
                                 # uint8 images and token ids, on the training device: for a GPU, which the
                                 # per-step drawing on the CPU would otherwise starve
     workers: int = 0            # processes for preloading; 0 = one per CPU core
+    captions_per_item: int = 1  # shapes + preload: k phrasings of each scene drawn up front; every step picks
+                                # one per row (step generator), so a cached latent trains with k wordings
 
 
 @dataclass
@@ -235,6 +237,10 @@ class TrainConfig:
             raise ValueError(f"data.style={self.data.style!r}; valid: 'robust', 'legacy'")
         if self.data.workers < 0:
             raise ValueError(f"data.workers={self.data.workers}; must be >= 0 (0 = one per CPU core)")
+        k = self.data.captions_per_item
+        if k < 1 or (k > 1 and (self.data.kind != "shapes" or not self.data.preload)):
+            raise ValueError(f"data.captions_per_item={k}: 1, or more with data.kind = 'shapes' and "
+                             "data.preload = true (the procedural scenes can be phrased many ways)")
         if not 0 <= self.data.caption_dropout < 1:
             raise ValueError(f"data.caption_dropout={self.data.caption_dropout}; must be in [0, 1)")
 

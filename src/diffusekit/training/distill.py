@@ -176,6 +176,7 @@ class Distiller(Trainer):
 
         def micro_loss(gen, step, indices, lo, hi, mod):
             x0, ids = self._latents_and_ids(indices[lo:hi])
+            ids = self._pick_caption(ids, gen, len(indices), lo, hi)
             return self.loss(gen, x0, ids, lo, hi, len(indices), mod)
 
         ema = self._optimize(STAGE, self.model, ocfg, micro_loss, on_checkpoint=self._sample_grid,

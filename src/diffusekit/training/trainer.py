@@ -340,9 +340,11 @@ class Trainer:
     def _preload(self) -> None:
         """Draw every item of the dataset up front and keep it on the device (`data.preload`)."""
         t0 = time.time()
-        pixels, captions = preload(self.dataset, self.cfg.data.workers)
-        self._pool = (torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous().to(self.device),
-                      self.tokenizer(captions).to(self.device))
+        k = self.cfg.data.captions_per_item
+        pixels, captions = preload(self.dataset, self.cfg.data.workers, captions_per_item=k)
+        ids = (self.tokenizer(captions) if k == 1   # (N, 77), or (N, k, 77) with k phrasings per item
+               else self.tokenizer([c for cs in captions for c in cs]).view(len(captions), k, -1))
+        self._pool = (torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous().to(self.device), ids.to(self.device))
         if self.world.main:
             print(f"[data] preloaded {len(captions)} items in {time.time() - t0:.1f} s")
 
@@ -360,16 +362,15 @@ class Trainer:
             return self.vae.encode(img).mode().float() * self.latent_scale
 
     def _latents_and_ids(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, C, h, w) scaled latents (or pixels) and (B, 77) token ids, cached per item if asked."""
+        """(B, C, h, w) scaled latents (or pixels) and (B, 77) token ids, cached per item if asked;
+        (B, k, 77) with `data.captions_per_item` = k > 1 (`_pick_caption` chooses)."""
         use_cache = self.cfg.train.cache_latents
         if self._pool is not None:
             idx = torch.tensor(indices, device=self.device)
             if not use_cache:
                 return self._encode(self._images(indices)), self._pool[1][idx]
-            if self._pool_latents is None:   # every item's latent, once
-                n = len(self._pool[1])
-                self._pool_latents = torch.cat([self._encode(self._images(list(range(lo, min(n, lo + 512)))))
-                                                for lo in range(0, n, 512)])
+            if self._pool_latents is None:   # every item's latent, once (kept in the run folder for resumes)
+                self._pool_latents = self._cached_pool_latents()
             return self._pool_latents[idx], self._pool[1][idx]
         todo = [i for i in indices if i not in self._cache] if use_cache else list(indices)
         if todo:
@@ -385,6 +386,43 @@ class Trainer:
         src = self._cache if use_cache else fresh
         return (torch.stack([src[i][0] for i in indices]).to(self.device),
                 torch.stack([src[i][1] for i in indices]).to(self.device))
+
+    def _cached_pool_latents(self) -> torch.Tensor:
+        """The preloaded items' latents: read from `out_dir/latent-cache.pt` when it was written for this
+        data config, this VAE (a digest of its weights) and this latent scale, else encoded and written
+        there, so a `--resume` does not spend minutes re-encoding the data."""
+        n = len(self._pool[1])
+        key = None
+        if self.vae is not None:
+            h = hashlib.sha256(json.dumps(asdict(self.cfg.data), sort_keys=True).encode())
+            h.update(f"{self.latent_scale!r}".encode())
+            for name, t in sorted(self.vae.state_dict().items()):
+                h.update(name.encode())
+                h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            key = h.hexdigest()
+            path = self.out / "latent-cache.pt"
+            if path.exists():
+                try:
+                    saved = torch.load(path, map_location=self.device, weights_only=True)
+                    if saved.get("key") == key and len(saved["latents"]) == n:
+                        return saved["latents"]
+                except Exception:   # an unreadable cache (a kill mid-write) is re-made, never trusted
+                    pass
+        lat = torch.cat([self._encode(self._images(list(range(lo, min(n, lo + 512))))) for lo in range(0, n, 512)])
+        if key is not None and self.world.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            tmp = self.out / "latent-cache.pt.tmp"
+            torch.save({"key": key, "latents": lat.cpu()}, tmp)
+            os.replace(tmp, path)
+        return lat
+
+    def _pick_caption(self, ids: torch.Tensor, gen: torch.Generator, n: int, lo: int, hi: int) -> torch.Tensor:
+        """(B, 77) ids: with k phrasings per item, one per row of the global batch (n rows) drawn from the
+        step generator, then this micro-batch's rows lo..hi-1; with one, `ids` itself (no draw)."""
+        if ids.dim() == 2:
+            return ids
+        pick = torch.randint(ids.shape[1], (n,), generator=gen)[lo:hi].to(ids.device)
+        return ids[torch.arange(hi - lo, device=ids.device), pick]
 
     # ------------------------------------------------------------------ the generic loop
     def _optimize(self, stage: str, module: nn.Module, ocfg: OptimConfig,
@@ -585,6 +623,7 @@ class Trainer:
             if ocfg.offset_noise > 0:
                 noise = offset_noise(noise, ocfg.offset_noise, generator=gen)
             drop = torch.rand(n, generator=gen) < drop_p
+            ids = self._pick_caption(ids, gen, n, lo, hi)
             t, noise, drop = t_all[lo:hi], noise[lo:hi].to(self.device), drop[lo:hi]
             ids = torch.where(drop[:, None].to(self.device), empty.to(self.device), ids)
             pair = target(x0, noise, sigma=t) if flow else target(x0, noise, t)

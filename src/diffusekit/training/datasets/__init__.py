@@ -29,22 +29,30 @@ def build_dataset(cfg):
 
 
 _WORKER_DATASET = None
+_WORKER_CAPTIONS = 1
 
 
-def _draw(indices: list[int]) -> tuple[np.ndarray, list[str]]:
+def _draw(indices: list[int]) -> tuple[np.ndarray, list]:
     items = [_WORKER_DATASET[i] for i in indices]
-    return np.stack([np.asarray(it["image"].convert("RGB"), dtype=np.uint8) for it in items]), \
-        [it["caption"] for it in items]
+    caps = ([it["caption"] for it in items] if _WORKER_CAPTIONS == 1
+            else [_WORKER_DATASET.captions(i, _WORKER_CAPTIONS) for i in indices])
+    return np.stack([np.asarray(it["image"].convert("RGB"), dtype=np.uint8) for it in items]), caps
 
 
-def preload(dataset, workers: int = 0, chunk: int = 512) -> tuple[np.ndarray, list[str]]:
+def preload(dataset, workers: int = 0, chunk: int = 512, captions_per_item: int = 1) -> tuple[np.ndarray, list]:
     """Every item of `dataset` as one (N, H, W, 3) uint8 array and a list of N captions, drawn in
-    `workers` forked processes (0 = one per core); item order is the dataset's."""
-    global _WORKER_DATASET
+    `workers` forked processes (0 = one per core); item order is the dataset's. captions_per_item = k > 1:
+    a list of k phrasings per item instead (`dataset.captions(i, k)`, which the procedural shapes have)."""
+    global _WORKER_DATASET, _WORKER_CAPTIONS
+    if captions_per_item < 1:
+        raise ValueError(f"data.captions_per_item={captions_per_item}: must be at least 1")
+    if captions_per_item > 1 and not hasattr(dataset, "captions"):
+        raise ValueError(f"data.captions_per_item={captions_per_item}: {type(dataset).__name__} has one caption "
+                         "per image; only data.kind = 'shapes' can phrase a scene several ways (use 1)")
     n = len(dataset)
     workers = workers or os.cpu_count() or 1
     chunks = [list(range(lo, min(n, lo + chunk))) for lo in range(0, n, chunk)]
-    _WORKER_DATASET = dataset
+    _WORKER_DATASET, _WORKER_CAPTIONS = dataset, captions_per_item
     try:
         if workers == 1 or len(chunks) == 1 or "fork" not in mp.get_all_start_methods():
             parts = [_draw(c) for c in chunks]
@@ -52,5 +60,5 @@ def preload(dataset, workers: int = 0, chunk: int = 512) -> tuple[np.ndarray, li
             with mp.get_context("fork").Pool(min(workers, len(chunks))) as pool:
                 parts = pool.map(_draw, chunks)
     finally:
-        _WORKER_DATASET = None
+        _WORKER_DATASET, _WORKER_CAPTIONS = None, 1
     return np.concatenate([p[0] for p in parts]), [c for p in parts for c in p[1]]

@@ -299,6 +299,20 @@ class ShapesDataset:
         scene = self._scene(rng)
         return {"image": render(scene, self.size, rng), "caption": scene.caption, "scene": scene}
 
+    def captions(self, index: int, k: int) -> list[str]:
+        """k phrasings of item `index`'s scene: its own caption first, then k - 1 more drawn from the same
+        template set (the split's, the style's), deterministic per (seed, index, j). Lets one rendered
+        scene (one cached latent) train with many wordings (`data.captions_per_item`)."""
+        scene = self.scene(index)
+        out = [scene.caption]
+        for j in range(1, k):
+            rng = random.Random(int.from_bytes(
+                hashlib.sha256(f"shapes-caption:{self.seed}:{index}:{j}".encode()).digest()[:8], "little"))
+            template = (_legacy_template if self.style == "legacy" else _robust_template)(
+                scene, rng, self.split != "train")
+            out.append(fill_template(template, scene, articles=self.style != "legacy"))
+        return out
+
 
 def to_tensor_array(image: Image.Image) -> np.ndarray:
     """PIL RGB -> float32 array (3, H, W) in [-1, 1], the range the models train on."""
