@@ -1,6 +1,8 @@
 """The hexagon concept of the fine-tuning measurement: training folder, held-out prompts, scores."""
 import random
 
+import pytest
+
 from diffusekit.evaluation.concept import (ALL_SHAPES, concept_scene, concept_scores, heldout_concept_scenes,
                                            write_concept_folder)
 from diffusekit.training.datasets.folder import ImageFolderDataset
@@ -28,3 +30,23 @@ def test_heldout_prompts_are_new_and_the_score_rejects_other_shapes():
     assert concept_scores([render(circle)], [scene])["shape_color"] == 0.0
     assert concept_scores([render(scene)], [scene])["shape_color"] == 1.0
     assert "hexagon" in ALL_SHAPES and "hexagon" not in SHAPES
+
+
+def test_old_vocabulary_is_scored_on_the_prompts_the_base_learnt(monkeypatch):
+    """The concept eval asks `evaluate_adherence` for the first release's prompt set, not the robust default
+    (which the base `shapes` never saw, so its scores there would read as damage the LoRA did)."""
+    from diffusekit.evaluation import adherence, concept
+    asked = []
+
+    class Stop(Exception):
+        pass
+
+    def fake(generate, **kw):
+        asked.append(kw.get("prompts"))
+        raise Stop
+
+    monkeypatch.setattr(adherence, "evaluate_adherence", fake)
+    monkeypatch.setattr(concept, "concept_scores", lambda images, scenes: {})
+    with pytest.raises(Stop):
+        concept.evaluate_finetune(n_concept=1, n_single=1, n_pair=1, include_base=True)
+    assert asked == ["legacy"] and concept.OLD_PROMPTS == "legacy"
