@@ -189,9 +189,15 @@ def random_scene(rng: random.Random, *, heldout: bool = False, max_objects: int 
         if heldout != any(held) or (heldout and not all(held)):
             continue
         scene = Scene(background, tuple(objs))
-        legacy = style == "legacy"
-        template = (_legacy_template if legacy else _robust_template)(scene, rng, heldout)
-        return Scene(background, tuple(objs), fill_template(template, scene, articles=not legacy), template)
+        template, text = _phrase(scene, rng, style, heldout)
+        return Scene(background, tuple(objs), text, template)
+
+
+def _phrase(scene: Scene, rng: random.Random, style: str, heldout: bool) -> tuple[str, str]:
+    """(template, caption) of `scene`: a template of the style's set (held-out ones with heldout), chosen by rng."""
+    legacy = style == "legacy"
+    template = (_legacy_template if legacy else _robust_template)(scene, rng, heldout)
+    return template, fill_template(template, scene, articles=not legacy)
 
 
 def _legacy_template(scene: Scene, rng: random.Random, heldout: bool) -> str:
@@ -308,9 +314,7 @@ class ShapesDataset:
         for j in range(1, k):
             rng = random.Random(int.from_bytes(
                 hashlib.sha256(f"shapes-caption:{self.seed}:{index}:{j}".encode()).digest()[:8], "little"))
-            template = (_legacy_template if self.style == "legacy" else _robust_template)(
-                scene, rng, self.split != "train")
-            out.append(fill_template(template, scene, articles=self.style != "legacy"))
+            out.append(_phrase(scene, rng, self.style, self.split != "train")[1])
         return out
 
 
