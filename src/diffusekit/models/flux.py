@@ -42,8 +42,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .cpu_ops import Linear
 from .mmdit import attention, check_transformer_inputs, modulate, rms_norm
-from .unet import Linear, timestep_embedding
+from .unet import timestep_embedding
 
 __all__ = ["FluxConfig", "Flux", "DEV", "SCHNELL", "TINY", "TINY_SCHNELL", "PRESETS", "patchify", "unpatchify",
            "image_ids", "rope_frequencies"]

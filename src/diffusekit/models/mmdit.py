@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .unet import Conv2d, Linear, _compute_in_fp32, timestep_embedding
+from .cpu_ops import Conv2d, Linear, _compute_in_fp32
+from .unet import timestep_embedding
 
 __all__ = [
     "MMDiTConfig", "MMDiT", "sincos_pos_embed_2d",

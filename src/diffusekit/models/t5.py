@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .mmdit import RMSNorm
-from .unet import Linear, _compute_in_fp32
+from .cpu_ops import Linear, _compute_in_fp32
 
 __all__ = ["T5Config", "T5EncoderModel", "relative_position_bucket", "t5_config_from_hf", "T5_XXL", "TINY"]
 

@@ -17,14 +17,12 @@ Attention levels are given per level by `transformer_depth` (0 = no SpatialTrans
 level), the form used by SGM / ComfyUI, instead of LDM's `attention_resolutions` downsampling
 factors: `attention_resolutions=(4, 2, 1)` with depth 1 on four levels is `(1, 1, 1, 0)`.
 
-Speed on CPU (same outputs, different kernels; see `Conv2d` and `_compute_in_fp32`): fp32
-convolutions whose weight dwarfs the feature map run as one GEMM, and bf16/fp16 weights on a CPU
-without native bf16/fp16 instructions compute matmuls and convolutions in fp32.
+Speed on CPU (same outputs, different kernels): the layers are `cpu_ops.Linear` / `cpu_ops.Conv2d`
+(packed oneDNN weights at inference, im2col GEMMs, fp32 compute where a CPU emulates bf16/fp16).
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass, replace
 
@@ -32,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from .cpu_ops import Conv2d, Linear, _compute_in_fp32, linear
 
 __all__ = [
     "UNetConfig",
@@ -163,89 +163,6 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
     if dim % 2:
         emb = F.pad(emb, (0, 1))
     return emb
-
-
-@functools.lru_cache(maxsize=None)
-def _cpu_lacks(dtype: torch.dtype) -> bool:
-    """True on an x86 CPU without native instructions for `dtype` (bf16: AVX512-BF16 / AMX-BF16;
-    fp16: AVX512-FP16 / AMX-FP16), where oneDNN/MKL emulate it several times slower than fp32."""
-    try:
-        caps = torch.cpu.get_capabilities()
-    except Exception:  # older torch: keep the stock kernels
-        return False
-    if caps.get("architecture") != "x86_64":
-        return False
-    flags = {torch.bfloat16: ("avx512_bf16", "amx_bf16"), torch.float16: ("avx512_fp16", "amx_fp16")}
-    return not any(caps.get(f) for f in flags.get(dtype, ("",)))
-
-
-def _compute_in_fp32(t: torch.Tensor) -> bool:
-    """Whether a bf16/fp16 matmul or convolution on `t` is faster computed in fp32.
-
-    The low-precision products are exact in fp32 and oneDNN accumulates in fp32 anyway, so this
-    changes only the summation order; the result is rounded back to the low precision.
-    """
-    return t.device.type == "cpu" and t.dtype in (torch.bfloat16, torch.float16) and _cpu_lacks(t.dtype)
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`F.linear`, in fp32 for bf16/fp16 on CPUs that emulate those types (`_compute_in_fp32`). Weights
-    stored in another dtype than x (bf16 / fp8 kept memory-mapped, Flux) are cast to x's for this call
-    only: one layer's upcast copy at a time."""
-    if weight.dtype != x.dtype:
-        weight = weight.to(x.dtype)
-        bias = None if bias is None else bias.to(x.dtype)
-    if _compute_in_fp32(x):
-        return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
-    return F.linear(x, weight, bias)
-
-
-class Linear(nn.Linear):
-    """`nn.Linear` (same parameters and keys) through `linear`."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
-
-
-class Conv2d(nn.Conv2d):
-    """`nn.Conv2d` (same parameters and keys) that runs as im2col + one GEMM when that is faster.
-
-    Convolution as matrix multiplication (Chellapilla et al. 2006): cols = im2col(x) of shape
-    (B, C_in*kh*kw, L), out = W.view(C_out, -1) @ cols + b. The GEMM reads the contiguous weight in
-    place, while oneDNN's direct convolution reorders the whole weight on every eager call; at
-    the low-resolution UNet levels (1280 channels at 8x8 / 4x4 latents) the weight is 10-100x
-    larger than the activation and that reorder dominates (measured 2x slower on AVX-512 CPUs).
-    Used only on CPU in fp32, and only when weight.numel() >= 8 * x.numel(); otherwise (GPU,
-    large feature maps) it is the stock convolution. bf16/fp16 on CPUs that emulate them
-    compute in fp32 (`_compute_in_fp32`).
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _compute_in_fp32(x):
-            bias = None if self.bias is None else self.bias.float()
-            return self._conv(x.float(), self.weight.float(), bias).to(x.dtype)
-        return self._conv(x, self.weight, self.bias)
-
-    def _conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if (x.device.type != "cpu" or x.dtype != torch.float32 or self.groups != 1
-                or self.dilation != (1, 1) or self.padding_mode != "zeros"
-                or isinstance(self.padding, str) or weight.numel() < 8 * x.numel()):
-            return self._conv_forward(x, weight, bias)
-        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
-        if (kh, kw, sh, sw, ph, pw) == (1, 1, 1, 1, 0, 0):
-            cols, (ho, wo) = x.flatten(2), x.shape[-2:]  # (B, C_in, H*W), a view
-        else:
-            # (B, C, H+2p, W+2p) -> windows (B, C, Ho, Wo, kh, kw) as a view -> one gather copy to
-            # (B, C*kh*kw, Ho*Wo), ordered like weight.flatten(1) (twice as fast as F.unfold).
-            win = F.pad(x, (pw, pw, ph, ph)).unfold(2, kh, sh).unfold(3, kw, sw)
-            ho, wo = win.shape[2], win.shape[3]
-            cols = win.permute(0, 1, 4, 5, 2, 3).reshape(x.shape[0], -1, ho * wo)
-        w = weight.flatten(1)[None].expand(x.shape[0], -1, -1)  # (B, C_out, C_in*kh*kw), a view
-        if bias is None:
-            out = torch.bmm(w, cols)
-        else:  # bias written into the output before the GEMM accumulates: no extra pass
-            out = torch.baddbmm(bias[None, :, None], w, cols)
-        return out.view(x.shape[0], -1, ho, wo)
 
 
 class ResBlock(nn.Module):

@@ -1,0 +1,153 @@
+"""The fast CPU paths behind the model layers: `linear`, `Linear` and `Conv2d` compute what
+`F.linear` / `F.conv2d` compute, with the kernel each CPU runs fastest.
+
+- bf16/fp16 weights on an x86 CPU without native instructions for them (`_cpu_lacks`) compute
+  matmuls and convolutions in fp32 (exact products, fp32 accumulation as oneDNN does anyway).
+- fp32 convolutions whose weight dwarfs the feature map run as im2col + one GEMM.
+- At inference, a convolution keeps its weight reordered once into oneDNN's blocked layout
+  (`_packed_weight`): the stock eager call reorders the whole weight on every call, which at the
+  UNet's 1280-channel 8x8 / 4x4 levels costs 5-10x the convolution itself (bf16 on AMX).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["Conv2d", "Linear", "linear"]
+
+
+def _emulated_dtypes() -> frozenset:
+    """The low-precision dtypes this x86 CPU has no native instructions for (bf16: AVX512-BF16 /
+    AMX-BF16; fp16: AVX512-FP16 / AMX-FP16), where oneDNN/MKL emulate them several times slower
+    than fp32. Read once at import (a plain set lookup also traces under torch.compile)."""
+    try:
+        caps = torch.cpu.get_capabilities()
+    except Exception:  # older torch: keep the stock kernels
+        return frozenset()
+    if caps.get("architecture") != "x86_64":
+        return frozenset()
+    flags = {torch.bfloat16: ("avx512_bf16", "amx_bf16"), torch.float16: ("avx512_fp16", "amx_fp16")}
+    return frozenset(d for d, names in flags.items() if not any(caps.get(f) for f in names))
+
+
+_EMULATED = _emulated_dtypes()
+
+
+def _cpu_lacks(dtype: torch.dtype) -> bool:
+    """True on an x86 CPU that emulates `dtype` (see `_emulated_dtypes`)."""
+    return dtype in _EMULATED
+
+
+def _compute_in_fp32(t: torch.Tensor) -> bool:
+    """Whether a bf16/fp16 matmul or convolution on `t` is faster computed in fp32.
+
+    The low-precision products are exact in fp32 and oneDNN accumulates in fp32 anyway, so this
+    changes only the summation order; the result is rounded back to the low precision.
+    """
+    return t.device.type == "cpu" and t.dtype in (torch.bfloat16, torch.float16) and _cpu_lacks(t.dtype)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`F.linear`, in fp32 for bf16/fp16 on CPUs that emulate those types (`_compute_in_fp32`). Weights
+    stored in another dtype than x (bf16 / fp8 kept memory-mapped, Flux) are cast to x's for this call
+    only: one layer's upcast copy at a time."""
+    if weight.dtype != x.dtype:
+        weight = weight.to(x.dtype)
+        bias = None if bias is None else bias.to(x.dtype)
+    if _compute_in_fp32(x):
+        return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` (same parameters and keys) through `linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+@functools.cache
+def _mkldnn_packing() -> bool:
+    """Whether this torch has oneDNN's prepacked convolution ops (the ones inductor's freezing uses)."""
+    try:
+        return (torch.backends.mkldnn.is_available()
+                and callable(torch.ops.mkldnn._reorder_convolution_weight)
+                and callable(torch.ops.mkldnn._convolution_pointwise))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+class Conv2d(nn.Conv2d):
+    """`nn.Conv2d` (same parameters and keys) with the fastest CPU kernel for the call.
+
+    - Inference on CPU in bf16/fp16 (native on this CPU) or in fp32 with a weight that dwarfs the
+      feature map: oneDNN with the weight reordered once to its blocked layout and kept
+      (`_packed_weight`), instead of reordering it on every call.
+    - fp32 with gradients and a weight-dominated call: convolution as matrix multiplication
+      (Chellapilla et al. 2006): cols = im2col(x) (B, C_in*kh*kw, L), out = W.view(C_out, -1) @ cols
+      + b; the GEMM reads the contiguous weight in place.
+    - bf16/fp16 on CPUs that emulate them compute in fp32 (`_compute_in_fp32`).
+    - Otherwise (GPU, large feature maps in fp32) the stock convolution.
+    The packed copy is a cache: it is remade when the weight tensor changes (a new tensor, `load_state_dict`,
+    an optimiser step, `copy_` under no_grad all do); writing through `weight.data` in place does not
+    signal a change, so code that edits weights that way must assign a new tensor instead.
+    """
+
+    _packed: tuple | None = None  # (key, packed weight): not a buffer, never in the state dict
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _compute_in_fp32(x):
+            bias = None if self.bias is None else self.bias.float()
+            return self._conv(x.float(), self.weight.float(), bias).to(x.dtype)
+        return self._conv(x, self.weight, self.bias)
+
+    def _weight_dominated(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
+        return weight.numel() >= 8 * x.numel()
+
+    def _plain(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
+        return (x.device.type != "cpu" or self.groups != 1 or self.dilation != (1, 1)
+                or self.padding_mode != "zeros" or isinstance(self.padding, str) or weight.dtype != x.dtype)
+
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self._plain(x, weight) or torch.compiler.is_compiling():
+            return self._conv_forward(x, weight, bias)  # under torch.compile inductor packs and fuses
+        grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                            or (bias is not None and bias.requires_grad))
+        if not grad and _mkldnn_packing() and (x.dtype != torch.float32 or self._weight_dominated(x, weight)):
+            packed = self._packed_weight(x, weight)
+            return torch.ops.mkldnn._convolution_pointwise(
+                x, packed, bias, list(self.padding), list(self.stride), list(self.dilation), 1, "none", [], "")
+        if x.dtype != torch.float32 or not self._weight_dominated(x, weight):
+            return self._conv_forward(x, weight, bias)
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        if (kh, kw, sh, sw, ph, pw) == (1, 1, 1, 1, 0, 0):
+            cols, (ho, wo) = x.flatten(2), x.shape[-2:]  # (B, C_in, H*W), a view
+        else:
+            # (B, C, H+2p, W+2p) -> windows (B, C, Ho, Wo, kh, kw) as a view -> one gather copy to
+            # (B, C*kh*kw, Ho*Wo), ordered like weight.flatten(1) (twice as fast as F.unfold).
+            win = F.pad(x, (pw, pw, ph, ph)).unfold(2, kh, sh).unfold(3, kw, sw)
+            ho, wo = win.shape[2], win.shape[3]
+            cols = win.permute(0, 1, 4, 5, 2, 3).reshape(x.shape[0], -1, ho * wo)
+        w = weight.flatten(1)[None].expand(x.shape[0], -1, -1)  # (B, C_out, C_in*kh*kw), a view
+        if bias is None:
+            out = torch.bmm(w, cols)
+        else:  # bias written into the output before the GEMM accumulates: no extra pass
+            out = torch.baddbmm(bias[None, :, None], w, cols)
+        return out.view(x.shape[0], -1, ho, wo)
+
+    def _packed_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """`weight` in oneDNN's blocked layout for this convolution, made on first use and kept while
+        `self.weight` is the same tensor at the same version (an fp32 upcast of a bf16 weight is
+        keyed on the bf16 parameter). Any input shape may use it; the layout is chosen for the first."""
+        w = self.weight
+        key = (w.data_ptr(), w._version, w.dtype, weight.dtype, tuple(w.shape))
+        if self._packed is None or self._packed[0] != key:
+            self._packed = None  # free the old copy before making the new one
+            packed = torch.ops.mkldnn._reorder_convolution_weight(
+                weight.detach(), list(self.padding), list(self.stride), list(self.dilation), 1, list(x.shape))
+            self._packed = (key, packed)
+        return self._packed[1]
