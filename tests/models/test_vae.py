@@ -375,3 +375,29 @@ def test_tiled_encode_matches_untiled_without_seams(tile_model):
         for axis in (-1, -2):
             edge, inside = _edge_vs_inside(a - b, tile_starts(256, 128, 32, 8), 128, 1 / 8, axis)
             assert edge <= inside
+
+
+def test_bf16_decode_through_the_cpu_kernels_matches_the_stock_convolutions():
+    """The VAE's convolutions are cpu_ops.Conv2d (packed oneDNN weights at bf16 inference): the decode
+    agrees with the same weights through nn.Conv2d's stock forward as closely as either agrees with fp32."""
+    from torch import nn
+
+    from diffusekit.models.cpu_ops import Conv2d
+
+    torch.manual_seed(0)
+    ref = AutoencoderKL(TILE_CFG).eval()
+    fast, stock = (AutoencoderKL(TILE_CFG).eval() for _ in range(2))
+    for m in (fast, stock):
+        m.load_state_dict(ref.state_dict())
+        m.to(torch.bfloat16)
+    convs = [m for m in stock.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(isinstance(m, Conv2d) for m in convs)
+    for m in convs:
+        m.forward = nn.Conv2d.forward.__get__(m)
+    z = torch.randn(2, TILE_CFG.z_channels, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = ref.decode(z)
+        got, base = (m.decode(z.bfloat16()).float() for m in (fast, stock))
+    err_fast, err_stock = (want - got).abs().mean().item(), (want - base).abs().mean().item()
+    assert err_fast <= 1.5 * err_stock + 1e-4, (err_fast, err_stock)
+    torch.testing.assert_close(got, base, rtol=0, atol=0.1)

@@ -277,7 +277,7 @@ def test_config_errors_teach(tmp_path):
 
 def test_shipped_configs_parse():
     root = Path(__file__).resolve().parents[2] / "configs"
-    for name in ("shapes.toml", "digits.toml", "folder.toml", "shapes_robust.toml"):
+    for name in ("shapes.toml", "digits.toml", "folder.toml", "shapes_robust.toml", "shapes_robust_2.toml"):
         cfg = load_config(root / name)
         assert cfg.train.steps > 0
 

@@ -4,7 +4,7 @@
 - bf16/fp16 weights on an x86 CPU without native instructions for them (`_cpu_lacks`) compute
   matmuls and convolutions in fp32 (exact products, fp32 accumulation as oneDNN does anyway).
 - fp32 convolutions whose weight dwarfs the feature map run as im2col + one GEMM.
-- At inference, a convolution keeps its weight reordered once into oneDNN's blocked layout
+- At inference in bf16/fp16, a convolution keeps its weight reordered once into oneDNN's blocked layout
   (`_packed_weight`): the stock eager call reorders the whole weight on every call, which at the
   UNet's 1280-channel 8x8 / 4x4 levels costs 5-10x the convolution itself (bf16 on AMX).
 """
@@ -84,10 +84,11 @@ def _mkldnn_packing() -> bool:
 class Conv2d(nn.Conv2d):
     """`nn.Conv2d` (same parameters and keys) with the fastest CPU kernel for the call.
 
-    - Inference on CPU in bf16/fp16 (native on this CPU) or in fp32 with a weight that dwarfs the
-      feature map: oneDNN with the weight reordered once to its blocked layout and kept
-      (`_packed_weight`), instead of reordering it on every call.
-    - fp32 with gradients and a weight-dominated call: convolution as matrix multiplication
+    - Inference on CPU in bf16/fp16 (native on this CPU): oneDNN with the weight reordered once to its
+      blocked layout and kept (`_packed_weight`), instead of reordering it on every call. (fp32 would
+      gain too, 0.75x UNet step time, but there oneDNN's result for one image then depends on the batch
+      it is in, which breaks "a batch equals its images made one by one"; fp32 keeps the GEMM below.)
+    - fp32 with a weight-dominated call: convolution as matrix multiplication
       (Chellapilla et al. 2006): cols = im2col(x) (B, C_in*kh*kw, L), out = W.view(C_out, -1) @ cols
       + b; the GEMM reads the contiguous weight in place.
     - bf16/fp16 on CPUs that emulate them compute in fp32 (`_compute_in_fp32`).
@@ -117,7 +118,7 @@ class Conv2d(nn.Conv2d):
             return self._conv_forward(x, weight, bias)  # under torch.compile inductor packs and fuses
         grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                             or (bias is not None and bias.requires_grad))
-        if not grad and _mkldnn_packing() and (x.dtype != torch.float32 or self._weight_dominated(x, weight)):
+        if not grad and _mkldnn_packing() and x.dtype != torch.float32:
             packed = self._packed_weight(x, weight)
             return torch.ops.mkldnn._convolution_pointwise(
                 x, packed, bias, list(self.padding), list(self.stride), list(self.dilation), 1, "none", [], "")

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cpu_ops import Conv2d
+
 __all__ = [
     "VAEConfig",
     "DiagonalGaussian",
@@ -178,11 +180,11 @@ class ResnetBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, cfg: VAEConfig):
         super().__init__()
         self.norm1 = _norm(in_channels, cfg)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
         self.norm2 = _norm(out_channels, cfg)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
         if in_channels != out_channels:
-            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+            self.nin_shortcut = Conv2d(in_channels, out_channels, 1)
         else:
             self.nin_shortcut = None
 
@@ -200,10 +202,10 @@ class AttnBlock(nn.Module):
     def __init__(self, channels: int, cfg: VAEConfig):
         super().__init__()
         self.norm = _norm(channels, cfg)
-        self.q = nn.Conv2d(channels, channels, 1)
-        self.k = nn.Conv2d(channels, channels, 1)
-        self.v = nn.Conv2d(channels, channels, 1)
-        self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.q = Conv2d(channels, channels, 1)
+        self.k = Conv2d(channels, channels, 1)
+        self.v = Conv2d(channels, channels, 1)
+        self.proj_out = Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
@@ -221,7 +223,7 @@ class Downsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+        self.conv = Conv2d(channels, channels, 3, stride=2, padding=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.pad(x, (0, 1, 0, 1)))
@@ -232,7 +234,7 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -277,7 +279,7 @@ class Encoder(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         widths = [cfg.ch * m for m in cfg.ch_mult]
-        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
+        self.conv_in = Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
         levels, c_in = [], cfg.ch
         for i, c_out in enumerate(widths):
             blocks = []
@@ -289,7 +291,7 @@ class Encoder(nn.Module):
         self.down = nn.ModuleList(levels)
         self.mid = _Mid(c_in, cfg)
         self.norm_out = _norm(c_in, cfg)
-        self.conv_out = nn.Conv2d(c_in, (2 if cfg.double_z else 1) * cfg.z_channels, 3, padding=1)
+        self.conv_out = Conv2d(c_in, (2 if cfg.double_z else 1) * cfg.z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
@@ -310,7 +312,7 @@ class Decoder(nn.Module):
         super().__init__()
         widths = [cfg.ch * m for m in cfg.ch_mult]
         c_in = widths[-1]
-        self.conv_in = nn.Conv2d(cfg.z_channels, c_in, 3, padding=1)
+        self.conv_in = Conv2d(cfg.z_channels, c_in, 3, padding=1)
         self.mid = _Mid(c_in, cfg)
         levels: list[_Level] = []
         for i in reversed(range(len(widths))):
@@ -321,7 +323,7 @@ class Decoder(nn.Module):
             levels.insert(0, _Level(blocks, Upsample(c_in) if i > 0 else None, "upsample"))
         self.up = nn.ModuleList(levels)
         self.norm_out = _norm(c_in, cfg)
-        self.conv_out = nn.Conv2d(c_in, cfg.out_channels, 3, padding=1)
+        self.conv_out = Conv2d(c_in, cfg.out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid(self.conv_in(z))
@@ -417,8 +419,8 @@ class AutoencoderKL(nn.Module):
         self.decoder = Decoder(cfg)
         z2 = (2 if cfg.double_z else 1) * cfg.z_channels
         e2 = (2 if cfg.double_z else 1) * cfg.embed_dim
-        self.quant_conv = nn.Conv2d(z2, e2, 1) if cfg.use_quant_conv else None
-        self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1) if cfg.use_post_quant_conv else None
+        self.quant_conv = Conv2d(z2, e2, 1) if cfg.use_quant_conv else None
+        self.post_quant_conv = Conv2d(cfg.embed_dim, cfg.z_channels, 1) if cfg.use_post_quant_conv else None
 
     @property
     def downsample_factor(self) -> int:
