@@ -94,19 +94,3 @@ def test_linear_computes_f_linear():
     got = half(x.to(torch.bfloat16)).float()
     torch.testing.assert_close(got, F.linear(x.to(torch.bfloat16).float(), half.weight.float(), half.bias.float()),
                                atol=0.05, rtol=0.02)
-
-
-@pytest.mark.parametrize("bias", [True, False])
-def test_fp32_inference_linear_through_onednn_matches_and_is_batch_invariant(bias):
-    """fp32 at inference on x86 goes through oneDNN's GEMM (not MKL's): the same numbers as F.linear within
-    fp32 rounding, 3-d inputs, and one row's result does not depend on the batch it is computed in."""
-    torch.manual_seed(11)
-    layer = Linear(320, 1280, bias=bias).eval()
-    x = torch.randn(6, 77, 320)
-    with torch.no_grad():
-        used = cpu_ops._onednn_linear(x, layer.weight, layer.bias)
-        assert used == (cpu_ops._ARCH == "x86_64" and cpu_ops._mkldnn_packing())
-        got = layer(x)
-        torch.testing.assert_close(got, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-4)
-        assert torch.equal(layer(x[2:4]), got[2:4]) and torch.equal(layer(x[3:4]), got[3:4])
-    assert not cpu_ops._onednn_linear(x.requires_grad_(), layer.weight, layer.bias)  # training keeps F.linear
