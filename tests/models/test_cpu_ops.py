@@ -30,7 +30,7 @@ def test_conv2d_paths_equal_the_stock_convolution(ci, co, k, stride, pad, side):
     torch.testing.assert_close(conv(x), ref, atol=1e-5, rtol=1e-5)  # with gradients: im2col GEMM or stock
     gx = torch.autograd.grad(conv(x).sum(), x)[0]
     torch.testing.assert_close(gx, torch.autograd.grad(ref.sum(), x)[0], atol=1e-5, rtol=1e-5)
-    with torch.no_grad():  # inference: the packed weight where the weight dominates
+    with torch.no_grad():  # inference: fp32 keeps the im2col GEMM / stock path (packing is bf16/fp16 only)
         torch.testing.assert_close(conv(x), ref, atol=1e-5, rtol=1e-5)
 
 

@@ -127,7 +127,7 @@ def test_dtype_casts_while_loading_and_outputs_follow(sd1_file, tok):
         ref = mods["unet"].eval()(x, t, ctx)
         out = load_checkpoint(path, tokenizer=tok).unet(x, t, ctx)
     # fp32 load: the same weights (compared bit for bit above) give the same numbers, up to the summation
-    # order MKL/oneDNN pick for a weight at another address (memory-mapped vs allocated; ~2e-8 on an AMX CPU)
+    # order MKL/oneDNN pick for a weight at another address (memory-mapped vs allocated; ~2e-8 on an AMD EPYC)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
 
 

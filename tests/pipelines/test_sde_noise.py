@@ -373,7 +373,7 @@ def test_default_mode_is_unchanged(sd1_pipe, record, sampler):
     assert not calls[0].has_noise_sampler                               # the sampler's own Brownian tree
     pixel_sums, latent_sums = PINNED[sampler]
     assert tuple(int(np.asarray(im, dtype=np.int64).sum()) for im in r.images) == pixel_sums
-    # 1e-5: the fp32 GEMMs' summation order differs between CPU kinds (AMX machines: 1.7e-6 off the pin)
+    # 1e-5: the fp32 GEMMs' summation order differs between CPU kinds (an AMD EPYC: 1.7e-6 off the pin)
     assert np.allclose([float(z.double().sum()) for z in r.latents], latent_sums, rtol=1e-5, atol=0)
     assert "SDE noise" not in r.infotexts[0]
 

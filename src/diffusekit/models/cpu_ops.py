@@ -119,7 +119,7 @@ class Conv2d(nn.Conv2d):
         grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                             or (bias is not None and bias.requires_grad))
         if not grad and _mkldnn_packing() and x.dtype != torch.float32:
-            packed = self._packed_weight(x, weight)
+            packed = self._packed_weight(x)
             return torch.ops.mkldnn._convolution_pointwise(
                 x, packed, bias, list(self.padding), list(self.stride), list(self.dilation), 1, "none", [], "")
         if x.dtype != torch.float32 or not self._weight_dominated(x, weight):
@@ -140,15 +140,15 @@ class Conv2d(nn.Conv2d):
             out = torch.baddbmm(bias[None, :, None], w, cols)
         return out.view(x.shape[0], -1, ho, wo)
 
-    def _packed_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """`weight` in oneDNN's blocked layout for this convolution, made on first use and kept while
-        `self.weight` is the same tensor at the same version (an fp32 upcast of a bf16 weight is
-        keyed on the bf16 parameter). Any input shape may use it; the layout is chosen for the first."""
+    def _packed_weight(self, x: torch.Tensor) -> torch.Tensor:
+        """`self.weight` in oneDNN's blocked layout for this convolution, made on first use and kept while
+        the weight is the same tensor at the same version. Any input shape may use it; the layout is
+        chosen for the first."""
         w = self.weight
-        key = (w.data_ptr(), w._version, w.dtype, weight.dtype, tuple(w.shape))
+        key = (w.data_ptr(), w._version, w.dtype, tuple(w.shape))
         if self._packed is None or self._packed[0] != key:
             self._packed = None  # free the old copy before making the new one
             packed = torch.ops.mkldnn._reorder_convolution_weight(
-                weight.detach(), list(self.padding), list(self.stride), list(self.dilation), 1, list(x.shape))
+                w.detach(), list(self.padding), list(self.stride), list(self.dilation), 1, list(x.shape))
             self._packed = (key, packed)
         return self._packed[1]
