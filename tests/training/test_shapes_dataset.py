@@ -101,6 +101,18 @@ def test_legacy_style_is_the_first_release_item_for_item():
     assert {legacy.scene(i).background for i in range(300)} == set(S.LEGACY_BACKGROUNDS)
 
 
+def test_pair_share_sets_the_two_object_share_and_unset_keeps_the_releases_draw():
+    counts = {share: sum(len(ShapesDataset(seed=5, pair_share=share).scene(i).objects) == 2 for i in range(600))
+              for share in (0.0, 0.5, 1.0)}
+    assert counts[0.0] == 0 and counts[1.0] == 600 and 240 <= counts[0.5] <= 330
+    default = [ShapesDataset(seed=5).scene(i) for i in range(50)]
+    assert 5 <= sum(len(s.objects) == 2 for s in default) <= 30      # one in three (held-out combos rejected)
+    assert [s.caption for s in default[:3]] == [ShapesDataset(seed=5, pair_share=None).scene(i).caption
+                                                for i in range(3)]
+    with pytest.raises(ValueError, match="pair_share"):
+        ShapesDataset(pair_share=1.5)
+
+
 def test_tensor_range_and_errors():
     arr = to_tensor_array(ShapesDataset(seed=0)[0]["image"])
     assert arr.shape == (3, 64, 64) and arr.min() >= -1 and arr.max() <= 1

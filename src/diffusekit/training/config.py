@@ -5,7 +5,7 @@ recipe's conventions (see `configs/shapes.toml`):
 
     [run]    out_dir, seed, threads
     [data]   kind = "shapes" | "digits" | "folder", path (folder), size, length, seed, style (shapes:
-             "robust" | "legacy"), caption_dropout,
+             "robust" | "legacy"), pair_share (shapes: share of two-object scenes), caption_dropout,
              preload, workers, captions_per_item (shapes + preload: phrasings per scene)
     [model]  prediction = "eps" | "v" | "x0" | "flow", schedule = "scaled_linear" | "linear",
              beta_start, beta_end, timesteps; sub-tables [model.unet] (`UNetConfig` fields),
@@ -64,6 +64,7 @@ class DataConfig:
                                 # uint8 images and token ids, on the training device: for a GPU, which the
                                 # per-step drawing on the CPU would otherwise starve
     workers: int = 0            # processes for preloading; 0 = one per CPU core
+    pair_share: float | None = None   # shapes: chance of a two-object scene (None: one in three)
     captions_per_item: int = 1  # shapes + preload: k phrasings of each scene drawn up front; every step picks
                                 # one per row (step generator), so a cached latent trains with k wordings
 
@@ -235,6 +236,8 @@ class TrainConfig:
                              "model.init_from); add [vae] and [model.vae], or model.init_from")
         if self.data.style not in ("robust", "legacy"):
             raise ValueError(f"data.style={self.data.style!r}; valid: 'robust', 'legacy'")
+        if self.data.pair_share is not None and not 0 <= self.data.pair_share <= 1:
+            raise ValueError(f"data.pair_share={self.data.pair_share}; must be in [0, 1] (unset: one scene in three)")
         if self.data.workers < 0:
             raise ValueError(f"data.workers={self.data.workers}; must be >= 0 (0 = one per CPU core)")
         k = self.data.captions_per_item

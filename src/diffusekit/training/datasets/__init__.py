@@ -18,7 +18,7 @@ def build_dataset(cfg):
     """The dataset a `DataConfig` names (kind "shapes" | "digits" | "folder")."""
     if cfg.kind == "shapes":
         return ShapesDataset(seed=cfg.seed, size=cfg.size, length=cfg.length, split="train",
-                             style=getattr(cfg, "style", "robust"))
+                             style=getattr(cfg, "style", "robust"), pair_share=getattr(cfg, "pair_share", None))
     if cfg.kind == "digits":
         from .digits import DigitsDataset
         return DigitsDataset(size=cfg.size, length=cfg.length)

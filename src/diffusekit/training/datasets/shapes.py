@@ -168,14 +168,20 @@ def _valid_combo(obj_color: str, background: str) -> bool:
 
 
 def random_scene(rng: random.Random, *, heldout: bool = False, max_objects: int = 2, style: str = "robust",
-                 pairs: bool = False) -> Scene:
+                 pairs: bool = False, pair_share: float | None = None) -> Scene:
     """Draw a scene; heldout=False never returns a held-out combination, heldout=True only those, with a
     held-out template (robust style); pairs=True (with heldout) draws two objects instead of one.
+    pair_share: the chance of a two-object training scene (None: one in three, the releases' draw).
     style="legacy" is the first release's draw (six backgrounds, its phrasings), rng call for rng call."""
     backgrounds = LEGACY_BACKGROUNDS if style == "legacy" else BACKGROUNDS
     while True:
         background = rng.choice(backgrounds)
-        n = (2 if pairs else 1) if heldout else rng.choice((1, 1, 2)) if max_objects >= 2 else 1
+        if heldout or max_objects < 2:
+            n = 2 if heldout and pairs else 1
+        elif pair_share is None:
+            n = rng.choice((1, 1, 2))
+        else:
+            n = 2 if rng.random() < pair_share else 1
         positions = [rng.choice(tuple(POSITIONS))] if n == 1 else list(rng.choice(PAIR_LAYOUTS))
         objs = []
         for pos in positions:
@@ -274,10 +280,11 @@ class ShapesDataset:
     single-object scenes whose combination is held out of the "train" split, captioned by held-out
     templates (robust style); "heldout_pairs" likewise with two objects (robust style only).
     style: "robust" (8 backgrounds, the template grammar) or "legacy" (the first release's data).
+    pair_share: the chance of a two-object scene in the train split (None: one in three).
     """
 
     def __init__(self, seed: int = 0, size: int = 64, length: int = 100_000, split: str = "train",
-                 max_objects: int = 2, style: str = "robust"):
+                 max_objects: int = 2, style: str = "robust", pair_share: float | None = None):
         if split not in SPLITS:
             raise ValueError(f"split={split!r}; valid: {', '.join(map(repr, SPLITS))}")
         if style not in STYLES:
@@ -285,17 +292,19 @@ class ShapesDataset:
         if split == "heldout_pairs" and style == "legacy":
             raise ValueError("split='heldout_pairs' exists in the robust style only (the legacy data held out "
                              "single objects)")
+        if pair_share is not None and not 0 <= pair_share <= 1:
+            raise ValueError(f"pair_share={pair_share}; must be in [0, 1] (or None: one scene in three)")
         if size < 16 or size % 8:
             raise ValueError(f"size={size}: must be a multiple of 8, at least 16")
         self.seed, self.size, self.length, self.split, self.max_objects = seed, size, length, split, max_objects
-        self.style = style
+        self.style, self.pair_share = style, pair_share
 
     def __len__(self) -> int:
         return self.length
 
     def _scene(self, rng: random.Random) -> Scene:
         return random_scene(rng, heldout=self.split != "train", max_objects=self.max_objects, style=self.style,
-                            pairs=self.split == "heldout_pairs")
+                            pairs=self.split == "heldout_pairs", pair_share=self.pair_share)
 
     def scene(self, index: int) -> Scene:
         return self._scene(_item_rng(self.seed, index))
