@@ -94,3 +94,33 @@ def test_linear_computes_f_linear():
     got = half(x.to(torch.bfloat16)).float()
     torch.testing.assert_close(got, F.linear(x.to(torch.bfloat16).float(), half.weight.float(), half.bias.float()),
                                atol=0.05, rtol=0.02)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_fp32_inference_linear_through_onednn_matches_and_is_batch_invariant(bias):
+    """fp32 at inference on x86 goes through oneDNN's GEMM (not MKL's): the same numbers as F.linear within
+    fp32 rounding, 3-d inputs, and one row's result does not depend on the batch it is computed in."""
+    torch.manual_seed(11)
+    layer = Linear(320, 1280, bias=bias).eval()
+    x = torch.randn(6, 77, 320)
+    with torch.no_grad():
+        used = cpu_ops._onednn_linear(x, layer.weight, layer.bias)
+        assert used == (cpu_ops._ARCH == "x86_64" and cpu_ops._mkldnn_packing())
+        got = layer(x)
+        torch.testing.assert_close(got, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-4)
+        assert torch.equal(layer(x[2:4]), got[2:4]) and torch.equal(layer(x[3:4]), got[3:4])
+    assert not cpu_ops._onednn_linear(x.requires_grad_(), layer.weight, layer.bias)  # training keeps F.linear
+
+
+def test_conv2d_kernel_choice_does_not_depend_on_the_batch_size():
+    """Whether the im2col GEMM runs is decided per image: an image's result is the same bits alone or in a
+    batch, also where the batch's total size would cross the weight-dominated threshold (a 3x3 conv of 4
+    channels on a 4x4 map, as a tiny UNet's conv_in)."""
+    torch.manual_seed(3)
+    conv = Conv2d(4, 32, 3, padding=1)
+    x = torch.randn(4, 4, 4, 4)
+    with torch.no_grad():
+        batch = conv(x)
+        for b in (1, 2):
+            assert torch.equal(conv(x[:b]), batch[:b])
+        torch.testing.assert_close(batch, F.conv2d(x, conv.weight, conv.bias, padding=1), atol=1e-5, rtol=1e-5)

@@ -66,7 +66,9 @@ def test_matches_diffusers_sd3_transformer(name):
         got = ours(x, t, context=context, y=pooled)
     assert got.shape == want.shape == x.shape[:1] + (cfg.out_channels,) + x.shape[2:]
     assert want.abs().max() > 0.1  # a live comparison, not two zeros
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # fp32 both; ours runs its inference linears through oneDNN, diffusers through MKL: the two round their
+    # sums differently (1.5e-5 at most seen). A wrong key or formula is off by 1e-2 and more.
+    torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-4)
 
 
 def test_state_dict_round_trips_to_diffusers_layout():

@@ -372,8 +372,11 @@ def test_default_mode_is_unchanged(sd1_pipe, record, sampler):
     r = sd1_pipe.generate(GenerationParams(seed=11, batch_size=2, sampler_name=sampler, **SMALL))
     assert not calls[0].has_noise_sampler                               # the sampler's own Brownian tree
     pixel_sums, latent_sums = PINNED[sampler]
-    assert tuple(int(np.asarray(im, dtype=np.int64).sum()) for im in r.images) == pixel_sums
-    # 1e-5: the fp32 GEMMs' summation order differs between CPU kinds (an AMD EPYC: 1.7e-6 off the pin)
+    # the fp32 GEMMs' summation order differs between CPU kinds and GEMM libraries (MKL, oneDNN): a pixel or
+    # two may round to the next uint8 value (seen: one sum 1 off the pin; the two seeds are 1e4 apart)
+    got = [int(np.asarray(im, dtype=np.int64).sum()) for im in r.images]
+    assert all(abs(g - p) <= 8 for g, p in zip(got, pixel_sums)), (got, pixel_sums)
+    # 1e-5: the same rounding (an AMD EPYC with MKL: 1.7e-6 off the pin)
     assert np.allclose([float(z.double().sum()) for z in r.latents], latent_sums, rtol=1e-5, atol=0)
     assert "SDE noise" not in r.infotexts[0]
 

@@ -157,3 +157,17 @@ def test_config_errors_name_the_value(bad, message, tmp_path):
         tree.setdefault(table, {}).update(values)
     with pytest.raises(ValueError, match=message):
         config_from_dict(tree)
+
+
+def test_student_from_warm_starts_the_student_and_checks_the_architecture(straight, base, tmp_path):
+    from diffusekit.models.loading import load_checkpoint
+    earlier = straight / "model.safetensors"                             # a consistency model may start one
+    d = Distiller(config_from_dict(distill_tree(tmp_path / "a", base, student_from=str(earlier))))
+    want = load_checkpoint(earlier, dtype=torch.float32).unet.state_dict()
+    got = d.model.unet.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    teacher = d.parts.unet.state_dict()
+    assert any(not torch.equal(got[k], teacher[k]) for k in want)       # not the teacher's weights
+    other = _tiny.save_tiny(tmp_path / "tiny-sd2.safetensors", "sd2")
+    with pytest.raises(ValueError, match="distill.student_from=.*not the teacher's architecture"):
+        Distiller(config_from_dict(distill_tree(tmp_path / "b", base, student_from=str(other))))

@@ -150,6 +150,8 @@ class DistillConfig:
     loss: str = "huber"         # "huber" (pseudo-Huber, LCM) | "l2"
     huber_c: float = 0.001
     output_name: str = "model"  # the exported file: <run.out_dir>/<output_name>.safetensors (fp16, EMA weights)
+    student_from: str = ""      # warm start: the UNet of this model (a file, folder or shipped name; an earlier
+                                # student of the same architecture) starts the student; "" = the teacher's UNet
 
     def validate(self) -> None:
         if self.intervals < 1:

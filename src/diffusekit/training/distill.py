@@ -111,7 +111,7 @@ class Distiller(Trainer):
         self.schedule = self.teacher.schedule
         self.vae, self.text_encoder, self.tokenizer = parts.vae, parts.text_encoders[0], parts.tokenizers[0]
         self.latent_scale = parts.family.latent_scale
-        self.model = ConsistencyStudent(copy.deepcopy(parts.unet).requires_grad_(True), base,
+        self.model = ConsistencyStudent(self._student_unet(parts.unet).requires_grad_(True), base,
                                         self.schedule).to(self.device)
         self.target = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.dataset = build_dataset(cfg.data)
@@ -119,6 +119,17 @@ class Distiller(Trainer):
         grid = timestep_grid(len(self.schedule), self.dc.intervals)
         self.sigmas = self.schedule.t_to_sigma(grid).float()          # (N + 1,) ascending, sigma_0 = sigma_min
         self._claim_out_dir(STAGE)
+
+    def _student_unet(self, teacher_unet: nn.Module) -> nn.Module:
+        """The student's starting UNet: a copy of the teacher's, or `distill.student_from`'s (warm start)."""
+        if not self.dc.student_from:
+            return copy.deepcopy(teacher_unet)
+        unet = frozen_base(self.dc.student_from).unet
+        if getattr(unet, "config", None) != getattr(teacher_unet, "config", None):
+            raise ValueError(f"distill.student_from={self.dc.student_from!r}: its UNet is not the teacher's "
+                             f"architecture ({getattr(unet, 'config', type(unet).__name__)} vs "
+                             f"{getattr(teacher_unet, 'config', type(teacher_unet).__name__)})")
+        return unet
 
     # ------------------------------------------------------------------ pieces
     def encode(self, ids: torch.Tensor) -> torch.Tensor:
