@@ -63,7 +63,13 @@ def main():
     parser.add_argument("--iters", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--matmul", type=int, default=2048, help="side of the reference square matmul")
+    parser.add_argument("--fp32-linear", choices=["onednn", "mkl"], default="onednn",
+                        help="our fp32 linear layers at inference: oneDNN's GEMM (the default path) or F.linear "
+                             "(MKL's sgemm, the path before issue 15): an A/B against the same reference")
     args = parser.parse_args()
+    if args.fp32_linear == "mkl":
+        from diffusekit.models import cpu_ops
+        cpu_ops._onednn_linear = lambda x, weight, bias: False
     sizes = args.sizes or ([32] if args.quick else [32, 64])
     warmup = args.warmup if args.warmup is not None else 1
     iters = args.iters if args.iters is not None else (3 if args.quick else 5)
@@ -77,7 +83,8 @@ def main():
     config = unet_config_from_diffusers(dict(reference.config))
     print(f"SD 1.5 UNet, {sum(p.numel() for p in reference.parameters()):,} parameters, batch {args.batch}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, CPU capability "
-          f"{torch.backends.cpu.get_cpu_capability()}; warmup {warmup}, timed {iters} (medians)")
+          f"{torch.backends.cpu.get_cpu_capability()}; warmup {warmup}, timed {iters} (medians); our fp32 linears "
+          f"{args.fp32_linear}")
 
     gen = torch.Generator().manual_seed(1)
     rows = []
