@@ -64,8 +64,9 @@ def main():
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--matmul", type=int, default=2048, help="side of the reference square matmul")
     parser.add_argument("--fp32-linear", choices=["onednn", "mkl"], default="onednn",
-                        help="our fp32 linear layers at inference: oneDNN's GEMM (the default path) or F.linear "
-                             "(MKL's sgemm, the path before issue 15): an A/B against the same reference")
+                        help="our fp32 GEMMs at inference (linear layers and weight-dominated convolutions): "
+                             "oneDNN's (the default path) or MKL's (the path before issue 15): an A/B against "
+                             "the same reference")
     args = parser.parse_args()
     if args.fp32_linear == "mkl":
         from diffusekit.models import cpu_ops
@@ -83,7 +84,7 @@ def main():
     config = unet_config_from_diffusers(dict(reference.config))
     print(f"SD 1.5 UNet, {sum(p.numel() for p in reference.parameters()):,} parameters, batch {args.batch}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, CPU capability "
-          f"{torch.backends.cpu.get_cpu_capability()}; warmup {warmup}, timed {iters} (medians); our fp32 linears "
+          f"{torch.backends.cpu.get_cpu_capability()}; warmup {warmup}, timed {iters} (medians); our fp32 GEMMs "
           f"{args.fp32_linear}")
 
     gen = torch.Generator().manual_seed(1)

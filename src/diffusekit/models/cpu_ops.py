@@ -107,10 +107,10 @@ class Conv2d(nn.Conv2d):
       blocked layout and kept (`_packed_weight`), instead of reordering it on every call. (fp32 would
       gain too, 0.75x UNet step time, but there oneDNN's result for one image then depends on the batch
       it is in, which breaks "a batch equals its images made one by one"; fp32 keeps the GEMM below.)
-    - fp32 with a weight-dominated call: convolution as matrix multiplication (at inference on x86 through
-      oneDNN's GEMM, `_onednn_linear`; in training MKL's batched GEMM)
+    - fp32 with a weight-dominated call: convolution as matrix multiplication
       (Chellapilla et al. 2006): cols = im2col(x) (B, C_in*kh*kw, L), out = W.view(C_out, -1) @ cols
-      + b; the GEMM reads the contiguous weight in place.
+      + b; the GEMM reads the contiguous weight in place. At inference on x86 the GEMM is oneDNN's
+      (`_onednn_linear`, over the windows in row order), in training MKL's batched one.
     - bf16/fp16 on CPUs that emulate them compute in fp32 (`_compute_in_fp32`).
     - Otherwise (GPU, large feature maps in fp32) the stock convolution.
     The packed copy is a cache: it is remade when the weight tensor changes (a new tensor, `load_state_dict`,
@@ -146,23 +146,21 @@ class Conv2d(nn.Conv2d):
         if x.dtype != torch.float32 or not self._weight_dominated(x, weight):
             return self._conv_forward(x, weight, bias)
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        # (B, C, H+2p, W+2p) -> windows (B, C, Ho, Wo, kh, kw) as a view; one gather copy below puts each
+        # window's values in weight.flatten(1)'s order (twice as fast as F.unfold).
+        win = (F.pad(x, (pw, pw, ph, ph)) if ph or pw else x).unfold(2, kh, sh).unfold(3, kw, sw)
+        n, ho, wo = x.shape[0], win.shape[2], win.shape[3]
         if _onednn_linear(x, weight, bias):
-            # Inference: the same GEMM as (B*Ho*Wo, C_in*kh*kw) @ W^T through oneDNN, with the gathered windows
-            # in row order (2x MKL's bmm for the UNet's 1280-channel 3x3 convolutions on an AMD EPYC; each
-            # image's rows are computed alike in any batch), then back to (B, C_out, Ho, Wo).
-            win = F.pad(x, (pw, pw, ph, ph)).unfold(2, kh, sh).unfold(3, kw, sw)
-            n, ho, wo = x.shape[0], win.shape[2], win.shape[3]
+            # Inference: rows (B, Ho*Wo, C_in*kh*kw) @ W^T through oneDNN (2x MKL's bmm for the UNet's
+            # 1280-channel 3x3 convolutions on an AMD EPYC; each image's rows are computed alike in any
+            # batch), then back to (B, C_out, Ho, Wo).
             rows = win.permute(0, 2, 3, 1, 4, 5).reshape(n, ho * wo, -1)
             out = torch.ops.mkldnn._linear_pointwise(rows, weight.flatten(1), bias, "none", [], "")
             return out.view(n, ho, wo, -1).permute(0, 3, 1, 2).contiguous()
         if (kh, kw, sh, sw, ph, pw) == (1, 1, 1, 1, 0, 0):
-            cols, (ho, wo) = x.flatten(2), x.shape[-2:]  # (B, C_in, H*W), a view
+            cols = x.flatten(2)  # (B, C_in, H*W), a view
         else:
-            # (B, C, H+2p, W+2p) -> windows (B, C, Ho, Wo, kh, kw) as a view -> one gather copy to
-            # (B, C*kh*kw, Ho*Wo), ordered like weight.flatten(1) (twice as fast as F.unfold).
-            win = F.pad(x, (pw, pw, ph, ph)).unfold(2, kh, sh).unfold(3, kw, sw)
-            ho, wo = win.shape[2], win.shape[3]
-            cols = win.permute(0, 1, 4, 5, 2, 3).reshape(x.shape[0], -1, ho * wo)
+            cols = win.permute(0, 1, 4, 5, 2, 3).reshape(n, -1, ho * wo)  # (B, C*kh*kw, Ho*Wo)
         w = weight.flatten(1)[None].expand(x.shape[0], -1, -1)  # (B, C_out, C_in*kh*kw), a view
         if bias is None:
             out = torch.bmm(w, cols)
