@@ -123,8 +123,13 @@ def test_object_info_describes_every_node_as_comfyui(client):
     for name in ("CheckpointLoaderSimple", "CLIPTextEncode", "CLIPSetLastLayer", "EmptyLatentImage", "KSampler",
                  "KSamplerAdvanced", "VAEDecode", "VAEEncode", "VAEEncodeForInpaint", "SetLatentNoiseMask", "LoadImage",
                  "LoadImageMask", "SaveImage", "PreviewImage", "LatentUpscale", "LatentUpscaleBy", "ImageScale",
-                 "LoraLoader", "ConditioningCombine", "ConditioningSetArea", "ConditioningZeroOut", "SaveDenoisingVideo"):
+                 "LoraLoader", "ConditioningCombine", "ConditioningSetArea", "ConditioningZeroOut", "SaveDenoisingVideo",
+                 "VAEDecodeTiled", "VAEEncodeTiled"):
         assert name in info, name
+    tiled = info["VAEDecodeTiled"]
+    assert tiled["input_order"]["required"] == ["samples", "vae", "tile_size", "overlap", "temporal_size",
+                                                "temporal_overlap"]
+    assert tiled["input"]["required"]["tile_size"] == ["INT", {"default": 512, "min": 64, "max": 4096, "step": 32}]
     ks = info["KSampler"]
     assert ks["input_order"]["required"] == ["model", "seed", "steps", "cfg", "sampler_name", "scheduler", "positive",
                                              "negative", "latent_image", "denoise"]

@@ -144,7 +144,11 @@ def test_a_consistency_model_is_not_a_teacher(straight, tmp_path):
 
 
 @pytest.mark.parametrize("bad, message", [
-    ({"distill": {"solver": "euler"}}, "distill.solver='euler'; valid: ddim"),
+    ({"distill": {"solver": "euler"}}, "distill.solver='euler'; valid with method='consistency': ddim"),
+    ({"distill": {"solver": "dpmpp_2m"}}, "distill.solver='dpmpp_2m'; valid with method='consistency': ddim$"),
+    ({"distill": {"method": "trajectory", "solver": "euler"}}, "valid with method='trajectory': ddim, dpmpp_2m"),
+    ({"distill": {"method": "reflow"}}, "distill.method='reflow'; valid: consistency, trajectory"),
+    ({"distill": {"method": "trajectory", "substeps": 0}}, "distill.substeps=0"),
     ({"distill": {"intervals": 0}}, "distill.intervals=0"),
     ({"distill": {"loss": "l1"}}, "distill.loss='l1'; valid: huber, l2"),
     ({"distill": {"target_ema": 1.0}}, "distill.target_ema=1.0"),
@@ -171,3 +175,108 @@ def test_student_from_warm_starts_the_student_and_checks_the_architecture(straig
     other = _tiny.save_tiny(tmp_path / "tiny-sd2.safetensors", "sd2")
     with pytest.raises(ValueError, match="distill.student_from=.*not the teacher's architecture"):
         Distiller(config_from_dict(distill_tree(tmp_path / "b", base, student_from=str(other))))
+
+
+# ---------------------------------------------------------------- trajectory distillation
+def trajectory_tree(out: Path, base: Path, **kw) -> dict:
+    tree = distill_tree(out, base, method="trajectory", solver="dpmpp_2m", substeps=2, loss="l2", **kw)
+    tree["data"]["captions_per_item"] = 2
+    return tree
+
+
+@pytest.fixture(scope="module")
+def trajectory_run(tmp_path_factory, base) -> Path:
+    out = tmp_path_factory.mktemp("trajectory")
+    Distiller(config_from_dict(trajectory_tree(out, base))).run()
+    return out
+
+
+def test_trajectories_are_the_guided_teacher_solve_at_the_grid_points(base, tmp_path):
+    d = Distiller(config_from_dict(trajectory_tree(tmp_path, base)))
+    d._preload()
+    ids = d._pool[1][:3, 0]
+    noise = torch.randn(3, 4, 4, 4, generator=torch.Generator().manual_seed(2))
+    traj = d.solve_trajectories(ids, noise)
+    assert traj.shape == (3, 4, 4, 4, 4)                         # N + 1 = 4 grid points
+    sched = d.teacher.schedule
+    fine = sched.t_to_sigma(torch.linspace(999, 0, 7, dtype=torch.float64)).float()   # 3 intervals x 2 substeps
+    for i in range(3):
+        ctx = d.encode(ids[i:i + 1])
+        guided = cfg(d.teacher.denoiser, 4.0, {"context": ctx}, {"context": d.encode(d.tokenizer([""]))})
+        seen = []
+        with torch.no_grad():
+            end = samplers.SAMPLERS["dpmpp_2m"](guided, noise[i:i + 1] * fine[0], fine,
+                                                callback=lambda info: seen.append(info["x"]))
+        want = torch.cat([end, seen[4], seen[2], seen[0]])         # sigma_0 (the end), sigma_1, sigma_2, sigma_3
+        # a row alone vs in a batch of 3: float32 sums in another order (a wrong grid point is off by O(1))
+        torch.testing.assert_close(traj[i], want, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(traj[:, 3], noise * d.sigmas[3], rtol=1e-6, atol=1e-6)
+
+
+def test_trajectory_loss_regresses_each_grid_point_onto_its_trajectory_end(trajectory_run, base, tmp_path):
+    d = Distiller(config_from_dict(trajectory_tree(tmp_path, base)))
+    d._preload()
+    d._traj, d._traj_ids = d._trajectories()
+    assert d._traj.shape == (8, 4, 4, 4, 4) and d._traj.dtype == torch.float16
+    # the same picks and noise as the straight run's (seeded by run.seed and the chunk)
+    ref = __import__("safetensors.torch", fromlist=["load_file"]).load_file(
+        str(trajectory_run / "trajectories" / "chunk-00000.safetensors"))
+    assert torch.equal(ref["x"], d._traj) and torch.equal(ref["ids"], d._traj_ids)
+    pool = d._pool[1]
+    assert all(any(torch.equal(d._traj_ids[i], pool[i, j]) for j in range(2)) for i in range(8))
+    pred, target, k = d.trajectory_pair(torch.Generator().manual_seed(4), list(range(8)), 2, 6, 8, d.model)
+    assert torch.equal(k, torch.randint(1, 4, (8,), generator=torch.Generator().manual_seed(4))[2:6])
+    torch.testing.assert_close(target, d._traj[2:6, 0].float())
+    x = d._traj[torch.arange(2, 6), k].float()
+    with torch.no_grad():
+        want = d.model(x, d.sigmas[k], d.encode(d._traj_ids[2:6]))
+    # with grad (F.linear) vs without (the oneDNN inference GEMM): float32 rounding only (seen 1.5e-5 relative)
+    torch.testing.assert_close(pred.detach(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_trajectory_run_resumes_without_solving_again_and_exports(trajectory_run, base, tmp_path):
+    from diffusekit import GenerationParams, Pipeline
+    tree = trajectory_tree(tmp_path, base)
+    d = Distiller(config_from_dict(tree))
+
+    def hook(stage, step):
+        if step == 2:
+            raise _trainer_tests.Stop
+
+    d.on_step = hook
+    with pytest.raises(_trainer_tests.Stop):
+        d.run()
+    chunk = tmp_path / "trajectories" / "chunk-00000.safetensors"
+    before = chunk.stat().st_mtime_ns
+    Distiller(config_from_dict(tree), resume=True).run()
+    assert chunk.stat().st_mtime_ns == before                     # the solves were reused, not redone
+    a, b = load_training_checkpoint(tmp_path, "distill"), load_training_checkpoint(trajectory_run, "distill")
+    assert a[0] == b[0] == 4
+    _trainer_tests.assert_same(a[1], b[1])
+    _trainer_tests.assert_same(a[2]["ema"]["shadow"], b[2]["ema"]["shadow"])
+    assert "target" not in a[2]["extra"]                           # no target network in this method
+    pipe = Pipeline.from_pretrained(trajectory_run / "model.safetensors")
+    assert isinstance(pipe.denoiser, ConsistencyDenoiser)
+    img = pipe.generate(GenerationParams(prompt="a red circle", steps=2, sampler_name="LCM", scheduler="SGM Uniform",
+                                         cfg_scale=1, seed=1, width=32, height=32)).images[0]
+    assert img.size == (32, 32)
+
+
+def test_trajectory_chunks_of_other_settings_are_solved_again(trajectory_run, base, tmp_path):
+    import shutil
+    shutil.copytree(trajectory_run / "trajectories", tmp_path / "trajectories")
+    d = Distiller(config_from_dict(trajectory_tree(tmp_path, base, guidance=2.0)))   # another teacher CFG
+    d._preload()
+    x, _ = d._trajectories()
+    from safetensors.torch import load_file
+    old = load_file(str(trajectory_run / "trajectories" / "chunk-00000.safetensors"))["x"]
+    assert not torch.equal(x, old) and torch.equal(x[:, 3], old[:, 3])   # new solves from the same seeded noise
+    (tmp_path / "trajectories" / "chunk-00000.safetensors").write_bytes(b"torn")   # a torn file: solved again
+    torch.testing.assert_close(d._trajectories()[0], x, rtol=0, atol=0)
+
+
+def test_trajectory_method_needs_preloaded_data(base, tmp_path):
+    tree = trajectory_tree(tmp_path, base)
+    tree["data"].update(preload=False, captions_per_item=1)
+    with pytest.raises(ValueError, match="needs data.preload = true"):
+        Distiller(config_from_dict(tree))

@@ -25,6 +25,7 @@ import random
 import time
 from contextlib import closing
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -68,6 +69,7 @@ HIRES_LATENT_MODES = {
 
 
 DECODE_PIXELS_PER_CALL = 1024 * 1024   # VAE decode: as many images per call as hold this many pixels (>= 1)
+VAE_TILE, VAE_TILE_OVERLAP = 64, 16     # `vae_tiling`: tiles of 64 latent pixels (512 px at factor 8), 16 shared
 
 
 class NonFiniteOutput(RuntimeError):
@@ -150,7 +152,7 @@ class Pipeline:
 
     def __init__(self, parts: ModelParts, *, device: str | torch.device = "cpu",
                  lora_dir: str | Path | None = None, embeddings_dir: str | Path | None = None,
-                 offload_text_encoders: bool = False):
+                 offload_text_encoders: bool = False, vae_tiling: bool = False):
         self.lora_dir = lora_dir                 # where <lora:NAME:W> finds NAME.safetensors (pipelines/loras.py)
         self._lora_targets: LoRATargets | None = None
         if (parts.vae is None) != parts.family.pixel_space:
@@ -187,6 +189,9 @@ class Pipeline:
                                     data_range=(-1.0, 1.0) if self.family.pixel_space else None)
             if self.family.consistency:   # an LCM: its boundary scalings (core.consistency)
                 self.denoiser = ConsistencyDenoiser(self.denoiser)
+        # decode / encode large images in overlapping 512 px tiles (diffusers' enable_vae_tiling, ComfyUI's
+        # VAEDecodeTiled): bounded VAE activations at any size; not bit-equal to the whole-image pass
+        self.vae_tiling = bool(vae_tiling)
         self._rgb = None
         self._refiners: dict[str, Pipeline] = {}
         self.embeddings_dir = embeddings_dir     # textual-inversion files named by their stem in prompts
@@ -198,7 +203,7 @@ class Pipeline:
     def from_pretrained(cls, name_or_path: str | Path, *, device: str = "cpu", dtype: torch.dtype | None = None,
                         family: str | None = None, lora_dir: str | Path | None = None,
                         embeddings_dir: str | Path | None = None, offload_text_encoders: bool = False,
-                        **load_options) -> "Pipeline":
+                        vae_tiling: bool = False, **load_options) -> "Pipeline":
         """A shipped model name ("shapes"), a single-file checkpoint or a diffusers folder.
 
         dtype=None keeps the file's precision on an accelerator and computes in float32 on the CPU,
@@ -208,6 +213,8 @@ class Pipeline:
         written in a prompt or negative prompt stands for its vectors.
         offload_text_encoders: keep the text encoders on the CPU when `device` is an accelerator (they run once
         per prompt; T5-XXL is 9.5 GB in bf16).
+        vae_tiling: decode (and encode) images larger than 512 px in overlapping 512 px tiles
+        (`VAE.tiled_decode` / `tiled_encode`; bench/sdxl_memory.py measures the peak memory it saves).
         Flux on a CPU with dtype=None: the transformer and T5 keep their stored bf16 / fp8 / fp16 weights,
         memory-mapped, and compute in float32 (each layer upcast as it runs), so a 12B model needs its file's
         pages, not 48 GB of float32 copies (bench/flux_memory.py).
@@ -230,7 +237,7 @@ class Pipeline:
         if shipped is not None:            # infotext "Model: shapes", not the file's stem "model"
             parts.name = shipped
         pipe = cls(parts, device=device, lora_dir=lora_dir, embeddings_dir=embeddings_dir,
-                   offload_text_encoders=offload_text_encoders)
+                   offload_text_encoders=offload_text_encoders, vae_tiling=vae_tiling)
         pipe.defaults = recommended(path, parts.family)
         return pipe
 
@@ -324,12 +331,17 @@ class Pipeline:
 
     # ------------------------------------------------------------------ pixels <-> latents
     @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [-1, 1] -> model-space latents ((VAE mean - shift) times the latent scale)."""
+    def encode(self, images: torch.Tensor, tile: tuple[int, int] | None = None) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> model-space latents ((VAE mean - shift) times the latent scale).
+        `tile` = (tile, overlap) in pixels encodes in blended tiles (default: 512 / 128 px when `vae_tiling`
+        is on and the image is larger than one tile)."""
         if self.vae is None:
             return images.to(self.device)
         dtype = next(self.vae.parameters()).dtype
-        return (self.vae.encode(images.to(self.device, dtype)).mode().float() - self.shift) * self.scale
+        if tile is None and self.vae_tiling and max(images.shape[-2:]) > VAE_TILE * self.factor:
+            tile = (VAE_TILE * self.factor, VAE_TILE_OVERLAP * self.factor)
+        encode = self.vae.encode if tile is None else partial(self.vae.tiled_encode, tile=tile[0], overlap=tile[1])
+        return (encode(images.to(self.device, dtype)).mode().float() - self.shift) * self.scale
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -346,15 +358,20 @@ class Pipeline:
         per_call = max(1, DECODE_PIXELS_PER_CALL // (latents.shape[-2] * latents.shape[-1] * self.factor ** 2))
         return torch.cat([self._decode(latents[i:i + per_call]) for i in range(0, latents.shape[0], per_call)])
 
-    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def _decode(self, latents: torch.Tensor, tile: tuple[int, int] | None = None) -> torch.Tensor:
+        """One VAE call; `tile` = (tile, overlap) in latent pixels decodes in blended tiles (default: 64 / 16
+        when `vae_tiling` is on and the latent is larger than one tile)."""
         dtype = next(self.vae.parameters()).dtype
         z = latents / self.scale + self.shift
+        if tile is None and self.vae_tiling and max(z.shape[-2:]) > VAE_TILE:
+            tile = (VAE_TILE, VAE_TILE_OVERLAP)
+        decode = self.vae.decode if tile is None else partial(self.vae.tiled_decode, tile=tile[0], overlap=tile[1])
         force32 = self.family.vae_force_upcast and dtype == torch.float16
-        out = None if force32 else self.vae.decode(z.to(dtype)).float()
+        out = None if force32 else decode(z.to(dtype)).float()
         if out is None or (dtype != torch.float32 and not torch.isfinite(out).all()):
             self.vae.float()
             try:
-                out = self.vae.decode(z.float()).float()
+                out = decode(z.float()).float()
             finally:
                 self.vae.to(dtype)
         if not torch.isfinite(out).all():

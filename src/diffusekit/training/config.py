@@ -135,16 +135,22 @@ class LogConfig:
     progress: bool = True
 
 
-SOLVERS = ("ddim",)
+SOLVERS = ("ddim", "dpmpp_2m")
 DISTILL_LOSSES = ("huber", "l2")
+DISTILL_METHODS = ("consistency", "trajectory")
 
 
 @dataclass
 class DistillConfig:
-    """`[distill]`: Latent Consistency Distillation (Luo et al. 2023) of `base` (see `distill.py`)."""
+    """`[distill]`: few-step distillation of `base` (see `distill.py`): Latent Consistency Distillation
+    (Luo et al. 2023, `method = "consistency"`) or regression onto the ends of whole teacher ODE
+    trajectories (Luhman & Luhman 2021, at every grid point: `method = "trajectory"`)."""
     base: str = "shapes"        # the teacher: a shipped name, a single file or a diffusers folder (eps / v, one CLIP)
+    method: str = "consistency"  # "consistency" (LCD: one teacher step + target network) | "trajectory"
     intervals: int = 24         # N: the teacher's ODE is cut at t_n = 999 n / N (LCM: 50, i.e. skip 20)
-    solver: str = "ddim"        # the teacher's ODE step from t_n to t_(n-1)
+    solver: str = "ddim"        # the teacher's ODE step from t_n to t_(n-1) ("consistency": ddim only;
+                                # "trajectory": ddim or dpmpp_2m over the whole grid)
+    substeps: int = 1           # "trajectory": teacher solver steps per grid interval (N * substeps in all)
     guidance: float = 5.0       # fixed CFG scale of the teacher step (project convention: 1 = off), baked in
     target_ema: float = 0.95    # mu of the target network (an EMA of the student; LCM: 0.95)
     loss: str = "huber"         # "huber" (pseudo-Huber, LCM) | "l2"
@@ -156,8 +162,13 @@ class DistillConfig:
     def validate(self) -> None:
         if self.intervals < 1:
             raise ValueError(f"distill.intervals={self.intervals}: must be >= 1 (LCM: 50)")
-        if self.solver not in SOLVERS:
-            raise ValueError(f"distill.solver={self.solver!r}; valid: {', '.join(SOLVERS)}")
+        if self.method not in DISTILL_METHODS:
+            raise ValueError(f"distill.method={self.method!r}; valid: {', '.join(DISTILL_METHODS)}")
+        solvers = SOLVERS if self.method == "trajectory" else ("ddim",)
+        if self.solver not in solvers:
+            raise ValueError(f"distill.solver={self.solver!r}; valid with method={self.method!r}: {', '.join(solvers)}")
+        if self.substeps < 1:
+            raise ValueError(f"distill.substeps={self.substeps}: must be >= 1 (teacher steps per grid interval)")
         if self.loss not in DISTILL_LOSSES:
             raise ValueError(f"distill.loss={self.loss!r}; valid: {', '.join(DISTILL_LOSSES)}")
         if not 0.0 <= self.target_ema < 1.0:

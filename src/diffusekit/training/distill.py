@@ -21,6 +21,21 @@ discriminator on features of a pretrained image network beside a score-distillat
 second network, a feature backbone this project does not have, and GAN tuning; LCD needs only the
 teacher and converges in a few thousand steps, which fits a CPU hour.
 
+Trajectory distillation (`method = "trajectory"`; Luhman & Luhman 2021, "Knowledge Distillation in
+Iterative Generative Models for Improved Sampling Speed", extended to every grid point as the
+consistency function asks): for each scene the teacher solves its guided ODE once, from seeded noise
+at sigma_N down to sigma_0 (DDIM or DPM-Solver++(2M), `substeps` steps per grid interval), on the
+scene's caption; the points x_N .. x_0 at the grid sigmas are kept on disk (`<out_dir>/trajectories`,
+fp16, made once and reused on resume). The loss is then a plain regression, no target network:
+
+    n ~ U{1..N},  loss = d(f_theta(x_n, sigma_n, c), x_0)                (x_n, x_0: one teacher trajectory)
+
+so every grid point learns the end of *its* teacher trajectory directly instead of through the
+bootstrapped chain of LCD, whose error grows with the chain length. The price is the up-front solves
+(N * substeps guided teacher calls per scene, cheap for a small teacher); a 1-step student then
+copies the teacher's own noise -> image map, the multi-step LCM sampler re-noises onto points the
+grid trained.
+
 The loop is `Trainer._optimize` (AdamW, warm-up + cosine, clipping, EMA, atomic checkpoints that also
 hold the target network, resume after kill -9, the step-seeded randomness that makes a resumed run
 equal an uninterrupted one); the data is `Trainer`'s (preloaded items, each VAE-encoded once).
@@ -36,8 +51,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from ..core import samplers
 from ..core.consistency import ConsistencyDenoiser, ddim_step, pseudo_huber, timestep_grid
 from ..core.denoisers import Denoiser
+from ..core.guidance import cfg as guided_denoiser
 from ..models.loading import ModelParts, save_checkpoint
 from ..pipelines.pipeline import Pipeline, UNetAdapter
 from .checkpoint import load_training_checkpoint
@@ -49,6 +69,8 @@ from .trainer import Trainer, _unwrap, frozen_base
 __all__ = ["Distiller", "ConsistencyStudent", "teacher_step", "export_student"]
 
 STAGE = "distill"
+TRAJECTORY_CHUNK = 256   # scenes per trajectory file (a kill loses at most one chunk's solves)
+TEACHER_BATCH = 64       # scenes per guided teacher call while solving
 
 
 class ConsistencyStudent(nn.Module):
@@ -115,7 +137,11 @@ class Distiller(Trainer):
                                         self.schedule).to(self.device)
         self.target = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.dataset = build_dataset(cfg.data)
+        if self.dc.method == "trajectory" and not cfg.data.preload:
+            raise ValueError("distill.method='trajectory' needs data.preload = true (the captions of every scene "
+                             "are solved up front)")
         self._cache, self._pool, self._pool_latents, self._uncond = {}, None, None, None
+        self._traj = self._traj_ids = None
         grid = timestep_grid(len(self.schedule), self.dc.intervals)
         self.sigmas = self.schedule.t_to_sigma(grid).float()          # (N + 1,) ascending, sigma_0 = sigma_min
         self._claim_out_dir(STAGE)
@@ -146,6 +172,11 @@ class Distiller(Trainer):
         keys = [k for k in t if t[k].is_floating_point()]
         torch._foreach_lerp_([t[k] for k in keys], [s[k].detach() for k in keys], 1.0 - mu)
 
+    def _uncond_context(self) -> torch.Tensor:
+        if self._uncond is None:
+            self._uncond = self.encode(self.tokenizer([""]).to(self.device))   # (1, 77, width)
+        return self._uncond
+
     def _restore(self, extra: dict) -> None:
         if "target" in extra:
             self.target.load_state_dict(extra["target"])
@@ -159,21 +190,91 @@ class Distiller(Trainer):
         s_hi, s_lo = self.sigmas[k].to(self.device), self.sigmas[k - 1].to(self.device)
         x = x0 + s_hi.view(-1, 1, 1, 1) * noise
         context = self.encode(ids)
-        if self._uncond is None:
-            self._uncond = self.encode(self.tokenizer([""]).to(self.device))   # (1, 77, width)
         with torch.no_grad():
-            x_prev = teacher_step(self.teacher.denoiser, x, s_hi, s_lo, context, self._uncond.expand_as(context),
+            x_prev = teacher_step(self.teacher.denoiser, x, s_hi, s_lo, context, self._uncond_context().expand_as(context),
                                   self.dc.guidance)
             target = self.target(x_prev, s_lo, context)
         return student(x, s_hi, context), target, k
+
+    # ------------------------------------------------------------------ trajectories
+    def solve_trajectories(self, ids: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """(B, N + 1, C, h, w): the teacher's guided ODE solved from `noise` * sigma_N on captions `ids`
+        ((B, 77)), its points at the grid sigmas, index n <-> sigma_n (0: the end, N: the start)."""
+        N, sub = self.dc.intervals, self.dc.substeps
+        sig = self.schedule.t_to_sigma(timestep_grid(len(self.schedule), N * sub)).float().flip(0).to(self.device)
+        context = self.encode(ids.to(self.device))
+        den = guided_denoiser(self.teacher.denoiser, self.dc.guidance, {"context": context},
+                              {"context": self._uncond_context().expand_as(context)})
+        points = []
+
+        def keep(info):
+            if info["i"] % sub == 0:
+                points.append(info["x"].float())
+
+        with torch.no_grad():
+            end = samplers.SAMPLERS[self.dc.solver](den, noise.to(self.device) * sig[0], sig, callback=keep)
+        return torch.stack(points + [end.float()], 1).flip(1)
+
+    def _trajectories(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """((L, N + 1, C, h, w) fp16 trajectory points, (L, 77) caption ids) for the L scenes of the data,
+        solved chunk by chunk into `<out_dir>/trajectories` (each chunk's caption picks and noise seeded by
+        run.seed and the chunk index, so a resumed run solves exactly what the first one would have)."""
+        folder = self.out / "trajectories"
+        folder.mkdir(parents=True, exist_ok=True)
+        pool = self._pool[1]
+        shape = self._encode(self._images([0])).shape[1:]
+        xs, ids_out, t0, solved = [], [], time.time(), 0
+        # what a chunk's solves depend on: a chunk made otherwise (an edited config) is solved again
+        made_by = json.dumps({"teacher": self.parts.name, "hash": self.parts.hash10, "seed": self.cfg.run.seed,
+                              "data": config_to_dict(self.cfg)["data"],
+                              **{k: getattr(self.dc, k) for k in ("intervals", "solver", "substeps", "guidance")}},
+                             sort_keys=True)
+        for c, lo in enumerate(range(0, len(pool), TRAJECTORY_CHUNK)):
+            hi = min(len(pool), lo + TRAJECTORY_CHUNK)
+            path = folder / f"chunk-{c:05d}.safetensors"
+            want = (hi - lo, self.dc.intervals + 1, *shape)
+            got = _load_chunk(path, made_by)
+            if got is None or tuple(got["x"].shape) != want:
+                gen = torch.Generator().manual_seed(self.cfg.run.seed * 1_000_003 + c)
+                ids = pool[lo:hi].cpu()
+                if ids.dim() == 3:   # one of the k phrasings per scene
+                    ids = ids[torch.arange(hi - lo), torch.randint(ids.shape[1], (hi - lo,), generator=gen)]
+                noise = torch.randn(hi - lo, *shape, generator=gen)
+                x = torch.cat([self.solve_trajectories(ids[b:b + TEACHER_BATCH], noise[b:b + TEACHER_BATCH]).cpu()
+                               for b in range(0, hi - lo, TEACHER_BATCH)])
+                got = {"x": x.half().contiguous(), "ids": ids.contiguous()}
+                tmp = path.with_suffix(".tmp")
+                save_file(got, str(tmp), metadata={"diffusekit.trajectories": made_by})
+                tmp.replace(path)
+                solved += hi - lo
+                if self.world.main:
+                    print(f"[distill] teacher trajectories {hi}/{len(pool)} ({time.time() - t0:.0f} s)", flush=True)
+            xs.append(got["x"])
+            ids_out.append(got["ids"])
+        if self.world.main and solved:
+            print(f"[distill] solved {solved} teacher trajectories in {time.time() - t0:.1f} s")
+        return torch.cat(xs).to(self.device), torch.cat(ids_out).to(self.device)
+
+    def trajectory_pair(self, gen: torch.Generator, indices: list[int], lo: int, hi: int, n: int,
+                        student: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(student f(x_n, sigma_n), the trajectory's end x_0, n) for global-batch rows lo..hi-1."""
+        k = torch.randint(1, self.dc.intervals + 1, (n,), generator=gen)[lo:hi].to(self.device)
+        idx = torch.tensor(indices[lo:hi], device=self.device)
+        traj = self._traj[idx]
+        rows = torch.arange(hi - lo, device=self.device)
+        x, x0 = traj[rows, k].float(), traj[:, 0].float()
+        return student(x, self.sigmas.to(self.device)[k], self.encode(self._traj_ids[idx])), x0, k
+
+    def _distance(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.dc.loss == "huber":
+            return pseudo_huber(pred, target, self.dc.huber_c)
+        return (pred.float() - target.float()).pow(2).mean()
 
     def loss(self, gen: torch.Generator, x0: torch.Tensor, ids: torch.Tensor, lo: int, hi: int, n: int,
              student: nn.Module) -> torch.Tensor:
         """The consistency-distillation loss d(f(x_n), f^-(x_{n-1})): pseudo-Huber or mean squared error."""
         pred, target, _ = self.consistency_pair(gen, x0, ids, lo, hi, n, student)
-        if self.dc.loss == "huber":
-            return pseudo_huber(pred, target, self.dc.huber_c)
-        return (pred.float() - target.float()).pow(2).mean()
+        return self._distance(pred, target)
 
     # ------------------------------------------------------------------ training
     def run(self) -> Path:
@@ -181,18 +282,25 @@ class Distiller(Trainer):
         if self.cfg.data.preload:
             self._preload()
         t0 = time.time()
-        self._latents_and_ids([0])   # every item's latent, once, in fp32 (outside the autocast of the loop)
-        if self.world.main and self.cfg.train.cache_latents:
-            print(f"[distill] latents of the data in {time.time() - t0:.1f} s; teacher {self.teacher.name!r}")
+        trajectory = self.dc.method == "trajectory"
+        if trajectory:
+            self._traj, self._traj_ids = self._trajectories()
+        else:
+            self._latents_and_ids([0])   # every item's latent, once, in fp32 (outside the autocast of the loop)
+            if self.world.main and self.cfg.train.cache_latents:
+                print(f"[distill] latents of the data in {time.time() - t0:.1f} s; teacher {self.teacher.name!r}")
 
         def micro_loss(gen, step, indices, lo, hi, mod):
+            if trajectory:
+                pred, target, _ = self.trajectory_pair(gen, indices, lo, hi, len(indices), mod)
+                return self._distance(pred, target)
             x0, ids = self._latents_and_ids(indices[lo:hi])
             ids = self._pick_caption(ids, gen, len(indices), lo, hi)
             return self.loss(gen, x0, ids, lo, hi, len(indices), mod)
 
         ema = self._optimize(STAGE, self.model, ocfg, micro_loss, on_checkpoint=self._sample_grid,
-                             extra_state=lambda: {"target": self.target.state_dict()},
-                             after_step=self.update_target)
+                             extra_state=None if trajectory else lambda: {"target": self.target.state_dict()},
+                             after_step=None if trajectory else self.update_target)
         if ema is not None:
             ema.copy_to(self.model)
         if self.world.main:
@@ -216,6 +324,19 @@ class Distiller(Trainer):
         path = Path(path or self.out / f"{self.dc.output_name}.safetensors")
         meta = {"diffusekit.distilled_from": self.parts.name, "diffusekit.distill": json.dumps(config_to_dict(self.cfg))}
         return save_checkpoint(self.student_parts(model), path, family=self.family, dtype=torch.float16, metadata=meta)
+
+
+def _load_chunk(path: Path, made_by: str) -> dict | None:
+    """A trajectory chunk's tensors, or None when it is missing, unreadable or made by other settings."""
+    if not path.exists():
+        return None
+    try:
+        with safe_open(str(path), "pt") as f:
+            if (f.metadata() or {}).get("diffusekit.trajectories") != made_by:
+                return None
+        return load_file(str(path))
+    except Exception:   # a torn or foreign file: solve it again
+        return None
 
 
 def export_student(out_dir: str | Path, path: str | Path, *, ema: bool = True) -> Path:

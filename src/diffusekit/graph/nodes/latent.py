@@ -1,4 +1,5 @@
-"""Latents and sampling: EmptyLatentImage, VAEDecode, VAEEncode, VAEEncodeForInpaint, SetLatentNoiseMask,
+"""Latents and sampling: EmptyLatentImage, VAEDecode, VAEDecodeTiled, VAEEncode, VAEEncodeTiled, VAEEncodeForInpaint,
+SetLatentNoiseMask,
 LatentUpscale, LatentUpscaleBy, KSampler, KSamplerAdvanced (ComfyUI nodes.py names and defaults).
 
 Every sampler step is recorded in the LATENT it returns ("diffusekit_process": the step's x0 estimate and
@@ -42,6 +43,47 @@ def vae_decode(ctx, samples, vae):
     if z.shape[1] != pipe.latent_channels:
         raise ValueError(f"the latent has {z.shape[1]} channels; this VAE decodes {pipe.latent_channels}")
     return (signed_to_image(pipe.decode(z.to(pipe.device) * pipe.scale)),)
+
+
+@register("VAEDecodeTiled", category="_for_testing", display_name="VAE Decode (Tiled)",
+          inputs={"samples": Link("LATENT"), "vae": Link("VAE"), "tile_size": Int(512, 64, 4096, 32),
+                  "overlap": Int(64, 0, 4096, 32), "temporal_size": Int(64, 8, 4096, 4),
+                  "temporal_overlap": Int(8, 4, 4096, 4)}, outputs=("IMAGE",))
+def vae_decode_tiled(ctx, samples, vae, tile_size, overlap=64, temporal_size=64, temporal_overlap=8):
+    """Decodes latents in overlapping tiles of `tile_size` pixels, blended across `overlap` (ComfyUI: the overlap
+    is cut to a quarter of the tile if larger), so the VAE's memory stays that of one tile at any image size.
+    temporal_size / temporal_overlap are for video VAEs, which this project has none of: accepted, unused."""
+    pipe = vae.pipe
+    z = samples["samples"].float()
+    if z.shape[1] != pipe.latent_channels:
+        raise ValueError(f"the latent has {z.shape[1]} channels; this VAE decodes {pipe.latent_channels}")
+    if tile_size < overlap * 4:
+        overlap = tile_size // 4
+    f = pipe.factor
+    tile, lap = max(1, tile_size // f), overlap // f
+    lap = min(lap, tile - 1)
+    z = z.to(pipe.device) * pipe.scale
+    if pipe.vae is None:   # a pixel-space model: nothing to tile
+        return (signed_to_image(pipe.decode(z)),)
+    return (signed_to_image(pipe._decode(z, tile=(tile, lap))),)
+
+
+@register("VAEEncodeTiled", category="_for_testing", display_name="VAE Encode (Tiled)",
+          inputs={"pixels": Link("IMAGE"), "vae": Link("VAE"), "tile_size": Int(512, 64, 4096, 64),
+                  "overlap": Int(64, 0, 4096, 32), "temporal_size": Int(64, 8, 4096, 4),
+                  "temporal_overlap": Int(8, 4, 4096, 4)}, outputs=("LATENT",))
+def vae_encode_tiled(ctx, pixels, vae, tile_size, overlap=64, temporal_size=64, temporal_overlap=8):
+    """Encodes images in overlapping tiles of `tile_size` pixels (the posterior mean, blended across `overlap`).
+    temporal_size / temporal_overlap: video VAEs only, unused."""
+    pipe = vae.pipe
+    pixels, _ = _crop_to_factor(pixels, pipe.factor)
+    if pipe.vae is None:
+        return ({"samples": _encode(pipe, pixels), "diffusekit_factor": pipe.factor},)
+    f = pipe.factor
+    tile = max(f, tile_size // f * f)
+    lap = min(overlap // f * f, tile - f)
+    z = pipe.encode(image_to_signed(pixels).to(pipe.device), tile=(tile, lap)) / pipe.scale
+    return ({"samples": z.cpu(), "diffusekit_factor": f},)
 
 
 def _crop_to_factor(pixels: torch.Tensor, f: int) -> tuple[torch.Tensor, tuple[int, int]]:
