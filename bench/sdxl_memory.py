@@ -8,9 +8,10 @@ Per case, in GiB: peak RSS (ru_maxrss: includes the file's mapped pages while th
 drop), peak anon (the largest RssAnon sampled every 10 ms: the memory that must fit) and the anon peak of each
 phase (load, text encode + sampling, VAE decode); seconds for load and generation.
 
-Cases: fp32 (the CPU default: weights upcast), fp32 + --vae-tiling (512 px tiles), bf16 weights, bf16 + tiling.
+Cases: fp32 (the CPU default: weights upcast), fp32 + --vae-tiling (512 px tiles), bf16 weights, bf16 + tiling,
+low-memory (fp32 compute over the file's fp16 UNet weights, one layer upcast at a time), low-memory + tiling.
 
-    OMP_NUM_THREADS=1 python bench/sdxl_memory.py                    # all four cases, 1 step
+    OMP_NUM_THREADS=1 python bench/sdxl_memory.py                    # every case, 1 step
     OMP_NUM_THREADS=1 python bench/sdxl_memory.py --cases fp32 fp32+tiling --steps 2
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-CASES = ("fp32", "fp32+tiling", "bf16", "bf16+tiling")
+CASES = ("fp32", "fp32+tiling", "bf16", "bf16+tiling", "low-memory", "low-memory+tiling")
 
 CHILD = r"""
 import json, resource, sys, threading, time
@@ -44,7 +45,8 @@ threading.Thread(target=sample, daemon=True).start()
 path, case, steps, size = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 dtype = torch.bfloat16 if case.startswith("bf16") else None
 t0 = time.perf_counter()
-pipe = Pipeline.from_pretrained(path, dtype=dtype, vae_tiling=case.endswith("+tiling"))
+pipe = Pipeline.from_pretrained(path, dtype=dtype, vae_tiling=case.endswith("+tiling"),
+                                low_memory=case.startswith("low-memory"))
 load_s = time.perf_counter() - t0
 real_decode = pipe.decode
 def decode(z):

@@ -45,11 +45,15 @@ def base(tmp_path_factory) -> Path:
     return _tiny.save_tiny(tmp_path_factory.mktemp("teacher") / "tiny-sd1.safetensors", "sd1")
 
 
+def _finished_run(tmp_path_factory, name: str, make_tree, base: Path) -> Path:
+    out = tmp_path_factory.mktemp(name)
+    Distiller(config_from_dict(make_tree(out, base))).run()
+    return out
+
+
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory, base) -> Path:
-    out = tmp_path_factory.mktemp("distill")
-    Distiller(config_from_dict(distill_tree(out, base))).run()
-    return out
+    return _finished_run(tmp_path_factory, "distill", distill_tree, base)
 
 
 def test_target_is_the_guided_ddim_step_then_the_target_network(base, tmp_path):
@@ -186,9 +190,7 @@ def trajectory_tree(out: Path, base: Path, **kw) -> dict:
 
 @pytest.fixture(scope="module")
 def trajectory_run(tmp_path_factory, base) -> Path:
-    out = tmp_path_factory.mktemp("trajectory")
-    Distiller(config_from_dict(trajectory_tree(out, base))).run()
-    return out
+    return _finished_run(tmp_path_factory, "trajectory", trajectory_tree, base)
 
 
 def test_trajectories_are_the_guided_teacher_solve_at_the_grid_points(base, tmp_path):

@@ -138,7 +138,8 @@ def _load_pipeline(args):
     return Pipeline.from_pretrained(args.model or DEFAULT_MODEL, device=args.device, dtype=dtype,
                                     lora_dir=getattr(args, "lora_dir", None),
                                     embeddings_dir=getattr(args, "embeddings_dir", None),
-                                    vae_tiling=getattr(args, "vae_tiling", False))
+                                    vae_tiling=getattr(args, "vae_tiling", False),
+                                    low_memory=getattr(args, "low_memory", False))
 
 
 class StepBars:
@@ -513,6 +514,9 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae-tiling", action="store_true",
                    help="decode / encode images larger than 512 px in overlapping 512 px tiles (less peak memory "
                         "at 1024 px and up; diffusers' enable_vae_tiling)")
+    p.add_argument("--low-memory", action="store_true",
+                   help="CPU, fp32: keep an fp16 / bf16 file's UNet weights as stored and upcast one layer at a "
+                        "time (SDXL's UNet in 5 GB instead of 10; ComfyUI's manual cast)")
 
 
 def _sampling_flags(p: argparse.ArgumentParser) -> None:

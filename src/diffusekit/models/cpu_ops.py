@@ -124,6 +124,9 @@ class Conv2d(nn.Conv2d):
         if _compute_in_fp32(x):
             bias = None if self.bias is None else self.bias.float()
             return self._conv(x.float(), self.weight.float(), bias).to(x.dtype)
+        if self.weight.dtype != x.dtype:   # weights kept as stored (fp16 / bf16, memory-mapped): this call's copy
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return self._conv(x, self.weight.to(x.dtype), bias)
         return self._conv(x, self.weight, self.bias)
 
     def _weight_dominated(self, x: torch.Tensor, weight: torch.Tensor) -> bool:

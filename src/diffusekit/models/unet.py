@@ -36,6 +36,7 @@ from .cpu_ops import Conv2d, Linear, _compute_in_fp32, linear
 __all__ = [
     "UNetConfig",
     "UNetModel",
+    "keep_stored_weights",
     "timestep_embedding",
     "SD15",
     "SD15_INPAINT",
@@ -365,6 +366,9 @@ class UNetModel(nn.Module):
         self.config = cfg = config
         mc, ted, groups, nrb = cfg.model_channels, cfg.time_embed_dim, cfg.norm_num_groups, cfg.num_res_blocks
         self.gradient_checkpointing = cfg.use_checkpoint
+        # the activations' dtype; None = the weights' own. With fp16 / bf16 weights kept as stored (`keep_stored_weights`)
+        # it is float32 and every Linear / Conv2d casts its weight for the call only
+        self.compute_dtype: torch.dtype | None = None
 
         def transformer(ch: int, depth: int) -> SpatialTransformer:
             heads, dim_head = cfg.heads(ch)
@@ -454,13 +458,17 @@ class UNetModel(nn.Module):
             return checkpoint(block, h, emb, context, size, use_reentrant=False)
         return block(h, emb, context, size)
 
+    def activation_dtype(self) -> torch.dtype:
+        """The dtype the network computes in: `compute_dtype`, else its weights' own."""
+        return self.compute_dtype or self.out[2].weight.dtype
+
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None,
                 y: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, in_channels, H, W), timesteps (B,) float, context (B, tokens, context_dim),
         y (B,) labels or (B, adm_in_channels) -> (B, out_channels, H, W) in x's dtype."""
         timesteps = torch.as_tensor(timesteps, device=x.device)
         self._check_inputs(x, timesteps, context, y)
-        dtype = self.out[2].weight.dtype
+        dtype = self.activation_dtype()
         timesteps = timesteps.reshape(-1).expand(x.shape[0])
         # (B, model_channels) fp32 sinusoid -> (B, 4*model_channels)
         emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(dtype))
@@ -479,3 +487,23 @@ class UNetModel(nn.Module):
             size = tuple(skips[-1].shape[-2:]) if skips else None  # next skip's size for Upsample
             h = self._run(block, h, emb, context, size)
         return self.out(h).to(x.dtype).contiguous()
+
+
+def keep_stored_weights(net: nn.Module, compute_dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Compute `net` in `compute_dtype` while its big Linear / Conv2d weights stay in their stored dtype (fp16 /
+    bf16, memory-mapped from the file): each such layer casts its weight for one call (`cpu_ops`), as ComfyUI's
+    manual cast does. Every other parameter and buffer (norms, embeddings, plain convolutions: a few MB) is cast
+    now. Sets `net.compute_dtype`; returns `net`."""
+    from .cpu_ops import Conv2d as FastConv, Linear as FastLinear
+    for m in net.modules():
+        if isinstance(m, (FastLinear, FastConv)):
+            continue
+        for name, p in list(m.named_parameters(recurse=False)):
+            if p.is_floating_point() and p.dtype != compute_dtype:
+                setattr(m, name, nn.Parameter(p.detach().to(compute_dtype), requires_grad=p.requires_grad))
+        for name, b in list(m.named_buffers(recurse=False)):
+            if b.is_floating_point() and b.dtype != compute_dtype:
+                m._buffers[name] = b.to(compute_dtype)   # keeps the buffer's persistence
+    net.compute_dtype = compute_dtype
+    return net
+

@@ -44,6 +44,7 @@ from ..core.schedules import DiscreteSchedule
 from ..models.embeddings import EmbeddingLibrary
 from ..models.loading import ModelParts, load_checkpoint, read_family
 from ..models.lora import LoRATargets, merged
+from ..models.unet import keep_stored_weights
 from . import infotext as infotext_mod
 from .loras import LoraLibrary, extract_loras, infotext_name, lora_hashes_text
 from . import prompts as prompt_mod
@@ -203,7 +204,7 @@ class Pipeline:
     def from_pretrained(cls, name_or_path: str | Path, *, device: str = "cpu", dtype: torch.dtype | None = None,
                         family: str | None = None, lora_dir: str | Path | None = None,
                         embeddings_dir: str | Path | None = None, offload_text_encoders: bool = False,
-                        vae_tiling: bool = False, **load_options) -> "Pipeline":
+                        vae_tiling: bool = False, low_memory: bool = False, **load_options) -> "Pipeline":
         """A shipped model name ("shapes"), a single-file checkpoint or a diffusers folder.
 
         dtype=None keeps the file's precision on an accelerator and computes in float32 on the CPU,
@@ -215,16 +216,27 @@ class Pipeline:
         per prompt; T5-XXL is 9.5 GB in bf16).
         vae_tiling: decode (and encode) images larger than 512 px in overlapping 512 px tiles
         (`VAE.tiled_decode` / `tiled_encode`; bench/sdxl_memory.py measures the peak memory it saves).
+        low_memory: on a CPU with dtype=None, a UNet stored in fp16 / bf16 keeps those weights as stored
+        (memory-mapped) and computes in float32, each Linear / Conv2d upcast for its call only
+        (`unet.keep_stored_weights`; ComfyUI's manual cast): SDXL's UNet then takes its file's 5 GB, not 10 GB.
+        The same float32 arithmetic on the same (exactly upcast) values: a few % slower per step.
         Flux on a CPU with dtype=None: the transformer and T5 keep their stored bf16 / fp8 / fp16 weights,
         memory-mapped, and compute in float32 (each layer upcast as it runs), so a 12B model needs its file's
         pages, not 48 GB of float32 copies (bench/flux_memory.py).
         load_options: passed to `load_checkpoint` (SD3 / Flux: `text_encoder_files=`, `t5_tokenizer=`, Flux:
         `vae_file=`)."""
         path = resolve_model(name_or_path)
-        keep = dtype is None and torch.device(device).type == "cpu" and read_family(path, family).is_flux
-        if dtype is None and torch.device(device).type == "cpu" and not keep:
+        on_cpu = dtype is None and torch.device(device).type == "cpu"
+        keep = on_cpu and read_family(path, family).is_flux
+        stored = on_cpu and low_memory and not keep and not read_family(path, family).is_transformer
+        if on_cpu and not keep and not stored:
             dtype = torch.float32
         parts = load_checkpoint(path, family=family, dtype=dtype, device="cpu", **load_options)
+        if stored:   # the UNet's big weights stay as stored; everything else becomes float32 now
+            keep_stored_weights(parts.unet, torch.float32)
+            for module in (parts.vae, *parts.text_encoders):
+                if module is not None:
+                    module.float()
         if keep:   # Flux on a CPU: the transformer and T5 stay as stored (memory-mapped bf16 / fp8 / fp16 pages,
             # each layer upcast when it runs), computed in float32; CLIP-L and the VAE (small) become float32
             parts.unet.compute_dtype = torch.float32
