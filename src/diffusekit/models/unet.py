@@ -494,9 +494,8 @@ def keep_stored_weights(net: nn.Module, compute_dtype: torch.dtype = torch.float
     bf16, memory-mapped from the file): each such layer casts its weight for one call (`cpu_ops`), as ComfyUI's
     manual cast does. Every other parameter and buffer (norms, embeddings, plain convolutions: a few MB) is cast
     now. Sets `net.compute_dtype`; returns `net`."""
-    from .cpu_ops import Conv2d as FastConv, Linear as FastLinear
     for m in net.modules():
-        if isinstance(m, (FastLinear, FastConv)):
+        if isinstance(m, (Linear, Conv2d)):   # cpu_ops' layers: they cast their weight per call
             continue
         for name, p in list(m.named_parameters(recurse=False)):
             if p.is_floating_point() and p.dtype != compute_dtype:

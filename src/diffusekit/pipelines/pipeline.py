@@ -227,19 +227,18 @@ class Pipeline:
         `vae_file=`)."""
         path = resolve_model(name_or_path)
         on_cpu = dtype is None and torch.device(device).type == "cpu"
-        keep = on_cpu and read_family(path, family).is_flux
-        stored = on_cpu and low_memory and not keep and not read_family(path, family).is_transformer
+        fam = read_family(path, family) if on_cpu else None
+        keep = on_cpu and fam.is_flux                                   # Flux: always as stored on a CPU
+        stored = on_cpu and low_memory and not fam.is_transformer      # a UNet, when asked
         if on_cpu and not keep and not stored:
             dtype = torch.float32
         parts = load_checkpoint(path, family=family, dtype=dtype, device="cpu", **load_options)
-        if stored:   # the UNet's big weights stay as stored; everything else becomes float32 now
-            keep_stored_weights(parts.unet, torch.float32)
-            for module in (parts.vae, *parts.text_encoders):
-                if module is not None:
-                    module.float()
-        if keep:   # Flux on a CPU: the transformer and T5 stay as stored (memory-mapped bf16 / fp8 / fp16 pages,
-            # each layer upcast when it runs), computed in float32; CLIP-L and the VAE (small) become float32
-            parts.unet.compute_dtype = torch.float32
+        if keep or stored:   # the big network (and Flux's T5) stays as stored (memory-mapped bf16 / fp8 / fp16
+            # pages, each layer upcast when it runs), computed in float32; the small parts become float32 now
+            if stored:
+                keep_stored_weights(parts.unet, torch.float32)
+            else:
+                parts.unet.compute_dtype = torch.float32
             for module in (parts.vae, *parts.text_encoders):
                 if hasattr(module, "compute_dtype"):
                     module.compute_dtype = torch.float32
