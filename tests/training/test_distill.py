@@ -157,6 +157,8 @@ def test_a_consistency_model_is_not_a_teacher(straight, tmp_path):
     ({"distill": {"loss": "l1"}}, "distill.loss='l1'; valid: huber, l2"),
     ({"distill": {"target_ema": 1.0}}, "distill.target_ema=1.0"),
     ({"distill": {"guidance": 0.5}}, "distill.guidance=0.5"),
+    ({"distill": {"method": "trajectory", "start_share": 1.5}}, "distill.start_share=1.5: must be in \\[0, 1\\]"),
+    ({"distill": {"start_share": 0.5}}, "start_share=0.5 needs method = 'trajectory'"),
     ({"finetune": {"base": "shapes"}}, "drop \\[finetune\\]"),
 ])
 def test_config_errors_name_the_value(bad, message, tmp_path):
@@ -275,6 +277,42 @@ def test_trajectory_chunks_of_other_settings_are_solved_again(trajectory_run, ba
     assert not torch.equal(x, old) and torch.equal(x[:, 3], old[:, 3])   # new solves from the same seeded noise
     (tmp_path / "trajectories" / "chunk-00000.safetensors").write_bytes(b"torn")   # a torn file: solved again
     torch.testing.assert_close(d._trajectories()[0], x, rtol=0, atol=0)
+
+
+def test_start_share_moves_that_share_of_the_batch_to_the_pure_noise_end(base, tmp_path):
+    d = Distiller(config_from_dict(trajectory_tree(tmp_path, base, start_share=0.5)))
+    d._preload()
+    d._traj, d._traj_ids = d._trajectories()
+    gen = torch.Generator().manual_seed(7)
+    _, _, k = d.trajectory_pair(gen, list(range(8)) * 8, 0, 64, 64, d.model)
+    ref = torch.Generator().manual_seed(7)
+    uniform = torch.randint(1, 4, (64,), generator=ref)
+    moved = torch.rand(64, generator=ref) < 0.5
+    assert torch.equal(k, torch.where(moved, 3, uniform)) and 0 < moved.sum() < 64
+    d.dc.start_share = 1.0
+    assert (d.trajectory_pair(gen, list(range(8)), 0, 8, 8, d.model)[2] == 3).all()   # all at n = N
+
+
+def test_more_scenes_reuse_the_chunks_of_a_shorter_run(base, tmp_path, monkeypatch):
+    import diffusekit.training.distill as distill
+    monkeypatch.setattr(distill, "TRAJECTORY_CHUNK", 3)
+    short = Distiller(config_from_dict(trajectory_tree(tmp_path, base)))     # 8 scenes: chunks of 3, 3, 2
+    short._preload()
+    x8, ids8 = short._trajectories()
+    chunks = sorted((tmp_path / "trajectories").glob("chunk-*.safetensors"))
+    assert len(chunks) == 3
+    stamps = [c.stat().st_mtime_ns for c in chunks]
+    tree = trajectory_tree(tmp_path, base)
+    tree["data"]["length"] = 10                                             # chunks of 3, 3, 3, 1
+    longer = Distiller(config_from_dict(tree))
+    longer._preload()
+    x10, ids10 = longer._trajectories()
+    assert [c.stat().st_mtime_ns for c in chunks[:2]] == stamps[:2]         # full chunks reused as they are
+    assert chunks[2].stat().st_mtime_ns != stamps[2]                        # the short last chunk solved again
+    # the reused scenes are the shorter run's; scenes 6 and 7 are new solves (their chunk draws its caption
+    # picks and noise for 3 rows now)
+    assert x10.shape[0] == 10 and torch.equal(x10[:6], x8[:6]) and torch.equal(ids10[:6], ids8[:6])
+    assert not torch.equal(x10[6:8], x8[6:8])
 
 
 def test_trajectory_method_needs_preloaded_data(base, tmp_path):

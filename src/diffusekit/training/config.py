@@ -151,6 +151,8 @@ class DistillConfig:
     solver: str = "ddim"        # the teacher's ODE step from t_n to t_(n-1) ("consistency": ddim only;
                                 # "trajectory": ddim or dpmpp_2m over the whole grid)
     substeps: int = 1           # "trajectory": teacher solver steps per grid interval (N * substeps in all)
+    start_share: float = 0.0    # "trajectory": the share of each batch trained at n = N (pure noise, the input
+                                # of a 1-step sample); the rest (and 0.0: all) draws n uniformly from 1..N
     guidance: float = 5.0       # fixed CFG scale of the teacher step (project convention: 1 = off), baked in
     target_ema: float = 0.95    # mu of the target network (an EMA of the student; LCM: 0.95)
     loss: str = "huber"         # "huber" (pseudo-Huber, LCM) | "l2"
@@ -169,6 +171,12 @@ class DistillConfig:
             raise ValueError(f"distill.solver={self.solver!r}; valid with method={self.method!r}: {', '.join(solvers)}")
         if self.substeps < 1:
             raise ValueError(f"distill.substeps={self.substeps}: must be >= 1 (teacher steps per grid interval)")
+        if not 0.0 <= self.start_share <= 1.0:
+            raise ValueError(f"distill.start_share={self.start_share}: must be in [0, 1] (the share of each batch "
+                             "at n = N)")
+        if self.start_share and self.method != "trajectory":
+            raise ValueError(f"distill.start_share={self.start_share} needs method = 'trajectory' (got "
+                             f"{self.method!r})")
         if self.loss not in DISTILL_LOSSES:
             raise ValueError(f"distill.loss={self.loss!r}; valid: {', '.join(DISTILL_LOSSES)}")
         if not 0.0 <= self.target_ema < 1.0:

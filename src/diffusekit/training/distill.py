@@ -258,7 +258,10 @@ class Distiller(Trainer):
     def trajectory_pair(self, gen: torch.Generator, indices: list[int], lo: int, hi: int, n: int,
                         student: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(student f(x_n, sigma_n), the trajectory's end x_0, n) for global-batch rows lo..hi-1."""
-        k = torch.randint(1, self.dc.intervals + 1, (n,), generator=gen)[lo:hi].to(self.device)
+        k = torch.randint(1, self.dc.intervals + 1, (n,), generator=gen)
+        if self.dc.start_share > 0:   # rows moved to n = N: the input of a 1-step sample (pure noise)
+            k = torch.where(torch.rand(n, generator=gen) < self.dc.start_share, self.dc.intervals, k)
+        k = k[lo:hi].to(self.device)
         idx = torch.tensor(indices[lo:hi], device=self.device)
         traj = self._traj[idx]
         rows = torch.arange(hi - lo, device=self.device)
@@ -326,13 +329,28 @@ class Distiller(Trainer):
         return save_checkpoint(self.student_parts(model), path, family=self.family, dtype=torch.float16, metadata=meta)
 
 
+def _same_maker(tag: str | None, made_by: str) -> bool:
+    """Whether a chunk tagged `tag` was solved by the settings `made_by` describes. data.length is left out:
+    scene i does not depend on how many scenes there are, so a run over more scenes reuses the chunks of a
+    shorter one (the last, shorter chunk is solved again by its shape)."""
+    if tag is None:
+        return False
+    try:
+        a, b = json.loads(tag), json.loads(made_by)
+        a.get("data", {}).pop("length", None)
+        b.get("data", {}).pop("length", None)
+    except (ValueError, AttributeError):
+        return False
+    return a == b
+
+
 def _load_chunk(path: Path, made_by: str) -> dict | None:
     """A trajectory chunk's tensors, or None when it is missing, unreadable or made by other settings."""
     if not path.exists():
         return None
     try:
         with safe_open(str(path), "pt") as f:
-            if (f.metadata() or {}).get("diffusekit.trajectories") != made_by:
+            if not _same_maker((f.metadata() or {}).get("diffusekit.trajectories"), made_by):
                 return None
         return load_file(str(path))
     except Exception:   # a torn or foreign file: solve it again
