@@ -126,18 +126,24 @@ def test_conv2d_kernel_choice_does_not_depend_on_the_batch_size():
         torch.testing.assert_close(batch, F.conv2d(x, conv.weight, conv.bias, padding=1), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("route", ["packed", "gemm"])
 @pytest.mark.parametrize("k,stride,pad,bias", [(3, 1, 1, True), (3, 2, 1, False), (1, 1, 0, True)])
-def test_fp32_inference_weight_dominated_conv_through_onednn_matches_and_is_batch_invariant(k, stride, pad, bias):
-    """A UNet-low-resolution convolution (weight far larger than one image) at fp32 inference runs as the
-    oneDNN GEMM over gathered windows: the stock convolution's numbers within fp32 rounding, and each
-    image's result is the same bits alone or in its batch."""
+def test_fp32_inference_weight_dominated_conv_through_onednn_matches_and_is_batch_invariant(k, stride, pad, bias,
+                                                                                            route):
+    """A UNet-low-resolution convolution (weight far larger than one image) at fp32 inference runs through
+    oneDNN: its packed convolution one image per call ("packed"), or for weights kept as stored (a per-call
+    upcast copy, `low_memory`) the oneDNN GEMM over gathered windows ("gemm"). Both give the stock
+    convolution's numbers within fp32 rounding, a contiguous NCHW result, and each image's result is the
+    same bits alone or in its batch."""
     torch.manual_seed(5)
     conv = Conv2d(256, 256, k, stride=stride, padding=pad, bias=bias).eval()
     x = torch.randn(3, 256, 4, 4)
+    run = conv if route == "packed" else (lambda t: conv._conv(t, conv.weight.clone(), conv.bias))
     with torch.no_grad():
         assert conv._weight_dominated(x, conv.weight)
         assert cpu_ops._onednn_linear(x, conv.weight, conv.bias) == (cpu_ops._ARCH == "x86_64" and cpu_ops._mkldnn_packing())
-        got = conv(x)
+        got = run(x)
         assert got.is_contiguous()
         torch.testing.assert_close(got, F.conv2d(x, conv.weight, conv.bias, stride, pad), atol=1e-4, rtol=1e-5)
-        assert torch.equal(conv(x[1:2]), got[1:2]) and torch.equal(conv(x[:2]), got[:2])
+        assert torch.equal(run(x[1:2]), got[1:2]) and torch.equal(run(x[:2]), got[:2])
+    assert (conv._packed is not None) == (route == "packed" and cpu_ops._mkldnn_packing())

@@ -3,7 +3,8 @@ weights in fp16 (cast per call) and computes in float32: the image is that of th
 (the same float32 arithmetic on exactly upcast values), with half the UNet's weight memory."""
 from __future__ import annotations
 
-import importlib
+import importlib.util
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +13,10 @@ import torch
 from diffusekit import GenerationParams, Pipeline
 from diffusekit.models.cpu_ops import Conv2d, Linear
 
-_tiny = importlib.import_module("conftest")
+# this folder's conftest.py by path ("import conftest" is ambiguous when several test folders have one)
+_spec = importlib.util.spec_from_file_location("pipelines_conftest", Path(__file__).with_name("conftest.py"))
+_tiny = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_tiny)
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])

@@ -4,9 +4,10 @@
 - bf16/fp16 weights on an x86 CPU without native instructions for them (`_cpu_lacks`) compute
   matmuls and convolutions in fp32 (exact products, fp32 accumulation as oneDNN does anyway).
 - fp32 convolutions whose weight dwarfs the feature map run as im2col + one GEMM.
-- At inference in bf16/fp16, a convolution keeps its weight reordered once into oneDNN's blocked layout
+- At inference, a convolution keeps its weight reordered once into oneDNN's blocked layout
   (`_packed_weight`): the stock eager call reorders the whole weight on every call, which at the
-  UNet's 1280-channel 8x8 / 4x4 levels costs 5-10x the convolution itself (bf16 on AMX).
+  UNet's 1280-channel 8x8 / 4x4 levels costs 5-10x the convolution itself (bf16 on AMX). In fp32 the
+  packed convolution runs one image per call (batch-invariant results).
 """
 
 from __future__ import annotations
@@ -103,11 +104,13 @@ def _mkldnn_packing() -> bool:
 class Conv2d(nn.Conv2d):
     """`nn.Conv2d` (same parameters and keys) with the fastest CPU kernel for the call.
 
-    - Inference on CPU in bf16/fp16 (native on this CPU): oneDNN with the weight reordered once to its
-      blocked layout and kept (`_packed_weight`), instead of reordering it on every call. (fp32 would
-      gain too, 0.75x UNet step time, but there oneDNN's result for one image then depends on the batch
-      it is in, which breaks "a batch equals its images made one by one"; fp32 keeps the GEMM below.)
-    - fp32 with a weight-dominated call: convolution as matrix multiplication
+    - Inference on CPU (x86 with oneDNN): oneDNN with the weight reordered once to its blocked layout and
+      kept (`_packed_weight`), instead of reordering it on every call. In fp32 each image is its own call:
+      oneDNN's fp32 result for one image depends on the batch it is in (a few 1e-7), which would break "a
+      batch equals its images made one by one". Weights kept as stored (`low_memory`, upcast per call)
+      are not packed: the packed copy would be the full-precision copy that mode avoids.
+    - fp32 with a weight-dominated call otherwise (training, no oneDNN, kept-as-stored weights):
+      convolution as matrix multiplication
       (Chellapilla et al. 2006): cols = im2col(x) (B, C_in*kh*kw, L), out = W.view(C_out, -1) @ cols
       + b; the GEMM reads the contiguous weight in place. At inference on x86 the GEMM is oneDNN's
       (`_onednn_linear`, over the windows in row order), in training MKL's batched one.
@@ -142,10 +145,18 @@ class Conv2d(nn.Conv2d):
             return self._conv_forward(x, weight, bias)  # under torch.compile inductor packs and fuses
         grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                             or (bias is not None and bias.requires_grad))
-        if not grad and _mkldnn_packing() and x.dtype != torch.float32:
-            packed = self._packed_weight(x)
-            return torch.ops.mkldnn._convolution_pointwise(
-                x, packed, bias, list(self.padding), list(self.stride), list(self.dilation), 1, "none", [], "")
+        if not grad and _mkldnn_packing() and weight is self.weight:
+            args = (bias, list(self.padding), list(self.stride), list(self.dilation), 1, "none", [], "")
+            if x.dtype != torch.float32:
+                return torch.ops.mkldnn._convolution_pointwise(x, self._packed_weight(x), *args)
+            # fp32: one image per call, so an image's result does not depend on its batch (oneDNN's fp32
+            # kernels do, by a few 1e-7); 0.55-0.95x the time of the GEMM below at the UNet's 16x16-4x4 levels
+            packed, out = self._packed_weight(x[:1]), None
+            for i in range(x.shape[0]):   # oneDNN may answer channels-last: copied into one NCHW tensor
+                y = torch.ops.mkldnn._convolution_pointwise(x[i:i + 1], packed, *args)
+                out = x.new_empty((x.shape[0], *y.shape[1:])) if out is None else out
+                out[i:i + 1].copy_(y)
+            return out
         if x.dtype != torch.float32 or not self._weight_dominated(x, weight):
             return self._conv_forward(x, weight, bias)
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding

@@ -369,6 +369,7 @@ class Pipeline:
         per_call = max(1, DECODE_PIXELS_PER_CALL // (latents.shape[-2] * latents.shape[-1] * self.factor ** 2))
         return torch.cat([self._decode(latents[i:i + per_call]) for i in range(0, latents.shape[0], per_call)])
 
+    @torch.no_grad()
     def _decode(self, latents: torch.Tensor, tile: tuple[int, int] | None = None) -> torch.Tensor:
         """One VAE call; `tile` = (tile, overlap) in latent pixels decodes in blended tiles (default: 64 / 16
         when `vae_tiling` is on and the latent is larger than one tile)."""
