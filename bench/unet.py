@@ -21,6 +21,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from diffusekit.models import cpu_ops
 from diffusekit.models.convert_unet import unet_config_from_diffusers, unet_state_dict_from_diffusers
 from diffusekit.models.unet import UNetModel
 
@@ -67,9 +68,13 @@ def main():
                         help="our fp32 GEMMs at inference (linear layers and weight-dominated convolutions): "
                              "oneDNN's (the default path) or MKL's (the path before issue 15): an A/B against "
                              "the same reference")
+    parser.add_argument("--fp32-conv", choices=["packed", "gemm"], default="packed",
+                        help="our fp32 convolutions at inference: oneDNN with the packed weight, one image per call "
+                             "(the default) or the im2col GEMM / stock route (the path before 2026-12-04): an A/B")
     args = parser.parse_args()
+    if args.fp32_conv == "gemm":
+        cpu_ops.Conv2d.fp32_packed = False
     if args.fp32_linear == "mkl":
-        from diffusekit.models import cpu_ops
         cpu_ops._onednn_linear = lambda x, weight, bias: False
     sizes = args.sizes or ([32] if args.quick else [32, 64])
     warmup = args.warmup if args.warmup is not None else 1
@@ -85,7 +90,7 @@ def main():
     print(f"SD 1.5 UNet, {sum(p.numel() for p in reference.parameters()):,} parameters, batch {args.batch}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}; warmup {warmup}, timed {iters} (medians); our fp32 GEMMs "
-          f"{args.fp32_linear}")
+          f"{args.fp32_linear}, fp32 convolutions {args.fp32_conv}")
 
     gen = torch.Generator().manual_seed(1)
     rows = []

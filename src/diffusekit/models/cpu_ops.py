@@ -122,6 +122,7 @@ class Conv2d(nn.Conv2d):
     """
 
     _packed: tuple | None = None  # (key, packed weight): not a buffer, never in the state dict
+    fp32_packed = True  # False: fp32 inference takes the GEMM / stock route below (bench/unet.py --fp32-conv gemm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _compute_in_fp32(x):
@@ -145,7 +146,8 @@ class Conv2d(nn.Conv2d):
             return self._conv_forward(x, weight, bias)  # under torch.compile inductor packs and fuses
         grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                             or (bias is not None and bias.requires_grad))
-        if not grad and _mkldnn_packing() and weight is self.weight:
+        if (not grad and _mkldnn_packing() and weight is self.weight
+                and (x.dtype != torch.float32 or self.fp32_packed)):
             args = (bias, list(self.padding), list(self.stride), list(self.dilation), 1, "none", [], "")
             if x.dtype != torch.float32:
                 return torch.ops.mkldnn._convolution_pointwise(x, self._packed_weight(x), *args)
