@@ -320,3 +320,18 @@ def test_trajectory_method_needs_preloaded_data(base, tmp_path):
     tree["data"].update(preload=False, captions_per_item=1)
     with pytest.raises(ValueError, match="needs data.preload = true"):
         Distiller(config_from_dict(tree))
+
+
+def test_the_two_shapes_turbo_stages_chain_and_share_their_trajectories():
+    """configs/shapes_turbo.toml then _2.toml (the shipped release): stage 2 warm-starts from stage 1's output
+    and solves exactly the trajectories stage 1 solved (same teacher, data, seed and solver), so copying them is
+    valid; only the training settings differ."""
+    from diffusekit.training.config import config_to_dict, load_config
+    root = Path(__file__).resolve().parents[2] / "configs"
+    one, two = load_config(root / "shapes_turbo.toml"), load_config(root / "shapes_turbo_2.toml")
+    assert two.distill.student_from == f"{one.run.out_dir}/{one.distill.output_name}.safetensors"
+    a, b = config_to_dict(one), config_to_dict(two)
+    assert a["data"] == b["data"] and a["run"]["seed"] == b["run"]["seed"]
+    for key in ("base", "method", "intervals", "solver", "substeps", "guidance"):
+        assert a["distill"][key] == b["distill"][key], key
+    assert 0 < two.distill.start_share < one.distill.start_share and two.train.lr < one.train.lr
