@@ -71,15 +71,16 @@ if impl == "ours":
         from torch.utils.flop_counter import FlopCounterMode
 
         from diffusekit.models import cpu_ops
-        fast = cpu_ops._onednn_linear   # count on aten's GEMMs (the counter does not see mkldnn's fused linear)
-        cpu_ops._onednn_linear = lambda x, weight, bias: False
+        # count on aten's GEMMs and convolutions: the counter does not see mkldnn's fused linear or its packed conv
+        fast = cpu_ops._onednn_linear
+        cpu_ops._onednn_linear, cpu_ops.Conv2d.fp32_packed = (lambda x, weight, bias: False), False
         unet = pipe.parts.unet
         x = torch.zeros(2, 4, size // 8, size // 8, dtype=next(unet.parameters()).dtype)
         ctx = torch.zeros(2, 77, 768, dtype=x.dtype)
         with torch.no_grad(), FlopCounterMode(display=False) as fc:
             unet(x, torch.tensor([500.0, 500.0]), ctx)
         res["flops"] = fc.get_total_flops()
-        cpu_ops._onednn_linear = fast   # the timed generations below take the fast path again
+        cpu_ops._onednn_linear, cpu_ops.Conv2d.fp32_packed = fast, True   # the timed runs take the fast paths
 elif impl in ("diffusers", "openvino"):
     if impl == "diffusers":
         import diffusers

@@ -105,9 +105,9 @@ class Conv2d(nn.Conv2d):
     """`nn.Conv2d` (same parameters and keys) with the fastest CPU kernel for the call.
 
     - Inference on CPU (x86 with oneDNN): oneDNN with the weight reordered once to its blocked layout and
-      kept (`_packed_weight`), instead of reordering it on every call. In fp32 each image is its own call:
-      oneDNN's fp32 result for one image depends on the batch it is in (a few 1e-7), which would break "a
-      batch equals its images made one by one". Weights kept as stored (`low_memory`, upcast per call)
+      kept (`_packed_weight`), instead of reordering it on every call. In fp32 only weight-dominated calls
+      (below) take it, each image its own call: oneDNN's fp32 result for one image depends on the batch
+      it is in (a few 1e-7), which would break "a batch equals its images made one by one". Weights kept as stored (`low_memory`, upcast per call)
       are not packed: the packed copy would be the full-precision copy that mode avoids.
     - fp32 with a weight-dominated call otherwise (training, no oneDNN, kept-as-stored weights):
       convolution as matrix multiplication
@@ -147,12 +147,13 @@ class Conv2d(nn.Conv2d):
         grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                             or (bias is not None and bias.requires_grad))
         if (not grad and _mkldnn_packing() and weight is self.weight
-                and (x.dtype != torch.float32 or self.fp32_packed)):
+                and (x.dtype != torch.float32 or (self.fp32_packed and self._weight_dominated(x, weight)))):
             args = (bias, list(self.padding), list(self.stride), list(self.dilation), 1, "none", [], "")
             if x.dtype != torch.float32:
                 return torch.ops.mkldnn._convolution_pointwise(x, self._packed_weight(x), *args)
-            # fp32: one image per call, so an image's result does not depend on its batch (oneDNN's fp32
-            # kernels do, by a few 1e-7); 0.55-0.95x the time of the GEMM below at the UNet's 16x16-4x4 levels
+            # fp32, weight-dominated: one image per call, so an image's result does not depend on its batch
+            # (oneDNN's fp32 kernels do, by a few 1e-7); 0.55-0.95x the time of the GEMM below at the UNet's
+            # 16x16-4x4 levels. Larger feature maps keep the stock call (per image there: 1.15x slower at 64x64)
             packed, out = self._packed_weight(x[:1]), None
             for i in range(x.shape[0]):   # oneDNN may answer channels-last: copied into one NCHW tensor
                 y = torch.ops.mkldnn._convolution_pointwise(x[i:i + 1], packed, *args)
