@@ -3,7 +3,8 @@
 
 - bf16/fp16 weights on an x86 CPU without native instructions for them (`_cpu_lacks`) compute
   matmuls and convolutions in fp32 (exact products, fp32 accumulation as oneDNN does anyway).
-- fp32 convolutions whose weight dwarfs the feature map run as im2col + one GEMM.
+- fp32 convolutions whose weight dwarfs the feature map run as im2col + one GEMM (in training, and for
+  weights kept as stored); at inference through the packed weight below.
 - At inference, a convolution keeps its weight reordered once into oneDNN's blocked layout
   (`_packed_weight`): the stock eager call reorders the whole weight on every call, which at the
   UNet's 1280-channel 8x8 / 4x4 levels costs 5-10x the convolution itself (bf16 on AMX). In fp32 the
@@ -107,8 +108,9 @@ class Conv2d(nn.Conv2d):
     - Inference on CPU (x86 with oneDNN): oneDNN with the weight reordered once to its blocked layout and
       kept (`_packed_weight`), instead of reordering it on every call. In fp32 only weight-dominated calls
       (below) take it, each image its own call: oneDNN's fp32 result for one image depends on the batch
-      it is in (a few 1e-7), which would break "a batch equals its images made one by one". Weights kept as stored (`low_memory`, upcast per call)
-      are not packed: the packed copy would be the full-precision copy that mode avoids.
+      it is in (a few 1e-7), which would break "a batch equals its images made one by one". Weights kept
+      as stored (`low_memory`, upcast per call) are not packed: the packed copy would be the
+      full-precision copy that mode avoids.
     - fp32 with a weight-dominated call otherwise (training, no oneDNN, kept-as-stored weights):
       convolution as matrix multiplication
       (Chellapilla et al. 2006): cols = im2col(x) (B, C_in*kh*kw, L), out = W.view(C_out, -1) @ cols

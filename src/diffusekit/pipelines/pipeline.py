@@ -354,7 +354,6 @@ class Pipeline:
         encode = self.vae.encode if tile is None else partial(self.vae.tiled_encode, tile=tile[0], overlap=tile[1])
         return (encode(images.to(self.device, dtype)).mode().float() - self.shift) * self.scale
 
-    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Model-space latents -> (B, 3, H, W) in [-1, 1], `DECODE_PIXELS_PER_CALL` pixels' worth of images
         per VAE call (one image at a time from 1024x1024 up: the decoder's activations grow with batch x

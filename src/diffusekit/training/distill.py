@@ -225,8 +225,10 @@ class Distiller(Trainer):
         shape = self._encode(self._images([0])).shape[1:]
         xs, ids_out, t0, solved = [], [], time.time(), 0
         # what a chunk's solves depend on: a chunk made otherwise (an edited config) is solved again
+        # (data.length aside: scene i does not depend on the scene count, so a longer run keeps these chunks)
+        data = {k: v for k, v in config_to_dict(self.cfg)["data"].items() if k != "length"}
         made_by = json.dumps({"teacher": self.parts.name, "hash": self.parts.hash10, "seed": self.cfg.run.seed,
-                              "data": config_to_dict(self.cfg)["data"],
+                              "data": data,
                               **{k: getattr(self.dc, k) for k in ("intervals", "solver", "substeps", "guidance")}},
                              sort_keys=True)
         for c, lo in enumerate(range(0, len(pool), TRAJECTORY_CHUNK)):
@@ -330,18 +332,14 @@ class Distiller(Trainer):
 
 
 def _same_maker(tag: str | None, made_by: str) -> bool:
-    """Whether a chunk tagged `tag` was solved by the settings `made_by` describes. data.length is left out:
-    scene i does not depend on how many scenes there are, so a run over more scenes reuses the chunks of a
-    shorter one (the last, shorter chunk is solved again by its shape)."""
-    if tag is None:
-        return False
+    """Whether a chunk tagged `tag` was solved by the settings `made_by` describes (tags written before
+    data.length left them still match: the length is dropped from the stored tag)."""
     try:
-        a, b = json.loads(tag), json.loads(made_by)
-        a.get("data", {}).pop("length", None)
-        b.get("data", {}).pop("length", None)
-    except (ValueError, AttributeError):
+        stored = json.loads(tag)
+        stored.get("data", {}).pop("length", None)
+    except (TypeError, ValueError, AttributeError):
         return False
-    return a == b
+    return json.dumps(stored, sort_keys=True) == made_by
 
 
 def _load_chunk(path: Path, made_by: str) -> dict | None:
